@@ -1,0 +1,132 @@
+"""Command line: ``metanmt meta-train | evaluate | plot-sinusoid | data``.
+
+User errors (bad config, bad data, wrong paths) print one line and exit with status 2; anything
+else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import NonFiniteError, UserError
+
+log = logging.getLogger("metanmt")
+
+
+def _meta_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .engine.trainer import MetaTrainer
+
+    cfg = load_config(args.config, args.set)
+    trainer = MetaTrainer(cfg, args.output_dir, resume=args.resume, overwrite=args.overwrite)
+    summary = trainer.train()
+    if trainer.accelerator.is_main_process:
+        log.info("finished: %s", json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float))}))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .engine.run import load_run
+
+    run = load_run(args.run, model_dir=args.model_dir)
+    evaluator = EVALUATORS.get(run.cfg.family, _evaluate_few_shot)
+    result, text = evaluator(run, args)
+    print(json.dumps(result, indent=2) if args.json else text)
+    return 0
+
+
+def _evaluate_sinusoid(run: Any, args: argparse.Namespace) -> tuple[dict, str]:
+    from .evaluation.sinusoid import evaluate_sinusoid, format_sinusoid
+
+    result = evaluate_sinusoid(
+        run, shots=args.shots or [5, 10, 20], steps=args.steps or [1, 5, 10], episodes=args.episodes or 600, lr=args.lr
+    )
+    return result, format_sinusoid(result) + f"\nmean ± 95% CI over {result['episodes']} held-out sines"
+
+
+def _evaluate_few_shot(run: Any, args: argparse.Namespace) -> tuple[dict, str]:
+    """Any family: adapt on held-out episodes, report the family's metrics after each step count."""
+    from .engine.sampler import episode_rng
+    from .evaluation.few_shot import adaptation_curve, summarize
+
+    steps = args.steps or [run.cfg.algorithm.steps_at_eval]
+    n = args.episodes or 100
+    episodes = (run.family.sample_episode(episode_rng(args.seed, 0, i, "test"), split="test") for i in range(n))
+    summary = summarize(adaptation_curve(run.inner_loop(steps=max(steps), lr=args.lr), run.model, episodes, [0, *steps]))
+    result = {str(k): {m: {"mean": v[0], "ci95": v[1]} for m, v in metrics.items()} for k, metrics in summary.items()}
+    lines = [f"after {k} steps: " + ", ".join(f"{m} {v['mean']:.4f} ± {v['ci95']:.4f}" for m, v in ms.items()) for k, ms in result.items()]
+    return {"steps": result, "episodes": n}, "\n".join(lines)
+
+
+EVALUATORS: dict[str, Callable[[Any, argparse.Namespace], tuple[dict, str]]] = {"sinusoid": _evaluate_sinusoid}
+
+
+def _plot_sinusoid(args: argparse.Namespace) -> int:
+    from .engine.run import load_run
+    from .evaluation.sinusoid import plot_sinusoid
+
+    runs = [load_run(r) for r in args.runs]
+    wrong = [str(r.directory) for r in runs if r.cfg.family != "sinusoid"]
+    if wrong:
+        raise UserError(f"plot-sinusoid: not sinusoid runs: {', '.join(wrong)}")
+    print(plot_sinusoid(runs, Path(args.out), shots=args.shots))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metanmt", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("meta-train", help="meta-train an initialization (or the multi-task baseline)")
+    p.add_argument("config", help="run config, e.g. configs/sinusoid_maml.yaml")
+    p.add_argument("--output-dir", required=True, type=Path)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    p.add_argument("--overwrite", action="store_true", help="replace what --output-dir holds")
+    p.set_defaults(func=_meta_train)
+
+    p = sub.add_parser("evaluate", help="few-shot evaluation of a run")
+    p.add_argument("run", type=Path)
+    p.add_argument("--model-dir", type=Path, help="evaluate another saved model of the run, e.g. RUN/best")
+    p.add_argument("--shots", type=int, nargs="+", help="sinusoid: K values (default 5 10 20)")
+    p.add_argument("--steps", type=int, nargs="+", help="inner steps to report (default: the config's eval steps)")
+    p.add_argument("--episodes", type=int, help="number of held-out episodes")
+    p.add_argument("--lr", type=float, help="inner learning rate at evaluation (default: the config's)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the held-out episodes")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("plot-sinusoid", help="the MAML paper's toy figure for one or more sinusoid runs")
+    p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--shots", type=int, default=10)
+    p.set_defaults(func=_plot_sinusoid)
+
+    data = sub.add_parser("data", help="prepare data").add_subparsers(dest="data_command", required=True)
+    DATA_COMMANDS.append(data)
+    return parser
+
+
+DATA_COMMANDS: list[Any] = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        return args.func(args)
+    except (UserError, NonFiniteError) as exc:
+        print(f"metanmt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,267 @@
+"""Typed run configs: YAML files validated against dataclasses, with ``--set key=value`` overrides.
+
+A run config (``configs/*.yaml``: how to learn) names a task suite (``tasks/*.yaml``: what to
+learn from). The suite's keys fill the ``task`` section; the run config may override any of them.
+The ``task`` and ``model`` sections are validated against the schemas of the chosen task family.
+
+    cfg = load_config("configs/sinusoid_maml.yaml", overrides=["algorithm.inner_steps=5"])
+    cfg.algorithm.inner_steps  # 5
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "maml"
+    inner_steps: int = 1
+    inner_lr: float = 0.01
+    inner_optimizer: Literal["sgd", "adam"] = "sgd"
+    eval_inner_steps: Optional[int] = None  # None: same as inner_steps
+    eval_inner_lr: Optional[float] = None  # None: same as inner_lr
+    adapt: list[str] = field(default_factory=lambda: ["*"])  # fnmatch patterns over parameter names
+    meta_sgd: bool = False  # learn a per-parameter inner learning rate (Meta-SGD)
+    support_in_outer: bool = False  # fomaml/maml: add the support loss at the initialization to the outer loss
+    multi_step_loss: bool = False  # MAML++: average the query loss over every inner step
+
+    @property
+    def steps_at_eval(self) -> int:
+        return self.inner_steps if self.eval_inner_steps is None else self.eval_inner_steps
+
+    @property
+    def lr_at_eval(self) -> float:
+        return self.inner_lr if self.eval_inner_lr is None else self.eval_inner_lr
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    momentum: float = 0.0
+    schedule: Literal["constant", "linear", "cosine", "inverse_sqrt"] = "constant"
+    warmup_steps: int = 0
+    grad_clip: Optional[float] = None
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    meta_batch_size: int = 4
+    seed: int = 0
+    log_every: int = 50
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    eval_every: int = 0  # 0: no validation during training
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    fast_path: Literal["auto", "loop"] = "auto"
+    checkpoint_inner_loop: bool = False  # trade speed for memory in long second-order inner loops
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+
+
+@dataclass
+class DataConfig:
+    root: Optional[str] = None
+
+
+@dataclass
+class RunConfig:
+    suite: str = ""
+    family: str = ""
+    task: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, dict):
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not allowed; allowed values: {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # a single pattern is a list of one
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads 1e-3 as a string
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} for {key}")
+
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, naming the offending key and the allowed ones."""
+    where = prefix or "config"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            raise ConfigError(f"{full}: unknown key; allowed keys in {where}: {', '.join(fields)}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=[x, y]"]`` -> nested dict; values are parsed as YAML."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. algorithm.inner_steps=5")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} is set both as a value and as a section")
+        node[parts[-1]] = value
+    return tree
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def resolve_suite(raw: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    """Fill ``family`` and the ``task`` section from the suite file the config names."""
+    suite = raw.get("suite")
+    if not suite:
+        return raw
+    path = Path(suite)
+    candidates = [path] if path.is_absolute() else [base_dir / path, Path.cwd() / path, _package_root() / path]
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        raise ConfigError(f"suite: task suite {suite!r} not found (looked in {', '.join(str(c) for c in candidates)})")
+    suite_data = read_yaml(found)
+    family = suite_data.pop("family", None)
+    if raw.get("family") and family and raw["family"] != family:
+        raise ConfigError(f"family: config says {raw['family']!r} but suite {found} is for {family!r}")
+    out = dict(raw)
+    out["suite"] = str(found.resolve())
+    out["family"] = raw.get("family") or family or ""
+    out["task"] = deep_merge(suite_data.get("task", suite_data), raw.get("task") or {})
+    return out
+
+
+def _package_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, base: dict | None = None) -> RunConfig:
+    """Read a run config, apply ``--set`` overrides, resolve its suite, and validate every section."""
+    raw: dict[str, Any] = dict(base or {})
+    base_dir = Path.cwd()
+    if path is not None:
+        path = Path(path)
+        raw = deep_merge(raw, read_yaml(path))
+        base_dir = path.resolve().parent
+    raw = deep_merge(raw, parse_overrides(overrides or []))
+    raw = resolve_suite(raw, base_dir)
+    cfg = from_dict(RunConfig, raw)
+    if not cfg.family:
+        raise ConfigError("family: no task family given (set `suite:` to a tasks/*.yaml file or `family:`)")
+    return cfg
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

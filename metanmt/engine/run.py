@@ -1,0 +1,55 @@
+"""Load a finished (or in-progress) run directory for evaluation, adaptation or plotting.
+
+    run = load_run("runs/sine-maml")
+    run.family, run.model, run.cfg.algorithm.inner_lr
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..config import RunConfig
+from ..errors import UserError
+from ..tasks.base import TaskFamily
+from .checkpoint import load_run_config
+from .inner import InnerLoop, select_names
+from .trainer import build_family, load_learned_lrs
+
+
+@dataclass
+class Run:
+    directory: Path
+    cfg: RunConfig
+    family: TaskFamily
+    model: nn.Module
+    learned_lrs: dict[str, Tensor] | None
+
+    def adapt_names(self, patterns: list[str] | None = None) -> list[str]:
+        return select_names(self.model, patterns or self.cfg.algorithm.adapt)
+
+    def inner_loop(self, steps: int | None = None, lr: float | None = None, patterns: list[str] | None = None) -> InnerLoop:
+        """The evaluation-time inner loop: the config's eval steps and rate unless given."""
+        a = self.cfg.algorithm
+        rate: Any = a.lr_at_eval if lr is None else lr
+        if self.learned_lrs is not None and lr is None:
+            rate = self.learned_lrs
+        return InnerLoop(self.family, self.model, self.adapt_names(patterns), a.steps_at_eval if steps is None else steps, rate, a.inner_optimizer)
+
+
+def load_run(directory: str | Path, device: str | torch.device = "cpu", model_dir: str | Path | None = None) -> Run:
+    """``model_dir`` picks another saved model of the run (e.g. ``best/``); default the latest."""
+    directory = Path(directory)
+    cfg = load_run_config(directory)
+    family = build_family(cfg)
+    source = Path(model_dir) if model_dir else directory
+    try:
+        model = family.load_model(source)
+    except (OSError, FileNotFoundError) as exc:
+        raise UserError(f"{source}: no saved model could be loaded ({exc})") from None
+    model.to(device).eval()
+    return Run(directory=directory, cfg=cfg, family=family, model=model, learned_lrs=load_learned_lrs(source))

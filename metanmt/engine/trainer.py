@@ -1,0 +1,357 @@
+"""The outer loop: meta-train a model's initialization with any algorithm on any task family.
+
+One meta-step, the whole story::
+
+    for index, episode in sampler.local_episodes(step):          # this process's share of the tasks
+        result = algorithm.task_gradient(inner, params, episode, learned_lrs)
+        total += result.grads
+    total = accelerator.reduce(total, "sum") / meta_batch_size    # one all-reduce per outer step
+    param.grad = total; optimizer.step(); scheduler.step()
+
+DDP is not used on purpose: its hooks do not support double backward, and the explicit reduce is
+all a meta-step needs. Use::
+
+    trainer = MetaTrainer(load_config("configs/sinusoid_maml.yaml"), "runs/sine")
+    trainer.train()
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .. import registry
+from ..config import RunConfig
+from ..errors import NonFiniteError
+from ..tasks.base import TaskFamily
+from . import checkpoint as ckpt
+from .inner import InnerLoop, select_names, trainable_names
+from .sampler import TaskSampler, episode_torch_seed
+
+log = logging.getLogger(__name__)
+LEARNED_LRS_FILE = "inner_lrs.safetensors"
+
+
+class LearnedLearningRates(nn.Module):
+    """Meta-SGD: one learned inner learning rate per element of every adapted parameter."""
+
+    def __init__(self, model: nn.Module, names: list[str], init: float):
+        super().__init__()
+        self.names = list(names)
+        shapes = dict(model.named_parameters())
+        self.rates = nn.ParameterList(
+            [nn.Parameter(torch.full_like(shapes[n].detach(), init)) for n in self.names]
+        )
+
+    def as_dict(self) -> dict[str, Tensor]:
+        return dict(zip(self.names, self.rates))
+
+    def save(self, path: Path) -> None:
+        save_file({n: r.detach().contiguous().cpu() for n, r in self.as_dict().items()}, str(path))
+
+    def load(self, path: Path) -> None:
+        tensors = load_file(str(path))
+        with torch.no_grad():
+            for name, rate in self.as_dict().items():
+                rate.copy_(tensors[name])
+
+
+@dataclass
+class TrainState:
+    """Counters that a resumed run must continue from (saved with every checkpoint)."""
+
+    step: int = 0
+    examples_seen: int = 0
+    tokens_seen: int = 0
+    skipped_tasks: int = 0
+    best_score: float = -math.inf
+    best_step: int = -1
+    seconds: float = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def build_family(cfg: RunConfig) -> TaskFamily:
+    family_cls = registry.task_family(cfg.family)
+    return family_cls(cfg.task, cfg.model, cfg.data.root)
+
+
+def make_optimizer(cfg: RunConfig, params: list[Tensor]) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return cls(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+
+def make_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    o, total = cfg.optim, max(1, cfg.train.steps)
+    warmup = max(0, o.warmup_steps)
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if o.schedule == "linear":
+            return max(0.0, (total - step) / max(1, total - warmup))
+        if o.schedule == "cosine":
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if o.schedule == "inverse_sqrt":
+            return math.sqrt(max(1, warmup) / max(1, step + 1))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_accelerator(cfg: RunConfig, output_dir: Path) -> Accelerator:
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=cfg.train.mixed_precision,
+        log_with=cfg.train.trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+
+
+class MetaTrainer:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        output_dir: str | Path,
+        resume: bool = False,
+        overwrite: bool = False,
+        accelerator: Accelerator | None = None,
+    ):
+        self.cfg = cfg
+        self.output_dir = Path(output_dir)
+        self.accelerator = accelerator or make_accelerator(cfg, self.output_dir)
+        acc = self.accelerator
+        if acc.num_processes > 1 and "OMP_NUM_THREADS" not in os.environ and acc.device.type == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // acc.num_processes))  # design.md pitfall 6
+        # every config error surfaces before the output directory is touched
+        self.family = build_family(cfg)
+        self.algorithm = registry.algorithm(cfg.algorithm.name)(cfg.algorithm)
+        if acc.is_main_process:
+            ckpt.prepare_output_dir(self.output_dir, cfg, resume=resume, overwrite=overwrite)
+        acc.wait_for_everyone()
+        torch.manual_seed(cfg.train.seed)
+        self.model = self.family.build_model().to(acc.device)
+        self.meta_names = trainable_names(self.model)
+        self.adapt_names = select_names(self.model, cfg.algorithm.adapt) if self.algorithm.uses_inner_loop else []
+        self.learned_lrs = (
+            LearnedLearningRates(self.model, self.adapt_names, cfg.algorithm.inner_lr).to(acc.device)
+            if cfg.algorithm.meta_sgd
+            else None
+        )
+        tensors = [p for n, p in self.model.named_parameters() if p.requires_grad]
+        if self.learned_lrs is not None:
+            tensors += list(self.learned_lrs.parameters())
+        self.optimizer = make_optimizer(cfg, tensors)
+        self.scheduler = make_scheduler(cfg, self.optimizer)
+        self.state = TrainState()
+        self.sampler = TaskSampler(
+            self.family, cfg.train.seed, cfg.train.meta_batch_size, acc.process_index, acc.num_processes
+        )
+        for obj in (self.model, self.optimizer, self.scheduler, self.state):
+            acc.register_for_checkpointing(obj)
+        if self.learned_lrs is not None:
+            acc.register_for_checkpointing(self.learned_lrs)
+        if resume:
+            self._load_latest()
+
+    # -- one meta-step -------------------------------------------------------------------------
+    def meta_params(self) -> dict[str, Tensor]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def inner_loop(self, steps: int | None = None, lr: float | None = None) -> InnerLoop:
+        a = self.cfg.algorithm
+        rate: float | dict[str, Tensor] = a.inner_lr if lr is None else lr
+        if self.learned_lrs is not None and lr is None:
+            rate = self.learned_lrs.as_dict()
+        return InnerLoop(
+            self.family, self.model, self.adapt_names, a.inner_steps if steps is None else steps, rate, a.inner_optimizer
+        )
+
+    def meta_step(self, step: int) -> dict[str, float]:
+        """Compute this step's meta-gradient over all processes and apply the outer update."""
+        acc, family = self.accelerator, self.family
+        self.model.train()
+        params = self.meta_params()
+        learned = self.learned_lrs.as_dict() if self.learned_lrs is not None else {}
+        targets = {**params, **{f"inner_lr:{n}": t for n, t in learned.items()}}
+        inner = self.inner_loop()
+        totals = {n: torch.zeros_like(t) for n, t in targets.items()}
+        loss_sum = examples = tokens = good = 0.0
+        bad_tasks: list[str] = []
+        for index, episode in self.sampler.local_episodes(step):
+            support = family.to_device(episode.support, acc.device)
+            query = family.to_device(episode.query, acc.device)
+            episode = type(episode)(task=episode.task, support=support, query=query)
+            torch.manual_seed(episode_torch_seed(self.cfg.train.seed, step, index))
+            with acc.autocast():
+                result = self.algorithm.task_gradient(inner, params, episode, learned)
+            finite = math.isfinite(result.loss) and all(bool(torch.isfinite(g).all()) for g in result.grads.values())
+            if not finite:
+                bad_tasks.append(f"{episode.task} (episode {index})")
+                continue
+            for name, grad in result.grads.items():
+                totals[name] += grad
+            loss_sum += result.loss
+            good += 1
+            examples += family.batch_size(support) + family.batch_size(query)
+            tokens += _token_count(family, support) + _token_count(family, query)
+        names = list(totals)
+        flat = torch.cat([totals[n].reshape(-1) for n in names])
+        stats = torch.tensor([loss_sum, good, examples, tokens, len(bad_tasks)], dtype=flat.dtype, device=flat.device)
+        flat = torch.cat([flat, stats.to(flat.dtype)])
+        if acc.num_processes > 1:
+            flat = acc.reduce(flat, reduction="sum")
+        loss_sum, good, examples, tokens, n_bad = (float(v) for v in flat[-5:])
+        if n_bad and self.cfg.train.on_nonfinite == "stop":
+            last = ckpt.latest_checkpoint(self.output_dir)
+            where = ", ".join(bad_tasks) if bad_tasks else "a task on another process"
+            raise NonFiniteError(
+                f"step {step}: non-finite loss or meta-gradient on {where}; no weights were written; "
+                f"last good checkpoint: {last or 'none (resume would restart from step 0)'}; "
+                "set train.on_nonfinite=skip to skip such tasks"
+            )
+        self.state.skipped_tasks += int(n_bad)
+        if good == 0:
+            raise NonFiniteError(f"step {step}: every task of the meta-batch was non-finite; no weights were written")
+        offset = 0
+        for name in names:
+            size = totals[name].numel()
+            grad = flat[offset : offset + size].view_as(totals[name]) / good
+            offset += size
+            targets[name].grad = grad
+        grad_norm = _clip(targets.values(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.examples_seen += int(examples)
+        self.state.tokens_seen += int(tokens)
+        return {"loss": loss_sum / good, "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
+
+    # -- the loop --------------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        acc, cfg = self.accelerator, self.cfg
+        if cfg.train.trackers:
+            acc.init_trackers("metanmt", config=_tracker_config(cfg))
+        bar = tqdm(
+            total=cfg.train.steps,
+            initial=self.state.step,
+            disable=not acc.is_main_process,
+            desc=cfg.algorithm.name,
+            mininterval=0.5 if sys.stderr.isatty() else 30.0,
+        )
+        last: dict[str, float] = {}
+        started = time.perf_counter() - self.state.seconds
+        while self.state.step < cfg.train.steps:
+            step = self.state.step
+            last = self.meta_step(step)
+            self.state.step = step + 1
+            self.state.seconds = time.perf_counter() - started
+            bar.update(1)
+            if self.state.step % max(1, cfg.train.log_every) == 0 or self.state.step == cfg.train.steps:
+                bar.set_postfix(loss=f"{last['loss']:.4f}")
+                acc.log({**{f"train/{k}": v for k, v in last.items()}, "train/examples_seen": self.state.examples_seen}, step=self.state.step)
+            if cfg.train.eval_every and self.state.step % cfg.train.eval_every == 0:
+                self.validate()
+            if self.state.step % max(1, cfg.train.save_every) == 0 or self.state.step == cfg.train.steps:
+                self.save()
+        bar.close()
+        if cfg.train.trackers:
+            acc.end_training()
+        return {**last, **self.state.state_dict()}
+
+    def validate(self) -> dict[str, float] | None:
+        acc = self.accelerator
+        metrics = None
+        if acc.is_main_process:
+            metrics = self.family.validate(self.model, self)
+            if metrics:
+                acc.log({f"val/{k}": v for k, v in metrics.items()}, step=self.state.step)
+                if "score" in metrics and metrics["score"] > self.state.best_score:
+                    self.state.best_score, self.state.best_step = float(metrics["score"]), self.state.step
+                    ckpt.export_files(self.output_dir / "best", self._write_model)
+        acc.wait_for_everyone()
+        return metrics
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _write_model(self, directory: Path) -> None:
+        self.family.save_model(self.accelerator.unwrap_model(self.model), directory)
+        if self.learned_lrs is not None:
+            self.learned_lrs.save(directory / LEARNED_LRS_FILE)
+
+    def save(self) -> Path:
+        """Write the Accelerate state to checkpoints/step_N (atomically) and export the model."""
+        acc = self.accelerator
+        root = self.output_dir / ckpt.CHECKPOINTS
+        final = root / f"step_{self.state.step:08d}"
+        tmp = root / f".tmp-{final.name}"
+        if acc.is_main_process:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            ckpt.atomic_write_text(tmp / "trainer_state.json", json.dumps(self.state.state_dict(), indent=2))
+            ckpt.commit_directory(tmp, final)
+            ckpt.prune_checkpoints(self.output_dir, self.cfg.train.keep_checkpoints)
+            ckpt.export_files(self.output_dir, self._write_model)
+        acc.wait_for_everyone()
+        return final
+
+    def _load_latest(self) -> None:
+        latest = ckpt.latest_checkpoint(self.output_dir)
+        if latest is None:
+            log.warning("--resume: no checkpoint in %s yet; starting from step 0", self.output_dir)
+            return
+        self.accelerator.load_state(str(latest))
+        log.info("resumed from %s at step %d", latest, self.state.step)
+
+
+def _token_count(family: TaskFamily, batch: Any) -> int:
+    counter = getattr(family, "token_count", None)
+    return int(counter(batch)) if counter is not None else 0
+
+
+def _clip(tensors: Any, max_norm: float | None) -> float:
+    grads = [t.grad for t in tensors if t.grad is not None]
+    if not grads:
+        return 0.0
+    if max_norm is None:
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+    return float(torch.nn.utils.clip_grad_norm_([t for t in tensors if t.grad is not None], max_norm))
+
+
+def _tracker_config(cfg: RunConfig) -> dict[str, Any]:
+    """TensorBoard's hparams take scalars and strings only."""
+    flat = ckpt._flatten(cfg.to_dict())
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flat.items()}
+
+
+def load_learned_lrs(run_dir: Path) -> dict[str, Tensor] | None:
+    path = Path(run_dir) / LEARNED_LRS_FILE
+    return load_file(str(path)) if path.is_file() else None

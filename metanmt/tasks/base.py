@@ -1,0 +1,125 @@
+"""The contract between a task family and the engine.
+
+The engine knows nothing about sines, images or sentences. A family turns a random generator into
+an :class:`Episode` (a support batch to adapt on, a query batch to score on), builds its model, and
+computes its loss *functionally* from a dict of named tensors, so that the engine can differentiate
+through an inner loop::
+
+    family = SinusoidFamily(task_cfg={"shots": 10}, model_cfg={}, data_root=None)
+    model = family.build_model()
+    episode = family.sample_episode(np.random.default_rng(0), split="train")
+    params = dict(model.named_parameters())
+    loss = family.loss(model, params, episode.support)
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import from_dict
+
+
+@dataclass
+class Episode:
+    """One task's data: ``task`` names it (a language, an alphabet, a sine's parameters)."""
+
+    task: str
+    support: Any
+    query: Any
+
+
+class TaskFamily(abc.ABC):
+    """Base class of every task family; subclasses are registered under ``metanmt.task_families``."""
+
+    name: ClassVar[str]
+    TaskConfig: ClassVar[type]  # dataclass: the keys allowed in tasks/*.yaml and the config's `task:`
+    ModelConfig: ClassVar[type]  # dataclass: the keys allowed in the config's `model:`
+    default_adapt: ClassVar[list[str]] = ["*"]
+
+    def __init__(self, task_cfg: dict[str, Any], model_cfg: dict[str, Any], data_root: str | Path | None = None):
+        self.task_cfg = from_dict(self.TaskConfig, task_cfg, "task")
+        self.model_cfg = from_dict(self.ModelConfig, model_cfg, "model")
+        self.data_root = Path(data_root) if data_root else None
+
+    # -- model ---------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def build_model(self) -> nn.Module:
+        """A freshly initialized model (seeded by the caller)."""
+
+    @abc.abstractmethod
+    def save_model(self, model: nn.Module, directory: Path) -> None:
+        """Write a ``save_pretrained``-style folder (weights + config, and a tokenizer if any)."""
+
+    @abc.abstractmethod
+    def load_model(self, directory: Path) -> nn.Module:
+        """Read back what :meth:`save_model` wrote."""
+
+    # -- data ----------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def sample_episode(self, rng: np.random.Generator, split: str = "train") -> Episode:
+        """Draw one task and its disjoint support and query sets; deterministic given ``rng``."""
+
+    def to_device(self, batch: Any, device: torch.device) -> Any:
+        """Move a batch to ``device``; batches made of tensors, dicts and tuples work as they are."""
+        if isinstance(batch, torch.Tensor):
+            return batch.to(device)
+        if isinstance(batch, dict):
+            return {k: self.to_device(v, device) for k, v in batch.items()}
+        if isinstance(batch, (list, tuple)):
+            return type(batch)(self.to_device(v, device) for v in batch)
+        return batch
+
+    def merge_batches(self, first: Any, second: Any) -> Any:
+        """One batch holding both (the multi-task baseline and Reptile train on support + query)."""
+        if isinstance(first, torch.Tensor):
+            return torch.cat([first, second])
+        if isinstance(first, dict):
+            return {k: self.merge_batches(first[k], second[k]) for k in first}
+        if isinstance(first, (list, tuple)):
+            return type(first)(self.merge_batches(a, b) for a, b in zip(first, second))
+        raise TypeError(f"{type(self).__name__} must override merge_batches for {type(first).__name__}")
+
+    def batch_size(self, batch: Any) -> int:
+        """Number of examples (sentence pairs, images, points) in a batch, for accounting."""
+        if isinstance(batch, torch.Tensor):
+            return batch.shape[0]
+        if isinstance(batch, dict):
+            return self.batch_size(next(iter(batch.values())))
+        if isinstance(batch, (list, tuple)):
+            return self.batch_size(batch[0])
+        raise TypeError(f"{type(self).__name__} must override batch_size")
+
+    # -- loss ----------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def loss(self, model: nn.Module, params: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        """Mean loss of ``model`` with its tensors replaced by ``params`` (``torch.func.functional_call``)."""
+
+    def metrics(self, model: nn.Module, params: dict[str, torch.Tensor], batch: Any) -> dict[str, float]:
+        """Scores reported at evaluation; by default the loss."""
+        with torch.no_grad():
+            return {"loss": float(self.loss(model, params, batch))}
+
+    # -- validation during meta-training -------------------------------------------------------
+    def validate(self, model: nn.Module, engine: Any) -> dict[str, float] | None:
+        """Optional: metrics on held-out tasks every ``train.eval_every`` steps.
+
+        Return a dict with a ``score`` key (higher is better) to keep the best checkpoint, or None.
+        """
+        return None
+
+
+def load_hub_mixin_model(cls: Any, directory: str | Path) -> nn.Module:
+    """``cls.from_pretrained(directory)`` for a ``PyTorchModelHubMixin`` model, without the line it
+    prints to stdout (huggingface_hub prints "Loading weights from local directory", which would
+    corrupt ``--json`` output)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return cls.from_pretrained(str(directory))

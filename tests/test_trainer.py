@@ -1,0 +1,184 @@
+"""The outer loop: its update, checkpoints and resume, run directories, non-finite losses."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from metanmt import registry
+from metanmt.config import load_config
+from metanmt.engine import checkpoint as ckpt
+from metanmt.engine.inner import InnerLoop
+from metanmt.engine.sampler import TaskSampler, local_indices
+from metanmt.engine.trainer import MetaTrainer
+from metanmt.errors import NonFiniteError, UserError
+from metanmt.tasks.sinusoid import SinusoidFamily
+
+SINE = "configs/sinusoid_maml.yaml"
+
+
+def small(algo="maml", steps=4, **extra):
+    sets = [
+        f"algorithm.name={algo}",
+        f"train.steps={steps}",
+        "train.meta_batch_size=3",
+        "train.save_every=2",
+        "train.trackers=[]",
+        "model.hidden=[8, 8]",
+        "task.shots=4",
+        "task.query=4",
+    ]
+    sets += [f"{k}={v}" for k, v in extra.items()]
+    return load_config(SINE, sets)
+
+
+def params_of(trainer):
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+
+def test_sampler_shares_a_meta_batch_between_processes():
+    assert [list(local_indices(25, r, 2)) for r in range(2)] == [list(range(13)), list(range(13, 25))]
+    assert sum(len(local_indices(7, r, 3)) for r in range(3)) == 7
+    family = SinusoidFamily({}, {}, None)
+    one = [e.task for _, e in TaskSampler(family, 0, 5).local_episodes(3)]
+    two = [e.task for r in range(2) for _, e in TaskSampler(family, 0, 5, r, 2).local_episodes(3)]
+    assert one == two and len(set(one)) == 5
+    assert one != [e.task for _, e in TaskSampler(family, 0, 5).local_episodes(4)]
+
+
+@pytest.mark.parametrize("algo", ["maml", "fomaml", "reptile", "multitask"])
+def test_meta_step_applies_the_mean_task_contribution(tmp_path, algo):
+    cfg = small(algo, **{"optim.name": "sgd", "optim.lr": 0.5})
+    trainer = MetaTrainer(cfg, tmp_path / "run")
+    before = params_of(trainer)
+    params = {n: p for n, p in trainer.model.named_parameters()}
+    inner = InnerLoop(trainer.family, trainer.model, trainer.adapt_names, cfg.algorithm.inner_steps, cfg.algorithm.inner_lr)
+    contributions = [
+        trainer.algorithm.task_gradient(inner, params, episode, {}).grads for _, episode in trainer.sampler.local_episodes(0)
+    ]
+    trainer.meta_step(0)
+    for name, p in trainer.model.named_parameters():
+        mean = torch.stack([c[name] for c in contributions]).mean(0)
+        assert torch.allclose(p.detach(), before[name] - 0.5 * mean, atol=1e-6)
+
+
+def test_reptile_with_outer_sgd_interpolates_toward_the_mean_adapted_weights(tmp_path):
+    cfg = small("reptile", **{"optim.name": "sgd", "optim.lr": 0.3, "algorithm.inner_steps": 3})
+    trainer = MetaTrainer(cfg, tmp_path / "run")
+    before = params_of(trainer)
+    inner = trainer.inner_loop()
+    adapted = []
+    for _, episode in trainer.sampler.local_episodes(0):
+        batch = trainer.family.merge_batches(episode.support, episode.query)
+        start = {n: t.clone().requires_grad_() for n, t in before.items()}
+        adapted.append({n: t.detach() for n, t in inner.adapt(start, batch, create_graph=False).params.items()})
+    trainer.meta_step(0)
+    for name, p in trainer.model.named_parameters():
+        mean_adapted = torch.stack([a[name] for a in adapted]).mean(0)
+        assert torch.allclose(p.detach(), before[name] + 0.3 * (mean_adapted - before[name]), atol=1e-6)
+
+
+def test_run_directory_is_loadable_and_refuses_a_second_run(tmp_path):
+    out = tmp_path / "run"
+    MetaTrainer(small(), out).train()
+    assert (out / "metanmt.yaml").is_file() and (out / "model.safetensors").is_file()
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step_00000002", "step_00000004"]
+    with pytest.raises(UserError, match="already holds a run"):
+        MetaTrainer(small(), out)
+    with pytest.raises(UserError, match="holds a different run"):
+        MetaTrainer(small(**{"algorithm.inner_lr": 0.5}), out, resume=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not a metanmt run"):
+        MetaTrainer(small(), tmp_path / "other")
+    MetaTrainer(small(), out, overwrite=True)  # allowed
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("algo", ["maml", "reptile"])
+def test_resume_after_a_crash_gives_bitwise_the_same_parameters(tmp_path, monkeypatch, algo):
+    extra = {"optim.schedule": "linear", "optim.warmup_steps": 2, "algorithm.meta_sgd": algo == "maml"}
+    whole = MetaTrainer(small(algo, steps=6, **extra), tmp_path / "whole")
+    whole.train()
+
+    crashing = MetaTrainer(small(algo, steps=6, **extra), tmp_path / "crash")
+    original = MetaTrainer.meta_step
+
+    def crash_at_5(self, step):
+        if step == 4:
+            raise Crash()
+        return original(self, step)
+
+    monkeypatch.setattr(MetaTrainer, "meta_step", crash_at_5)
+    with pytest.raises(Crash):
+        crashing.train()
+    monkeypatch.setattr(MetaTrainer, "meta_step", original)
+    assert ckpt.latest_checkpoint(tmp_path / "crash").name == "step_00000004"  # saved after step 4 of 6
+    resumed = MetaTrainer(small(algo, steps=6, **extra), tmp_path / "crash", resume=True)
+    assert resumed.state.step == 4
+    resumed.train()
+    for name, p in whole.model.named_parameters():
+        assert torch.equal(p, dict(resumed.model.named_parameters())[name]), name
+    if algo == "maml":
+        assert all(torch.equal(a, b) for a, b in zip(whole.learned_lrs.rates, resumed.learned_lrs.rates))
+    for name, t in load_file(str(tmp_path / "whole" / "model.safetensors")).items():
+        assert torch.equal(t, load_file(str(tmp_path / "crash" / "model.safetensors"))[name])
+
+
+def test_same_seed_same_checkpoint(tmp_path):
+    a = MetaTrainer(small("fomaml"), tmp_path / "a")
+    a.train()
+    b = MetaTrainer(small("fomaml"), tmp_path / "b")
+    b.train()
+    assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
+    c = MetaTrainer(small("fomaml", **{"train.seed": 1}), tmp_path / "c")
+    c.train()
+    assert not all(torch.equal(p, q) for p, q in zip(a.model.parameters(), c.model.parameters()))
+
+
+class PoisonedSine(SinusoidFamily):
+    """Tasks with a large amplitude yield NaN targets."""
+
+    name = "poisoned_sine"
+
+    def sample_episode(self, rng, split="train", shots=None):
+        episode = super().sample_episode(rng, split, shots)
+        if float(episode.task.split(",")[0].split("=")[1]) > 4.7:
+            episode.query[1][0] = math.nan
+        return episode
+
+
+@pytest.fixture
+def poisoned():
+    registry.register(registry.TASK_FAMILIES, "poisoned_sine", PoisonedSine)
+    yield
+    registry._extra[registry.TASK_FAMILIES].pop("poisoned_sine")
+
+
+def test_nonfinite_loss_stops_naming_step_task_and_checkpoint(tmp_path, poisoned):
+    cfg = small(steps=50)
+    cfg.family = "poisoned_sine"
+    trainer = MetaTrainer(cfg, tmp_path / "run")
+    with pytest.raises(NonFiniteError, match=r"step \d+: non-finite .* on A=") as info:
+        trainer.train()
+    step = int(str(info.value).split()[1].rstrip(":"))
+    assert step > 0, "the test needs a few good steps first"
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    saved = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    if step >= 2:
+        assert "last good checkpoint" in str(info.value) and "step_0000" in str(info.value)
+
+
+def test_nonfinite_tasks_can_be_skipped_and_counted(tmp_path, poisoned):
+    cfg = small(steps=20, **{"train.on_nonfinite": "skip"})
+    cfg.family = "poisoned_sine"
+    trainer = MetaTrainer(cfg, tmp_path / "run")
+    summary = trainer.train()
+    assert summary["skipped_tasks"] > 0
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
