@@ -109,11 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_plot_sinusoid)
 
     data = sub.add_parser("data", help="prepare data").add_subparsers(dest="data_command", required=True)
-    DATA_COMMANDS.append(data)
+    p = data.add_parser("gettext", help=".po/.mo catalogs -> one TSV per language (lang, src, en, origin)")
+    p.add_argument("src", type=Path, help="a folder of catalogs, e.g. path/to/locale/")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--keep-placeholders", action="store_true", help="do not rewrite %%(name)s, {x}, %%s as {0}, {1}, ...")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_data_gettext)
     return parser
 
 
-DATA_COMMANDS: list[Any] = []
+def _data_gettext(args: argparse.Namespace) -> int:
+    from .data.gettext import convert_gettext
+
+    print(convert_gettext(args.src, args.out, placeholders=not args.keep_placeholders, overwrite=args.overwrite))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

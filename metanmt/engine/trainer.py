@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from .. import registry
 from ..config import RunConfig
-from ..errors import NonFiniteError
+from ..errors import NonFiniteError, UserError
 from ..tasks.base import TaskFamily
 from . import checkpoint as ckpt
 from .inner import InnerLoop, select_names, trainable_names
@@ -145,6 +145,14 @@ class MetaTrainer:
         self.output_dir = Path(output_dir)
         self.accelerator = accelerator or make_accelerator(cfg, self.output_dir)
         acc = self.accelerator
+        launched = int(os.environ.get("WORLD_SIZE", acc.num_processes))
+        if launched != acc.num_processes:
+            raise UserError(
+                f"the launcher started {launched} processes but each sees a group of {acc.num_processes}; on CPUs use "
+                "`accelerate launch --multi_gpu --num_processes N` (or configs/accelerate_cpu2.yaml)"
+            )
+        if acc.is_main_process:
+            log.info("meta-training on %d process(es), %s, device %s", acc.num_processes, acc.distributed_type, acc.device)
         if acc.num_processes > 1 and "OMP_NUM_THREADS" not in os.environ and acc.device.type == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // acc.num_processes))  # design.md pitfall 6
         # every config error surfaces before the output directory is touched
@@ -153,6 +161,8 @@ class MetaTrainer:
         if acc.is_main_process:
             ckpt.prepare_output_dir(self.output_dir, cfg, resume=resume, overwrite=overwrite)
         acc.wait_for_everyone()
+        if resume:
+            self.family.on_resume(self.output_dir)
         torch.manual_seed(cfg.train.seed)
         self.model = self.family.build_model().to(acc.device)
         self.meta_names = trainable_names(self.model)

@@ -108,6 +108,9 @@ class TaskFamily(abc.ABC):
         with torch.no_grad():
             return {"loss": float(self.loss(model, params, batch))}
 
+    def on_resume(self, directory: Path) -> None:
+        """Adopt what a run directory holds besides the weights (a tokenizer) before ``build_model``."""
+
     # -- validation during meta-training -------------------------------------------------------
     def validate(self, model: nn.Module, engine: Any) -> dict[str, float] | None:
         """Optional: metrics on held-out tasks every ``train.eval_every`` steps.

@@ -1,0 +1,247 @@
+"""TranslationFamily: episodes, loss, an exact MAML meta-gradient, save/load, validation, file suites."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from metanmt.data.vocab import BOS_ID, PAD_ID
+from metanmt.errors import ConfigError, DataError
+from metanmt.tasks.translation import IGNORE, TranslationFamily
+
+L10N = Path(__file__).resolve().parents[2] / "shared" / "data" / "l10n"
+TINY_MODEL = {"d_model": 16, "encoder_layers": 1, "decoder_layers": 1, "attention_heads": 2, "ffn_dim": 32,
+              "dropout": 0.0, "max_positions": 64}
+TASK = {"source": "cldr", "train_languages": ["de", "fr"], "dev_languages": ["ro"], "vocab_size": 400,
+        "support_tokens": 120, "query_tokens": 80, "max_source_length": 32, "max_target_length": 32,
+        "dev_finetune_steps": 2, "dev_finetune_tokens": 100, "dev_max_segments": 8, "max_new_tokens": 8}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("cache")
+        mp.setenv("METANMT_CACHE", str(path))
+        yield path
+
+
+@pytest.fixture(scope="module")
+def family(cache: Path) -> TranslationFamily:
+    return TranslationFamily(TASK, TINY_MODEL)
+
+
+@pytest.fixture(scope="module")
+def model(family: TranslationFamily) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return family.build_model()
+
+
+def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+def rows(batch: dict[str, torch.Tensor]) -> set[tuple]:
+    """Each pair of a batch as (source ids, target ids) without padding."""
+    out = set()
+    for src, mask, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"]):
+        out.add((tuple(src[mask.bool()].tolist()), tuple(labels[labels != IGNORE].tolist())))
+    return out
+
+
+# -- episodes ------------------------------------------------------------------------------------
+
+
+def test_episodes_are_deterministic_disjoint_and_token_sized(family: TranslationFamily, model: torch.nn.Module) -> None:
+    for step in range(5):
+        a = family.sample_episode(np.random.default_rng([0, step, 0]))
+        b = family.sample_episode(np.random.default_rng([0, step, 0]))
+        assert a.task == b.task and a.task in ("de", "fr")
+        for key in a.support:
+            assert torch.equal(a.support[key], b.support[key]) and torch.equal(a.query[key], b.query[key])
+        assert not rows(a.support) & rows(a.query)  # CLDR pairs are unique per language
+        longest = TASK["max_target_length"]
+        assert TASK["support_tokens"] - longest < family.token_count(a.support) <= TASK["support_tokens"]
+        assert TASK["query_tokens"] - longest < family.token_count(a.query) <= TASK["query_tokens"]
+        assert family.batch_size(a.support) == a.support["input_ids"].shape[0]
+    tasks = {family.sample_episode(np.random.default_rng([1, s, 0])).task for s in range(20)}
+    assert tasks == {"de", "fr"}
+
+
+def test_batch_layout(family: TranslationFamily) -> None:
+    batch = family.sample_episode(np.random.default_rng(3)).support
+    labels, dec = batch["labels"], batch["decoder_input_ids"]
+    assert (dec[:, 0] == BOS_ID).all() and BOS_ID != PAD_ID  # design.md pitfall 3
+    mask = labels != IGNORE
+    assert torch.equal(dec[:, 1:][mask[:, 1:]], labels[:, :-1][mask[:, 1:]])  # teacher forcing: shifted right
+    assert (dec[~mask] == PAD_ID).all()
+    assert torch.equal(batch["attention_mask"].bool(), batch["input_ids"] != PAD_ID)
+
+
+def test_merge_batches_pads_to_the_longer(family: TranslationFamily) -> None:
+    ep = family.sample_episode(np.random.default_rng(5))
+    merged = family.merge_batches(ep.support, ep.query)
+    assert family.batch_size(merged) == family.batch_size(ep.support) + family.batch_size(ep.query)
+    assert family.token_count(merged) == family.token_count(ep.support) + family.token_count(ep.query)
+    assert rows(merged) == rows(ep.support) | rows(ep.query)
+
+
+def test_temperature_sampling(cache: Path) -> None:
+    fam = TranslationFamily({**TASK, "train_languages": ["de", "fr"], "task_sampling": "temperature", "temperature": 1.0}, TINY_MODEL)
+    sizes = np.array([len(fam.pairs("train", "de")), len(fam.pairs("train", "fr"))], dtype=float)
+    assert np.allclose(fam.task_probabilities("train"), sizes / sizes.sum())
+    hot = TranslationFamily({**TASK, "task_sampling": "temperature", "temperature": 1e6}, TINY_MODEL)
+    assert np.allclose(hot.task_probabilities("train"), 0.5, atol=1e-4)
+
+
+# -- loss and meta-gradient ----------------------------------------------------------------------
+
+
+def test_loss_is_token_mean_cross_entropy(family: TranslationFamily, model: torch.nn.Module) -> None:
+    batch = family.sample_episode(np.random.default_rng(0)).support
+    model.eval()
+    ours = family.loss(model, full_params(model), batch)
+    reference = model(**batch).loss  # transformers' own loss with the same labels
+    assert torch.allclose(ours, reference, atol=1e-6)
+    metrics = family.metrics(model, full_params(model), batch)
+    assert metrics["tokens"] == family.token_count(batch) and abs(metrics["loss"] - float(ours.detach())) < 1e-5
+
+
+def test_maml_meta_gradient_matches_finite_differences(family: TranslationFamily) -> None:
+    """One explicit SGD inner step, second order, through the Marian model in float64."""
+    torch.manual_seed(1)
+    fam = TranslationFamily(TASK, {**TINY_MODEL, "dtype": "float64", "attn_implementation": "eager"})
+    model = fam.build_model().eval()
+    episode = fam.sample_episode(np.random.default_rng(7))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert not any("embed_positions" in n for n in names)  # frozen tables (design.md pitfall 4)
+    theta = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters() if p.requires_grad}
+    fixed = {n: t for n, t in full_params(model).items() if n not in theta}
+    lr = 0.5
+
+    def meta_objective(params: dict[str, torch.Tensor], create_graph: bool) -> torch.Tensor:
+        support = fam.loss(model, {**fixed, **params}, episode.support)
+        grads = torch.autograd.grad(support, list(params.values()), create_graph=create_graph)
+        adapted = {n: p - lr * g for (n, p), g in zip(params.items(), grads)}
+        return fam.loss(model, {**fixed, **adapted}, episode.query)
+
+    meta_grad = torch.autograd.grad(meta_objective(theta, create_graph=True), list(theta.values()))
+    meta_grad = dict(zip(theta, meta_grad))
+    rng = torch.Generator().manual_seed(0)
+    eps = 1e-5
+    directions = [{n: torch.randn(t.shape, generator=rng, dtype=t.dtype) for n, t in theta.items()}]
+    # the decoder start token's embedding row alone: zero gradient if it were the pad row (pitfall 3)
+    only_bos = {n: torch.zeros_like(t) for n, t in theta.items()}
+    only_bos["model.shared.weight"][BOS_ID] = torch.randn(theta["model.shared.weight"].shape[1], generator=rng, dtype=torch.float64)
+    directions.append(only_bos)
+    for v in directions:
+        def at(sign: float) -> float:
+            shifted = {n: (t.detach() + sign * eps * v[n]).requires_grad_(True) for n, t in theta.items()}
+            return float(meta_objective(shifted, create_graph=False).detach())
+
+        numeric = (at(1.0) - at(-1.0)) / (2 * eps)
+        analytic = float(sum((meta_grad[n] * v[n]).sum() for n in theta))
+        assert abs(analytic) > 1e-6
+        assert abs(numeric - analytic) <= 1e-6 * max(1.0, abs(numeric)), (numeric, analytic)
+
+
+# -- save / load ----------------------------------------------------------------------------------
+
+
+def test_save_load_identical_logits(family: TranslationFamily, model: torch.nn.Module, tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    batch = family.sample_episode(np.random.default_rng(11)).query
+    model.eval()
+    family.save_model(model, tmp_path / "run")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fresh = TranslationFamily(TASK, TINY_MODEL)  # as an evaluation would: from the saved config
+    loaded = fresh.load_model(tmp_path / "run").eval()
+    with torch.no_grad():
+        expected = model(**batch).logits
+        assert torch.equal(loaded(**batch).logits, expected)
+        auto = AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "run"), attn_implementation="eager").eval()
+        assert torch.equal(auto(**batch).logits, expected)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "run"))
+    assert tok("Montag").input_ids == family.tokenizer("Montag").input_ids
+    assert fresh.encode(family.pairs("train", "de")[:3]) == family.encode(family.pairs("train", "de")[:3])
+    assert auto.config.decoder_start_token_id == BOS_ID and auto.generation_config.decoder_start_token_id == BOS_ID
+
+
+def test_validate_scores_without_side_effects(family: TranslationFamily, model: torch.nn.Module) -> None:
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rng_state = torch.get_rng_state()
+    model.train()
+    result = family.validate(model, engine=None)
+    assert {"score", "dev_bleu", "dev_chrf", "dev_loss", "dev_loss_zero_shot", "dev_bleu/ro"} <= set(result)
+    assert result["score"] == result["dev_bleu"]
+    assert model.training and torch.equal(torch.get_rng_state(), rng_state)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert family.validate(model) == result  # fixed seed and data order: comparable across checkpoints
+    hyps = family.translate(model, ["luni", "marți"], max_new_tokens=4)
+    assert len(hyps) == 2 and all(isinstance(h, str) for h in hyps)
+
+
+# -- file-based suites ----------------------------------------------------------------------------
+
+
+def _write_suite(root: Path) -> None:
+    import gzip
+
+    de = [(f"Wort {i}", f"word {i}") for i in range(40)]
+    ro = [(f"cuvânt {i}", f"word {i}") for i in range(30)]
+    for folder, lang, pairs in (("meta_train", "de", de), ("dev", "ro", ro[:10]), ("finetune", "ro.4k", ro[10:])):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        text = "lang\tsrc\ten\torigin\n" + "".join(f"{lang[:2]}\t{s}\t{e}\tt\n" for s, e in pairs)
+        (root / folder / f"{lang}.tsv.gz").write_bytes(gzip.compress(text.encode()))
+    moses = root / "moses"
+    moses.mkdir(exist_ok=True)
+    (moses / "train.de").write_text("".join(s + "\n" for s, _ in de), encoding="utf-8")
+    (moses / "train.en").write_text("".join(e + "\n" for _, e in de), encoding="utf-8")
+
+
+def test_file_suite_reads_splits_and_reports_missing_data(tmp_path: Path, cache: Path) -> None:
+    _write_suite(tmp_path)
+    task = {"train_languages": ["de"], "dev_languages": ["ro"], "vocab_size": 300, "support_tokens": 30, "query_tokens": 30,
+            "max_source_length": 32, "max_target_length": 32, "max_new_tokens": 8}
+    fam = TranslationFamily(task, TINY_MODEL, data_root=tmp_path)
+    assert len(fam.pairs("train", "de")) == 40
+    finetune, evaluation = fam.dev_sets("ro")
+    assert len(finetune) == 20 and len(evaluation) == 10
+    episode = fam.sample_episode(np.random.default_rng(0))
+    assert not rows(episode.support) & rows(episode.query)
+
+    moses = TranslationFamily({**task, "format": "moses", "train_path": "moses/train.{side}", "dev_languages": []}, TINY_MODEL, data_root=tmp_path)
+    assert moses.pairs("train", "de") == fam.pairs("train", "de")
+
+    with pytest.raises(DataError, match=r"meta_train/fi\.tsv\.gz: no such file"):
+        TranslationFamily({**task, "train_languages": ["de", "fi"]}, TINY_MODEL, data_root=tmp_path).corpus("train")
+    with pytest.raises(ConfigError, match="data.root"):
+        TranslationFamily(task, TINY_MODEL).corpus("train")
+    with pytest.raises(ConfigError, match="unknown key"):
+        TranslationFamily({**task, "langs": ["de"]}, TINY_MODEL)
+    with pytest.raises(ConfigError, match="max_positions"):
+        TranslationFamily({**task, "max_source_length": 100}, TINY_MODEL)
+    with pytest.raises(ConfigError, match="Moses pattern needs"):
+        TranslationFamily({**task, "format": "moses"}, TINY_MODEL, data_root=tmp_path)
+
+
+def test_l10n_suite(tmp_path: Path, family: TranslationFamily) -> None:
+    if not L10N.is_dir():
+        pytest.skip(f"the shared l10n corpus is not at {L10N}")
+    from metanmt.config import load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    family.tokenizer.save_pretrained(str(tmp_path / "vocab"))  # a small vocabulary: no 70 s training here
+    cfg = load_config(repo / "configs" / "l10n_fomaml.yaml", [f"data.root={L10N}", f"task.vocab={tmp_path / 'vocab'}"])
+    fam = TranslationFamily(cfg.task, cfg.model, cfg.data.root)
+    assert fam.languages("train")[:3] == ["pt", "de", "es"] and len(fam.languages("train")) == 18
+    assert {lang: len(fam.pairs("test", lang)) for lang in fam.languages("test")} == {"lv": 500, "fi": 500, "tr": 500, "ko": 500}
+    finetune, evaluation = fam.dev_sets("ro")
+    assert len(evaluation) == cfg.task["dev_max_segments"] and len(finetune) > 100
+    episode = fam.sample_episode(np.random.default_rng(0), split="test")
+    assert episode.task in ("lv", "fi", "tr", "ko") and not rows(episode.support) & rows(episode.query)
