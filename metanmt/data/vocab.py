@@ -31,7 +31,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
 
@@ -64,6 +64,17 @@ def train_spm(texts: Iterable[str], vocab_size: int, max_sentences: Optional[int
         keep = np.sort(np.random.default_rng(seed).choice(len(unique), size=max_sentences, replace=False))
         unique = [unique[i] for i in keep]
     buffer = io.BytesIO()
+    try:
+        _train_into(spm, buffer, unique, vocab_size)
+    except RuntimeError as exc:
+        if "smaller than required_chars" in str(exc):
+            raise ConfigError(f"task.vocab_size: {vocab_size} is too small for the characters of the training text "
+                              f"({str(exc).split('. ')[-2]}); raise it") from None
+        raise
+    return buffer.getvalue()
+
+
+def _train_into(spm: Any, buffer: io.BytesIO, unique: list[str], vocab_size: int) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(unique),
         model_writer=buffer,
@@ -87,7 +98,6 @@ def train_spm(texts: Iterable[str], vocab_size: int, max_sentences: Optional[int
         num_threads=1,  # determinism: the same data gives the same vocabulary
         minloglevel=2,
     )
-    return buffer.getvalue()
 
 
 def tokenizer_from_spm(model_proto: bytes, model_max_length: int = 512):
