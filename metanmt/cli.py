@@ -63,7 +63,32 @@ def _evaluate_few_shot(run: Any, args: argparse.Namespace) -> tuple[dict, str]:
     return {"steps": result, "episodes": n}, "\n".join(lines)
 
 
-EVALUATORS: dict[str, Callable[[Any, argparse.Namespace], tuple[dict, str]]] = {"sinusoid": _evaluate_sinusoid}
+def _evaluate_omniglot(run: Any, args: argparse.Namespace) -> tuple[dict, str]:
+    from .evaluation.omniglot import evaluate_episodes, evaluate_official_runs
+
+    steps = max(args.steps) if args.steps else None
+    result: dict[str, Any] = {}
+    lines = []
+    if args.omniglot_runs is not None:
+        runs = evaluate_official_runs(run, args.omniglot_runs, steps=steps, lr=args.lr)
+        result.update(runs)
+        per_run = " ".join(f"{e:.0f}" for e in runs["per_run_error_pct"])
+        lines.append(f"official 20-way 1-shot runs: error {runs['official_runs_error_pct']:.2f}% (per run: {per_run})")
+    if args.episodes or args.omniglot_runs is None:
+        acc = evaluate_episodes(run, episodes=args.episodes or 600, steps=steps, lr=args.lr, seed=args.seed)
+        result.update(acc)
+        lines.append(
+            f"{acc['ways']}-way {acc['shots']}-shot accuracy: {100 * acc['accuracy']['mean']:.2f}% "
+            f"± {100 * acc['accuracy']['ci95']:.2f} (95% CI, {acc['episodes']} episodes, {acc['inner_steps']} steps, "
+            f"batch norm: {acc['bn_policy']})"
+        )
+    return result, "\n".join(lines)
+
+
+EVALUATORS: dict[str, Callable[[Any, argparse.Namespace], tuple[dict, str]]] = {
+    "sinusoid": _evaluate_sinusoid,
+    "omniglot": _evaluate_omniglot,
+}
 
 
 def _plot_sinusoid(args: argparse.Namespace) -> int:
@@ -99,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=int, help="number of held-out episodes")
     p.add_argument("--lr", type=float, help="inner learning rate at evaluation (default: the config's)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the held-out episodes")
+    p.add_argument("--omniglot-runs", type=Path, help="omniglot: Lake et al.'s 20 official runs (all_runs.zip or folder)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_evaluate)
 
@@ -115,7 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-placeholders", action="store_true", help="do not rewrite %%(name)s, {x}, %%s as {0}, {1}, ...")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_data_gettext)
+    p = data.add_parser("omniglot", help="download the official Omniglot zips (needs internet)")
+    p.add_argument("--to", required=True, type=Path)
+    p.add_argument("--names", nargs="+", help="which zips (default: all official ones)")
+    p.set_defaults(func=_data_omniglot)
     return parser
+
+
+def _data_omniglot(args: argparse.Namespace) -> int:
+    from .data.download import download_omniglot
+
+    for path in download_omniglot(args.to, names=args.names):
+        print(path)
+    return 0
 
 
 def _data_gettext(args: argparse.Namespace) -> int:

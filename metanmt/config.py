@@ -30,7 +30,7 @@ class AlgorithmConfig:
     inner_optimizer: Literal["sgd", "adam"] = "sgd"
     eval_inner_steps: Optional[int] = None  # None: same as inner_steps
     eval_inner_lr: Optional[float] = None  # None: same as inner_lr
-    adapt: list[str] = field(default_factory=lambda: ["*"])  # fnmatch patterns over parameter names
+    adapt: Optional[list[str]] = None  # fnmatch patterns over parameter names; None: the family's default
     meta_sgd: bool = False  # learn a per-parameter inner learning rate (Meta-SGD)
     support_in_outer: bool = False  # fomaml/maml: add the support loss at the initialization to the outer loss
     multi_step_loss: bool = False  # MAML++: average the query loss over every inner step

@@ -30,7 +30,7 @@ class Run:
     learned_lrs: dict[str, Tensor] | None
 
     def adapt_names(self, patterns: list[str] | None = None) -> list[str]:
-        return select_names(self.model, patterns or self.cfg.algorithm.adapt)
+        return select_names(self.model, patterns or self.cfg.algorithm.adapt or self.family.default_adapt)
 
     def inner_loop(self, steps: int | None = None, lr: float | None = None, patterns: list[str] | None = None) -> InnerLoop:
         """The evaluation-time inner loop: the config's eval steps and rate unless given."""

@@ -166,7 +166,7 @@ class MetaTrainer:
         torch.manual_seed(cfg.train.seed)
         self.model = self.family.build_model().to(acc.device)
         self.meta_names = trainable_names(self.model)
-        self.adapt_names = select_names(self.model, cfg.algorithm.adapt) if self.algorithm.uses_inner_loop else []
+        self.adapt_names = select_names(self.model, cfg.algorithm.adapt or self.family.default_adapt) if self.algorithm.uses_inner_loop else []
         self.learned_lrs = (
             LearnedLearningRates(self.model, self.adapt_names, cfg.algorithm.inner_lr).to(acc.device)
             if cfg.algorithm.meta_sgd
