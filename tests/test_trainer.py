@@ -12,7 +12,7 @@ from metanmt.config import load_config
 from metanmt.engine import checkpoint as ckpt
 from metanmt.engine.inner import InnerLoop
 from metanmt.engine.sampler import TaskSampler, local_indices
-from metanmt.engine.trainer import MetaTrainer
+from metanmt.engine.trainer import MetaTrainer, read_history
 from metanmt.errors import NonFiniteError, UserError
 from metanmt.tasks.sinusoid import SinusoidFamily
 
@@ -25,6 +25,7 @@ def small(algo="maml", steps=4, **extra):
         f"train.steps={steps}",
         "train.meta_batch_size=3",
         "train.save_every=2",
+        "train.log_every=1",
         "train.trackers=[]",
         "model.hidden=[8, 8]",
         "task.shots=4",
@@ -126,6 +127,9 @@ def test_resume_after_a_crash_gives_bitwise_the_same_parameters(tmp_path, monkey
         assert torch.equal(p, dict(resumed.model.named_parameters())[name]), name
     if algo == "maml":
         assert all(torch.equal(a, b) for a, b in zip(whole.learned_lrs.rates, resumed.learned_lrs.rates))
+    whole_log, resumed_log = read_history(tmp_path / "whole", "train"), read_history(tmp_path / "crash", "train")
+    assert [r["step"] for r in resumed_log] == [r["step"] for r in whole_log] == list(range(1, 7))
+    assert [r["loss"] for r in resumed_log] == [r["loss"] for r in whole_log]
     for name, t in load_file(str(tmp_path / "whole" / "model.safetensors")).items():
         assert torch.equal(t, load_file(str(tmp_path / "crash" / "model.safetensors"))[name])
 

@@ -45,6 +45,7 @@ from .sampler import TaskSampler, episode_torch_seed
 
 log = logging.getLogger(__name__)
 LEARNED_LRS_FILE = "inner_lrs.safetensors"
+HISTORY_FILE = "history.jsonl"
 
 
 class LearnedLearningRates(nn.Module):
@@ -82,6 +83,7 @@ class TrainState:
     best_score: float = -math.inf
     best_step: int = -1
     seconds: float = 0.0
+    peak_rss_mb: float = 0.0
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -158,6 +160,7 @@ class MetaTrainer:
         # every config error surfaces before the output directory is touched
         self.family = build_family(cfg)
         self.algorithm = registry.algorithm(cfg.algorithm.name)(cfg.algorithm)
+        self.family.prepare()
         if acc.is_main_process:
             ckpt.prepare_output_dir(self.output_dir, cfg, resume=resume, overwrite=overwrite)
         acc.wait_for_everyone()
@@ -280,10 +283,14 @@ class MetaTrainer:
             last = self.meta_step(step)
             self.state.step = step + 1
             self.state.seconds = time.perf_counter() - started
+            self.state.peak_rss_mb = max(self.state.peak_rss_mb, peak_rss_mb())
             bar.update(1)
             if self.state.step % max(1, cfg.train.log_every) == 0 or self.state.step == cfg.train.steps:
                 bar.set_postfix(loss=f"{last['loss']:.4f}")
-                acc.log({**{f"train/{k}": v for k, v in last.items()}, "train/examples_seen": self.state.examples_seen}, step=self.state.step)
+                record = {**last, "examples_seen": self.state.examples_seen, "tokens_seen": self.state.tokens_seen,
+                          "seconds": round(self.state.seconds, 3)}
+                acc.log({f"train/{k}": v for k, v in record.items()}, step=self.state.step)
+                self._append_history("train", record)
             if cfg.train.eval_every and self.state.step % cfg.train.eval_every == 0:
                 self.validate()
             if self.state.step % max(1, cfg.train.save_every) == 0 or self.state.step == cfg.train.steps:
@@ -300,11 +307,24 @@ class MetaTrainer:
             metrics = self.family.validate(self.model, self)
             if metrics:
                 acc.log({f"val/{k}": v for k, v in metrics.items()}, step=self.state.step)
+                self._append_history("validation", {**metrics, "examples_seen": self.state.examples_seen,
+                                                    "tokens_seen": self.state.tokens_seen,
+                                                    "seconds": round(self.state.seconds, 3)})
                 if "score" in metrics and metrics["score"] > self.state.best_score:
                     self.state.best_score, self.state.best_step = float(metrics["score"]), self.state.step
                     ckpt.export_files(self.output_dir / "best", self._write_model)
         acc.wait_for_everyone()
         return metrics
+
+    def _append_history(self, kind: str, record: dict[str, Any]) -> None:
+        """One JSON line per log/validation in ``{output_dir}/history.jsonl`` (main process only).
+
+        A resumed run appends again from its checkpoint's step: readers keep the last line per
+        (kind, step) — see :func:`read_history`.
+        """
+        if self.accelerator.is_main_process:
+            with open(self.output_dir / HISTORY_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"kind": kind, "step": self.state.step, **record}) + "\n")
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _write_model(self, directory: Path) -> None:
@@ -340,6 +360,27 @@ class MetaTrainer:
             return
         self.accelerator.load_state(str(latest))
         log.info("resumed from %s at step %d", latest, self.state.step)
+
+
+def read_history(output_dir: str | Path, kind: str) -> list[dict[str, Any]]:
+    """The ``history.jsonl`` records of one kind ("train" or "validation"), last one per step, by step."""
+    path = Path(output_dir) / HISTORY_FILE
+    if not path.is_file():
+        return []
+    by_step: dict[int, dict[str, Any]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            record = json.loads(line)
+            if record.get("kind") == kind:
+                by_step[record["step"]] = record
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _token_count(family: TaskFamily, batch: Any) -> int:

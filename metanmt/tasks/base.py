@@ -108,6 +108,10 @@ class TaskFamily(abc.ABC):
         with torch.no_grad():
             return {"loss": float(self.loss(model, params, batch))}
 
+    def prepare(self) -> None:
+        """Read (or check) the training data now, so that a missing file or a bad row is reported
+        before a run directory is created; called once by the trainer. Default: nothing to do."""
+
     def on_resume(self, directory: Path) -> None:
         """Adopt what a run directory holds besides the weights (a tokenizer) before ``build_model``."""
 

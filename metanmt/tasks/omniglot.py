@@ -420,6 +420,11 @@ class OmniglotFamily(TaskFamily):
         self._load()
         return len(self._pool(split, check=False).class_char)
 
+    def prepare(self) -> None:
+        """Load the image sets and check that training episodes can be drawn."""
+        self._load()
+        self._pool("train")
+
     def _pool(self, split: str, check: bool = True) -> _Pool:
         """The split's classes; ``check``: first make sure an episode can be drawn from them."""
         if split not in SPLITS:

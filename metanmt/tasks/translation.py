@@ -321,6 +321,10 @@ class TranslationFamily(TaskFamily):
             self._tokenizer = self._make_tokenizer()
         return self._tokenizer
 
+    def prepare(self) -> None:
+        """Read every training language (errors name the file and line) before the run starts."""
+        self.corpus("train")
+
     def on_resume(self, directory: Path) -> None:
         """A resumed run keeps the vocabulary it started with, even if the vocab cache is gone."""
         if (Path(directory) / "tokenizer_config.json").is_file():
