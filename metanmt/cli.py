@@ -1,4 +1,4 @@
-"""Command line: ``metanmt meta-train | evaluate | plot-sinusoid | data``.
+"""Command line: ``metanmt meta-train | evaluate | plot-sinusoid | data | finetune | translate | score | compare``.
 
 User errors (bad config, bad data, wrong paths) print one line and exit with status 2; anything
 else is a bug and keeps its traceback.
@@ -88,7 +88,15 @@ def _evaluate_omniglot(run: Any, args: argparse.Namespace) -> tuple[dict, str]:
 EVALUATORS: dict[str, Callable[[Any, argparse.Namespace], tuple[dict, str]]] = {
     "sinusoid": _evaluate_sinusoid,
     "omniglot": _evaluate_omniglot,
+    "translation": lambda run, args: _translation_commands().evaluate_translation_command(run, args),
 }
+
+
+def _translation_commands() -> Any:
+    """finetune / translate / score / compare and the translation evaluator live in their own module."""
+    from .evaluation import commands
+
+    return commands
 
 
 def _plot_sinusoid(args: argparse.Namespace) -> int:
@@ -126,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1234, help="seed of the held-out episodes")
     p.add_argument("--omniglot-runs", type=Path, help="omniglot: Lake et al.'s 20 official runs (all_runs.zip or folder)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--test", type=Path, help="translation: test corpus to translate and score (TSV/JSONL)")
+    p.add_argument("--beam", type=int, default=4, help="translation: beam size (1: greedy)")
+    p.add_argument("--batch-size", type=int, default=32, help="translation: segments per generate call")
+    p.add_argument("--hyp", type=Path, help="translation: also write the hypotheses here")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("plot-sinusoid", help="the MAML paper's toy figure for one or more sinusoid runs")
@@ -145,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, type=Path)
     p.add_argument("--names", nargs="+", help="which zips (default: all official ones)")
     p.set_defaults(func=_data_omniglot)
+    _translation_commands().add_translation_commands(sub)
     return parser
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import fnmatch
 import glob
 import logging
 import math
@@ -497,10 +496,15 @@ class TranslationFamily(TaskFamily):
         ``padding_idx`` only masks the gradient of the pad row; a checkpoint whose decoder starts
         from the pad token (Marian's convention) needs that row's gradient for correct
         meta-gradients (design.md pitfall 3), so the mask is removed. Forward results are unchanged.
+        Sinusoidal position tables are frozen, loaded or fresh.
         """
         for module in model.modules():
             if isinstance(module, nn.Embedding):
                 module.padding_idx = None
+            # sinusoidal tables are frozen at construction, but from_pretrained (transformers 5)
+            # re-creates them with requires_grad=True: freeze them again (design.md pitfall 4)
+            if type(module).__name__.endswith("SinusoidalPositionalEmbedding"):
+                module.weight.requires_grad_(False)
         start = model.config.decoder_start_token_id
         self._decoder_start = BOS_ID if start is None else int(start)
         if len(self.tokenizer) > model.config.vocab_size:
@@ -622,31 +626,16 @@ class TranslationFamily(TaskFamily):
                  adapt: list[str], seed: int = 0) -> nn.Module:
         """Adam on the parameters matching ``adapt`` for ``steps`` batches of ``pairs`` (in place).
 
-        Batches come from seeded epochs over ``pairs``, so two checkpoints are fine-tuned on the same data.
+        Batches come from seeded epochs over ``pairs``, so two checkpoints are fine-tuned on the same
+        data. The loop is :func:`metanmt.adaptation.finetune.train_updates`, the core of the full
+        fine-tuning command (budgets, early stopping, resumable checkpoints).
         """
-        names = [n for n, p in model.named_parameters() if p.requires_grad and any(fnmatch.fnmatchcase(n, q) for q in adapt)]
-        if not names:
-            raise ConfigError(f"task.dev_adapt: patterns {adapt} match no trainable parameter")
-        chosen = set(names)
-        params = [p for n, p in model.named_parameters() if n in chosen]
-        optimizer = torch.optim.Adam(params, lr=lr)
-        device = next(model.parameters()).device
-        model.train()
-        epoch, batches = 0, iter(())
-        for _ in range(steps):
-            batch = next(batches, None)
-            if batch is None:
-                batches = self.token_batches(pairs, max_tokens, np.random.default_rng([seed, epoch]))
-                epoch += 1
-                batch = next(batches)
-            batch = self.to_device(batch, device)
-            logits = self._logits(model, None, batch)
-            loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        model.eval()
-        return model
+        from ..adaptation.finetune import train_updates
+
+        try:
+            return train_updates(self, model, pairs, steps, lr, max_tokens, adapt, seed)
+        except ConfigError as exc:
+            raise ConfigError(f"task.dev_adapt: {exc}") from None
 
     def score(self, hypotheses: list[str], references: list[str]) -> dict[str, float]:
         """sacreBLEU corpus BLEU and chrF (default settings: 13a tokenization, chrF n=6, beta=2)."""

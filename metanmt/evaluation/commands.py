@@ -1,0 +1,163 @@
+"""The translation commands of the CLI: ``finetune``, ``translate``, ``score``, ``compare``, and the
+translation evaluator of ``metanmt evaluate`` (``--test``, ``--beam``).
+
+    metanmt finetune runs/meta --train l10n/finetune/fi.16k.tsv.gz --dev l10n/dev/ro.tsv.gz \\
+        --adapt emb+enc --output-dir runs/fi16k
+    metanmt translate runs/fi16k --input src.txt --output hyp.txt --beam 4
+    metanmt score --hyp hyp.txt --ref ref.txt [--per-segment] [--json]
+    metanmt evaluate runs/fi16k --test l10n/test/fi.tsv.gz [--beam 4] [--json]
+    metanmt compare --init meta=runs/meta --init multi=runs/multi --data-root l10n \\
+        --langs lv fi tr ko --budgets 0 4k 16k 40k --seeds 3 --out report/
+
+Building the parser imports nothing heavy (the recipe's defaults come from a torch-free module).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..adaptation.recipe import FinetuneRecipe
+from ..errors import UserError
+
+log = logging.getLogger("metanmt")
+
+
+def evaluate_translation_command(run: Any, args: argparse.Namespace) -> tuple[dict, str]:
+    """``metanmt evaluate`` for translation runs: translate ``--test``, score it, and its test NLL."""
+    from ..adaptation.finetune import LoadedModel
+    from .translate import evaluate_translation, format_evaluation
+
+    if not getattr(args, "test", None):
+        raise UserError("evaluate: a translation run needs --test FILE (e.g. ../shared/data/l10n/test/fi.tsv.gz)")
+    loaded = LoadedModel(run.family, run.model, str(args.model_dir or run.directory), run.cfg.to_dict())
+    result = evaluate_translation(loaded, args.test, num_beams=args.beam, batch_size=args.batch_size, hyp_out=args.hyp)
+    return result, format_evaluation(result)
+
+
+def add_recipe_flags(p: argparse.ArgumentParser) -> None:
+    """The fine-tuning recipe (:class:`FinetuneRecipe`), identical for every init in ``compare``."""
+    d = FinetuneRecipe()
+    g = p.add_argument_group("fine-tuning recipe")
+    g.add_argument("--adapt", default=d.adapt, help="all | emb+enc (MetaNMT) | emb | comma-separated fnmatch patterns")
+    g.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (default %(default)s)")
+    g.add_argument("--max-tokens", type=int, default=d.max_tokens, help="target tokens per batch (default %(default)s)")
+    g.add_argument("--epochs", type=float, default=d.epochs,
+                   help="updates = ceil(epochs x batches per epoch), clamped to [--min-steps, --max-steps] (default %(default)s)")
+    g.add_argument("--min-steps", type=int, default=d.min_steps)
+    g.add_argument("--max-steps", type=int, default=d.max_steps)
+    g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="gradient norm clip, 0 = none (default %(default)s)")
+    g.add_argument("--eval-every", type=int, default=d.eval_every, help="updates between dev evaluations, 0 = updates/10")
+    g.add_argument("--patience", type=int, default=d.patience, help="evaluations without improvement before stopping, 0 = never")
+    g.add_argument("--dev-metric", choices=["bleu", "chrf", "loss"], default=d.dev_metric)
+    g.add_argument("--dev-segments", type=int, default=d.dev_segments, help="first N dev pairs are scored")
+    g.add_argument("--dev-beam", type=int, default=d.dev_beam, help="beam on the dev set (1 = greedy)")
+
+
+def recipe_from_args(args: argparse.Namespace, seed: int = 0) -> FinetuneRecipe:
+    return FinetuneRecipe(adapt=args.adapt, lr=args.lr, max_tokens=args.max_tokens, epochs=args.epochs,
+                          min_steps=args.min_steps, max_steps=args.max_steps, grad_clip=args.grad_clip or None,
+                          eval_every=args.eval_every, patience=args.patience, dev_metric=args.dev_metric,
+                          dev_segments=args.dev_segments, dev_beam=args.dev_beam, seed=seed)
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from ..adaptation.finetune import finetune_run
+
+    result = finetune_run(args.run, args.train, args.output_dir, recipe_from_args(args, args.seed), dev=args.dev,
+                          budget_words=args.budget_words, budget_order=args.budget_order, resume=args.resume,
+                          overwrite=args.overwrite)
+    print(json.dumps({k: v for k, v in result.items() if k != "dev"}, indent=2, ensure_ascii=False))
+    return 0
+
+
+def _translate(args: argparse.Namespace) -> int:
+    from .translate import translate_file
+
+    result = translate_file(args.run, args.input, args.output, num_beams=args.beam, batch_size=args.batch_size,
+                            max_new_tokens=args.max_new_tokens)
+    log.info("translated %d segments in %.1f s -> %s", result["segments"], result["seconds"], result["output"])
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from .scoring import format_score, score_files
+
+    result = score_files(args.hyp, args.ref, per_segment=args.per_segment)
+    if args.json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+        return 0
+    print(format_score(result))
+    for i, seg in enumerate(result.get("segments", []), 1):
+        print(f"{i}\tBLEU {seg['bleu']:.2f}\tchrF {seg['chrf']:.2f}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import compare, parse_init
+
+    summary = compare(
+        [parse_init(s) for s in args.init], args.data_root, args.langs, args.budgets, args.seeds, args.out,
+        recipe_from_args(args), scratch=not args.no_scratch, scratch_seed=args.scratch_seed, dev=args.dev,
+        test_pattern=args.test_pattern, finetune_pattern=args.finetune_pattern, num_beams=args.beam,
+        max_test_segments=args.max_test_segments, keep_models=args.keep_models, overwrite=args.overwrite,
+    )
+    print(f"{summary['ran']} cells run, {summary['skipped']} reused; report in {Path(args.out) / 'results.md'}")
+    return 0
+
+
+def add_translation_commands(sub: Any) -> None:
+    """Register ``finetune``, ``translate``, ``score`` and ``compare`` on the CLI's subparsers."""
+    p = sub.add_parser("finetune", help="fine-tune a translation run on a low-resource language (resumable)")
+    p.add_argument("run", type=Path, help="a meta-train run, RUN/best, or any seq2seq save_pretrained folder")
+    p.add_argument("--train", required=True, type=Path, help="fine-tuning corpus (TSV/JSONL/.po, .gz too)")
+    p.add_argument("--dev", type=Path, help="dev corpus for early stopping (none: every planned update, last model)")
+    p.add_argument("--output-dir", required=True, type=Path)
+    p.add_argument("--budget-words", type=int, help="use only this many English words of --train")
+    p.add_argument("--budget-order", choices=["prefix", "sample"], default="prefix", help="which pairs make the budget")
+    p.add_argument("--seed", type=int, default=0, help="batch order, dropout and the budget sample")
+    p.add_argument("--resume", action="store_true", help="continue a killed fine-tune in --output-dir")
+    p.add_argument("--overwrite", action="store_true", help="replace what --output-dir holds")
+    add_recipe_flags(p)
+    p.set_defaults(func=_finetune)
+
+    p = sub.add_parser("translate", help="translate a file with a run's model (greedy or beam search)")
+    p.add_argument("run", type=Path, help="a run folder, RUN/best, a fine-tune output, or a save_pretrained folder")
+    p.add_argument("--input", required=True, type=Path, help="one source segment per line (or a TSV/JSONL corpus)")
+    p.add_argument("--output", required=True, type=Path)
+    p.add_argument("--beam", type=int, default=4, help="beam size, 1 = greedy (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, help="default: the run's task.max_new_tokens")
+    p.set_defaults(func=_translate)
+
+    p = sub.add_parser("score", help="sacreBLEU BLEU and chrF of a hypothesis file against a reference file")
+    p.add_argument("--hyp", required=True, type=Path)
+    p.add_argument("--ref", required=True, type=Path)
+    p.add_argument("--per-segment", action="store_true", help="also sentence BLEU and chrF of every line")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_score)
+
+    p = sub.add_parser("compare", help="inits x languages x budgets x seeds -> table and plot (resumable)")
+    p.add_argument("--init", action="append", required=True, metavar="NAME=PATH",
+                   help="repeatable; PATH a run folder or RUN/best; NAME=random adds a from-scratch row under NAME")
+    p.add_argument("--data-root", required=True, type=Path)
+    p.add_argument("--langs", nargs="+", required=True)
+    p.add_argument("--budgets", nargs="+", default=["0", "4k", "16k", "40k"],
+                   help="0 = zero-shot; others name files by --finetune-pattern (default %(default)s)")
+    p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds 0..N-1 (default %(default)s)")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--dev", help="dev corpus for early stopping, relative to --data-root, may use {lang} "
+                                 "(default: none, every planned update and the last model)")
+    p.add_argument("--beam", type=int, default=4, help="beam size on the test sets (default %(default)s)")
+    p.add_argument("--max-test-segments", type=int, help="score only the first N test segments")
+    p.add_argument("--test-pattern", default="test/{lang}.tsv.gz")
+    p.add_argument("--finetune-pattern", default="finetune/{lang}.{budget}.tsv.gz")
+    p.add_argument("--no-scratch", action="store_true", help="no automatic from-scratch row")
+    p.add_argument("--scratch-seed", type=int, default=0, help="initialization seed of the from-scratch row")
+    p.add_argument("--keep-models", action="store_true", help="keep each cell's fine-tuned model in OUT/work/")
+    p.add_argument("--overwrite", action="store_true", help="discard OUT's finished cells")
+    add_recipe_flags(p)
+    p.set_defaults(func=_compare)

@@ -1,0 +1,105 @@
+"""compare: every (init, language, budget, seed) cell on a tiny model and corpus; CSV, markdown and
+PNG written; finished cells reused; missing and incomplete budgets noted, not fatal."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from metanmt.adaptation.finetune import Finetuner
+from metanmt.cli import main
+from metanmt.errors import UserError
+from metanmt.evaluation.compare import REQUIRED_COLUMNS, budget_words, compare, parse_init
+from tests.test_adaptation import make_l10n, make_run, recipe
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    base = tmp_path_factory.mktemp("compare")
+    root = make_l10n(base / "l10n")
+    (root / "finetune" / "xa.300.tsv.gz").unlink()  # a budget file missing for one language
+    multi = make_run(root, base / "multi")
+    meta = make_run(root, base / "meta", "algorithm.name=fomaml", "algorithm.inner_lr=0.05")
+    return root, multi, meta
+
+
+def test_compare_writes_the_report_and_reuses_finished_cells(setup: tuple[Path, Path, Path], tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    root, multi, meta = setup
+    out = tmp_path / "report"
+    args = ["compare", "--init", f"meta={meta}", "--init", f"multi={multi}", "--data-root", str(root),
+            "--langs", "xa", "xb", "--budgets", "0", "100", "300", "--seeds", "2", "--out", str(out),
+            "--beam", "2", "--max-test-segments", "6", "--lr", "0.003", "--max-tokens", "60", "--epochs", "1",
+            "--max-steps", "3", "--dev", "dev/xa.tsv.gz", "--dev-segments", "4", "--dev-metric", "loss"]
+    assert main(args) == 0
+
+    with open(out / "results.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[: len(REQUIRED_COLUMNS)] == REQUIRED_COLUMNS
+    cells = {(r["init"], r["lang"], r["budget"], r["seed"]) for r in rows}
+    # zero-shot: one row per real init and language; scratch only where it is fine-tuned;
+    # xa 300 has no file; xb 300 is incomplete (the pool) and is run once, noted
+    assert ("meta", "xa", "0", "0") in cells and ("meta", "xa", "0", "1") not in cells
+    assert not any(c[0] == "scratch" and c[2] == "0" for c in cells)
+    assert not any(c[1] == "xa" and c[2] == "300" for c in cells)
+    assert {("scratch", "xb", "300", "1"), ("multi", "xb", "100", "0")} <= cells
+    assert all(r["note"].startswith("incomplete budget") for r in rows if r["budget"] == "300")
+    assert len(rows) == 2 * 2 + 3 * (2 + 1) * 2  # zero-shot (2 inits x 2 langs) + fine-tuned cells
+    for r in rows:
+        assert 0.0 <= float(r["bleu"]) <= 100.0 and float(r["nll"]) > 0 and float(r["seconds"]) > 0
+        assert (int(r["steps"]) == 0) == (r["budget"] == "0")
+        assert r["init_steps"] == ("" if r["init"] == "scratch" else "2")  # meta-training compute of the init
+    md = (out / "results.md").read_text(encoding="utf-8")
+    assert "| xb | 100 | meta |" in md and "±" in md and "NLL" in md
+    assert "no fine-tuning file" in md and "whole pool" in md and "meta minus each other init" in md
+    assert (out / "bleu_vs_budget.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "work").exists() or not any((out / "work").iterdir())
+
+    # a second run reuses every finished cell: no fine-tune happens
+    def forbidden(*_a, **_k):
+        raise AssertionError("a finished cell was fine-tuned again")
+
+    monkeypatch.setattr(Finetuner, "run", forbidden)
+    before = (out / "results.csv").read_text(encoding="utf-8")
+    assert main(args) == 0
+    assert (out / "results.csv").read_text(encoding="utf-8") == before
+
+    # other settings on the same report folder are refused (its cells would not be comparable)
+    assert main([*args[:-1], "chrf"]) == 2
+
+
+def test_an_interrupted_cell_restarts_cleanly(setup: tuple[Path, Path, Path], tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    root, multi, _ = setup
+    out = tmp_path / "report"
+    kw = dict(inits=[("multi", str(multi))], data_root=root, langs=["xb"], budgets=["100"], seeds=1, out=out,
+              recipe=recipe(max_steps=4, eval_every=2, dev_metric="loss"), scratch=False, dev="dev/xa.tsv.gz",
+              num_beams=1, max_test_segments=4)
+    original = Finetuner.run
+
+    def killed_run(self: Finetuner, resume: bool = False, overwrite: bool = False):
+        self.after_update = lambda step: (_ for _ in ()).throw(KeyboardInterrupt) if step == 3 else None
+        return original(self, resume=resume, overwrite=overwrite)
+
+    monkeypatch.setattr(Finetuner, "run", killed_run)
+    with pytest.raises(KeyboardInterrupt):
+        compare(**kw)
+    assert (out / "work" / "multi__xb__100__s0" / "checkpoints" / "last.pt").is_file()
+    assert not (out / "cells" / "multi__xb__100__s0.json").exists()
+    monkeypatch.setattr(Finetuner, "run", original)
+    resumed = compare(**kw)
+    assert resumed["ran"] == 1 and resumed["rows"][0]["steps"] == 4
+    fresh = compare(**{**kw, "out": tmp_path / "fresh"})
+    for key in ("bleu", "chrf", "nll", "steps", "pairs_seen", "best_step"):
+        assert resumed["rows"][0][key] == fresh["rows"][0][key], key
+
+
+def test_arguments() -> None:
+    assert budget_words("4k") == 4000 and budget_words("0") == 0 and budget_words("pool") is None
+    assert parse_init("meta=runs/meta") == ("meta", "runs/meta")
+    with pytest.raises(UserError):
+        parse_init("runs/meta")
+    with pytest.raises(UserError):
+        budget_words("lots")
