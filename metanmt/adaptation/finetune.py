@@ -57,13 +57,13 @@ from torch import nn
 from ..data.corpus import Columns, Pair, read_corpus
 from ..engine import checkpoint as ckpt
 from ..errors import ConfigError, DataError, UserError
+from ..tasks.translation import IGNORE, plan_batches
 from .recipe import ADAPT_PRESETS, FinetuneRecipe, adapt_patterns  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
 FINETUNE_FILE = "finetune.json"
 RESUME_FILE = "last.pt"
-IGNORE = -100
 
 def adapted_names(model: nn.Module, patterns: list[str]) -> list[str]:
     """Trainable parameter names matching ``patterns`` (frozen tables such as positions never match)."""
@@ -136,23 +136,9 @@ def pairs_digest(pairs: list[Pair]) -> str:
 
 
 def plan_epoch(target_lengths: list[int], max_tokens: int, rng: Optional[np.random.Generator]) -> list[list[int]]:
-    """Index lists of one epoch: a permutation (or the file order) cut greedily into batches of at
-    most ``max_tokens`` target tokens (at least one pair each) -- the same batches as
-    :meth:`TranslationFamily.token_batches` with the same generator, without re-tokenizing."""
-    order = rng.permutation(len(target_lengths)) if rng is not None else np.arange(len(target_lengths))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    tokens = 0
-    for i in order:
-        n = target_lengths[int(i)]
-        if current and tokens + n > max_tokens:
-            batches.append(current)
-            current, tokens = [], 0
-        current.append(int(i))
-        tokens += n
-    if current:
-        batches.append(current)
-    return batches
+    """Index lists of one epoch: the batches of :meth:`TranslationFamily.token_batches` with the same
+    generator (length-bucketed and shuffled; in file order without one), without re-tokenizing."""
+    return plan_batches(target_lengths, max_tokens, rng)
 
 
 def epoch_rng(seed: int, epoch: int) -> np.random.Generator:

@@ -37,6 +37,7 @@ import copy
 import glob
 import logging
 import math
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Literal, Optional
@@ -141,6 +142,38 @@ class TranslationModelConfig:
     dtype: Literal["float32", "float64"] = "float32"
 
 
+def plan_batches(
+    target_lengths: list[int], max_tokens: int, rng: Optional[np.random.Generator] = None, window: int = 50
+) -> list[list[int]]:
+    """Index lists of one epoch, each batch at most ``max_tokens`` target tokens (at least one pair).
+
+    Without ``rng``: the given order, cut greedily (deterministic evaluation). With ``rng``: a random
+    permutation, sorted by length inside windows of about ``window`` batches, then cut and the batches
+    shuffled — pairs of similar length share a batch, so padding (which costs as much compute as real
+    tokens) stays small while every epoch still mixes the data.
+    """
+    n = len(target_lengths)
+    order = np.arange(n) if rng is None else rng.permutation(n)
+    lengths = np.asarray(target_lengths, dtype=np.int64)
+    if rng is not None and n:
+        span = max(1, int(window * max_tokens / max(1.0, float(lengths.mean()))))
+        order = np.concatenate([chunk[np.argsort(lengths[chunk], kind="stable")] for chunk in np.array_split(order, -(-n // span))])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    tokens = 0
+    for i in order.tolist():
+        if current and tokens + lengths[i] > max_tokens:
+            batches.append(current)
+            current, tokens = [], 0
+        current.append(i)
+        tokens += int(lengths[i])
+    if current:
+        batches.append(current)
+    if rng is not None:
+        batches = [batches[j] for j in rng.permutation(len(batches))]
+    return batches
+
+
 def pad_stack(rows: list[list[int]], value: int) -> Tensor:
     """Right-pad integer rows to one length."""
     width = max(len(r) for r in rows)
@@ -191,6 +224,7 @@ class TranslationFamily(TaskFamily):
         self._tokenizer: Any = None
         self._data: dict[str, Corpus] = {}
         self._dev_sets: dict[str, tuple[list[Pair], list[Pair]]] = {}
+        self._length_orders: dict[tuple[str, str], np.ndarray] = {}
         self._decoder_start: Optional[int] = None  # set from the model's config by build_model/load_model
 
     # -- data ----------------------------------------------------------------------------------
@@ -395,23 +429,37 @@ class TranslationFamily(TaskFamily):
     def token_batches(
         self, pairs: list[Pair], max_tokens: int, rng: Optional[np.random.Generator] = None
     ) -> Iterator[dict[str, Tensor]]:
-        """Batches of at most ``max_tokens`` target tokens over all ``pairs`` (an epoch), shuffled with
-        ``rng`` or in order; for fine-tuning and evaluation loops."""
-        order = rng.permutation(len(pairs)) if rng is not None else np.arange(len(pairs))
-        pos = 0
-        while pos < len(order):
-            taken, pos = self._fill(pairs, order, pos, max_tokens)
-            yield self.collate(taken)
+        """Batches of at most ``max_tokens`` target tokens over all ``pairs`` (an epoch): in order, or
+        with ``rng`` length-bucketed and shuffled (:func:`plan_batches`); for fine-tuning and evaluation."""
+        encoded = self.encode(pairs)
+        for rows in plan_batches([len(t) for _, t in encoded], max_tokens, rng):
+            yield self.collate([encoded[i] for i in rows])
+
+    def length_order(self, split: str, lang: str) -> np.ndarray:
+        """The language's pairs sorted by length (characters of both sides, random ties), cached.
+
+        Episodes take consecutive pairs of this order from a random start, so a token-sized batch
+        holds sentences of similar length: padding is what makes a CPU step slow (a batch of 95
+        pairs padded to one 110-token sentence cost ten times its real tokens).
+        """
+        key = (split, lang)
+        if key not in self._length_orders:
+            pairs = self.pairs(split, lang)
+            chars = np.array([len(p.src) + len(p.en) for p in pairs], dtype=np.int64)
+            ties = np.random.default_rng([zlib.crc32(lang.encode()), 5]).random(len(pairs))
+            self._length_orders[key] = np.lexsort((ties, chars))
+        return self._length_orders[key]
 
     def sample_episode(self, rng: np.random.Generator, split: str = "train") -> Episode:
-        """One language, then disjoint support and query batches of about ``support_tokens`` /
-        ``query_tokens`` target tokens from a random permutation of its pairs."""
+        """One language, then disjoint, adjacent support and query batches of about ``support_tokens``
+        / ``query_tokens`` target tokens from a random start in its length-sorted pairs."""
         t = self.task_cfg
         langs = self.languages(split)
         probs = self.task_probabilities(split)
         lang = langs[int(rng.choice(len(langs), p=probs))]
         pairs = self.pairs(split, lang)
-        order = rng.permutation(len(pairs))
+        # a random start in the length-sorted order: similar lengths, little padding
+        order = np.roll(self.length_order(split, lang), -int(rng.integers(len(pairs))))
         support, pos = self._fill(pairs, order, 0, t.support_tokens)
         query, _ = self._fill(pairs, order, pos, t.query_tokens)
         if not query:
