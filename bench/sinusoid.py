@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="override for the MAML run")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-sinusoid")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sinusoid.json")
+    parser.add_argument("--only", choices=["maml", "pretrain"], help="train and evaluate one of the two")
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -39,6 +40,8 @@ def main() -> None:
         ("maml", "configs/sinusoid_maml.yaml", args.set),
         ("pretrain", "configs/sinusoid_pretrain.yaml", []),
     ]:
+        if args.only and name != args.only:
+            continue
         sets = [f"train.steps={args.steps}", "train.trackers=[]", *extra]
         cfg = load_config(ROOT / config, sets)
         out = args.runs / name
