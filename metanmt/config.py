@@ -233,9 +233,8 @@ def resolve_suite(raw: dict[str, Any], base_dir: Path) -> dict[str, Any]:
     if found is None:
         raise ConfigError(f"suite: task suite {suite!r} not found (looked in {', '.join(str(c) for c in candidates)})")
     suite_data = read_yaml(found)
+    # a config's own `family` wins: a plugin family may reuse a suite (its schema still checks the keys)
     family = suite_data.pop("family", None)
-    if raw.get("family") and family and raw["family"] != family:
-        raise ConfigError(f"family: config says {raw['family']!r} but suite {found} is for {family!r}")
     out = dict(raw)
     out["suite"] = str(found.resolve())
     out["family"] = raw.get("family") or family or ""
