@@ -262,3 +262,43 @@ def test_resume_after_a_kill_gives_bitwise_the_same_weights(run_dir: Path, corpu
     assert got["pairs_seen"] == expected["pairs_seen"] and got["updates"] == expected["updates"]
     a, b = state(whole.model), state(resumed.model)
     assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+@pytest.mark.slow
+def test_sigkill_during_finetune_then_resume_gives_the_same_model(run_dir: Path, corpus: Path, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    def finetune(out: Path, *extra: str) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "metanmt", "finetune", str(run_dir), "--train", str(corpus / "finetune" / "xa.300.tsv.gz"),
+               "--dev", str(corpus / "dev" / "xa.tsv.gz"), "--output-dir", str(out), "--lr", "3e-3", "--max-tokens", "60",
+               "--epochs", "30", "--max-steps", "80", "--eval-every", "4", "--patience", "0", "--dev-metric", "loss",
+               "--dev-segments", "6", *extra]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "METANMT_PROGRESS": "0"}
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    whole = finetune(tmp_path / "whole")
+    victim = finetune(tmp_path / "victim")
+    checkpoint = tmp_path / "victim" / "checkpoints" / "last.pt"
+    seen: set[float] = set()
+    deadline = time.time() + 120
+    while time.time() < deadline and len(seen) < 3 and victim.poll() is None:  # a few checkpoints in
+        if checkpoint.is_file():
+            seen.add(checkpoint.stat().st_mtime)
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert whole.wait(timeout=300) == 0, whole.stderr.read()[-2000:]
+    assert checkpoint.is_file(), "the fine-tune finished before the kill; the test proves nothing"
+    resumed = finetune(tmp_path / "victim", "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-2000:]
+    a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "victim" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    got = json.loads((tmp_path / "victim" / "finetune.json").read_text())
+    expected = json.loads((tmp_path / "whole" / "finetune.json").read_text())
+    assert got["result"]["best_step"] == expected["result"]["best_step"]
