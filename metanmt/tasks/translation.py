@@ -686,13 +686,11 @@ class TranslationFamily(TaskFamily):
             raise ConfigError(f"task.dev_adapt: {exc}") from None
 
     def score(self, hypotheses: list[str], references: list[str]) -> dict[str, float]:
-        """sacreBLEU corpus BLEU and chrF (default settings: 13a tokenization, chrF n=6, beta=2)."""
-        import sacrebleu
+        """sacreBLEU corpus BLEU and chrF (:func:`metanmt.evaluation.scoring.score`, default settings)."""
+        from ..evaluation.scoring import score
 
-        return {
-            "bleu": float(sacrebleu.corpus_bleu(hypotheses, [references]).score),
-            "chrf": float(sacrebleu.corpus_chrf(hypotheses, [references]).score),
-        }
+        result = score(hypotheses, references)
+        return {"bleu": result["bleu"], "chrf": result["chrf"]}
 
     def validate(self, model: nn.Module, engine: Any = None) -> dict[str, float]:
         """Fine-tune a copy briefly on each dev language's fine-tuning set, then translate and score
