@@ -259,17 +259,6 @@ def scratch_model(like: LoadedModel, seed: int = 0) -> LoadedModel:
     return LoadedModel(family, model.eval(), f"scratch(seed={seed}, like={like.source})", like.run_config, {})
 
 
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"recipe": {"lr": 1}}`` -> ``{"recipe.lr": 1}`` (names exactly what changed)."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 # -- the fine-tuner -----------------------------------------------------------------------------
 
 
@@ -345,10 +334,8 @@ class Finetuner:
                 raise UserError(f"{out}: already holds a fine-tune; pass --resume to continue it or --overwrite to replace it")
             else:
                 saved = json.loads(record.read_text(encoding="utf-8"))
-                old, new = _flat(saved.get("settings", {})), _flat(json.loads(json.dumps(self.settings)))
-                changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-                if changed:
-                    details = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
+                details = ckpt.describe_changes(saved.get("settings", {}), json.loads(json.dumps(self.settings)), limit=4)
+                if details:
                     raise UserError(f"{out}: holds a different fine-tune ({details}); pass --overwrite to replace it")
                 if saved.get("finished"):
                     log.info("%s: fine-tune already finished; nothing to do", out)

@@ -37,15 +37,23 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"optim": {"lr": 1}}`` -> ``{"optim.lr": 1}``, so a difference names exactly its key."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict) and value:
-            out.update(_flatten(value, name + "."))
+            out.update(flatten(value, name + "."))
         else:
             out[name] = value
     return out
+
+
+def describe_changes(old: dict[str, Any], new: dict[str, Any], ignore: set[str] = frozenset(), limit: int = 5) -> str:
+    """``"key: old -> new; ..."`` for the keys whose values differ between two nested settings ("" if none)."""
+    a, b = flatten(old), flatten(new)
+    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in ignore)
+    return "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:limit])
 
 
 def prepare_output_dir(output_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool) -> None:
@@ -61,11 +69,8 @@ def prepare_output_dir(output_dir: Path, cfg: RunConfig, resume: bool, overwrite
         elif not resume:
             raise UserError(f"{output_dir}: already holds a run; pass --resume to continue it or --overwrite to replace it")
         else:
-            old = _flatten(read_yaml(saved))
-            new = _flatten(cfg.to_dict())
-            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
-            if changed:
-                details = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])
+            details = describe_changes(read_yaml(saved), cfg.to_dict(), ignore=RESUMABLE_CHANGES)
+            if details:
                 raise UserError(f"{output_dir}: holds a different run ({details}); pass --overwrite to replace it")
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(saved, dump_config(cfg))

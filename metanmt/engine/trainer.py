@@ -399,7 +399,7 @@ def _clip(tensors: Any, max_norm: float | None) -> float:
 
 def _tracker_config(cfg: RunConfig) -> dict[str, Any]:
     """TensorBoard's hparams take scalars and strings only."""
-    flat = ckpt._flatten(cfg.to_dict())
+    flat = ckpt.flatten(cfg.to_dict())
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flat.items()}
 
 
