@@ -67,8 +67,6 @@ class TrainConfig:
     eval_every: int = 0  # 0: no validation during training
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     on_nonfinite: Literal["stop", "skip"] = "stop"
-    fast_path: Literal["auto", "loop"] = "auto"
-    checkpoint_inner_loop: bool = False  # trade speed for memory in long second-order inner loops
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
 
 
