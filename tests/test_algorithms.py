@@ -1,6 +1,5 @@
 """Meta-gradients against autograd through an explicitly unrolled loop and finite differences."""
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

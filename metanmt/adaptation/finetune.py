@@ -323,24 +323,14 @@ class Finetuner:
     def _prepare_output(self, resume: bool, overwrite: bool) -> Optional[dict[str, Any]]:
         """Claim ``output_dir``; on ``resume`` return the finished result if there is one."""
         out, record = self.output_dir, self.output_dir / FINETUNE_FILE
-        if resume and overwrite:
-            raise UserError("--resume and --overwrite exclude each other")
-        if out.exists() and any(out.iterdir()):
-            if overwrite:
-                shutil.rmtree(out)
-            elif not record.is_file():
-                raise UserError(f"{out}: exists and is not a metanmt fine-tune; choose another --output-dir or pass --overwrite")
-            elif not resume:
-                raise UserError(f"{out}: already holds a fine-tune; pass --resume to continue it or --overwrite to replace it")
-            else:
-                saved = json.loads(record.read_text(encoding="utf-8"))
-                details = ckpt.describe_changes(saved.get("settings", {}), json.loads(json.dumps(self.settings)), limit=4)
-                if details:
-                    raise UserError(f"{out}: holds a different fine-tune ({details}); pass --overwrite to replace it")
-                if saved.get("finished"):
-                    log.info("%s: fine-tune already finished; nothing to do", out)
-                    return dict(saved["result"])
-        out.mkdir(parents=True, exist_ok=True)
+        if ckpt.claim_directory(out, record, "fine-tune", resume, overwrite, foreign="a metanmt fine-tune"):
+            saved = json.loads(record.read_text(encoding="utf-8"))
+            details = ckpt.describe_changes(saved.get("settings", {}), json.loads(json.dumps(self.settings)), limit=4)
+            if details:
+                raise UserError(f"{out}: holds a different fine-tune ({details}); pass --overwrite to replace it")
+            if saved.get("finished"):
+                log.info("%s: fine-tune already finished; nothing to do", out)
+                return dict(saved["result"])
         from ..config import RunConfig, dump_config, from_dict
 
         if not record.is_file():  # first: it is what marks the folder as this fine-tune's

@@ -56,23 +56,37 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any], ignore: set[str] 
     return "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:limit])
 
 
-def prepare_output_dir(output_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix two different runs in one directory (unless ``overwrite``)."""
+def claim_directory(
+    out: Path, marker: Path, kind: str, resume: bool, overwrite: bool, foreign: str = "", out_flag: str = "--output-dir"
+) -> bool:
+    """Make ``out`` ours for a ``kind`` (run, fine-tune, ...) whose ``marker`` file identifies it.
+
+    An empty or missing folder is taken; ``overwrite`` clears it; a non-empty folder without the
+    marker, or one holding a ``kind`` while ``resume`` is off, is refused. Returns True when ``out``
+    holds an earlier ``kind`` to continue (the caller then checks that its settings match).
+    """
     if resume and overwrite:
         raise UserError("--resume and --overwrite exclude each other")
-    saved = output_dir / CONFIG_FILE
-    if output_dir.exists() and any(output_dir.iterdir()):
+    if out.exists() and any(out.iterdir()):
         if overwrite:
-            shutil.rmtree(output_dir)
-        elif not saved.exists():
-            raise UserError(f"{output_dir}: exists and is not a metanmt run; choose another --output-dir or pass --overwrite")
+            shutil.rmtree(out)
+        elif not marker.is_file():
+            raise UserError(f"{out}: exists and is not {foreign or 'a ' + kind}; choose another {out_flag} or pass --overwrite")
         elif not resume:
-            raise UserError(f"{output_dir}: already holds a run; pass --resume to continue it or --overwrite to replace it")
+            raise UserError(f"{out}: already holds a {kind}; pass --resume to continue it or --overwrite to replace it")
         else:
-            details = describe_changes(read_yaml(saved), cfg.to_dict(), ignore=RESUMABLE_CHANGES)
-            if details:
-                raise UserError(f"{output_dir}: holds a different run ({details}); pass --overwrite to replace it")
-    output_dir.mkdir(parents=True, exist_ok=True)
+            return True
+    out.mkdir(parents=True, exist_ok=True)
+    return False
+
+
+def prepare_output_dir(output_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix two different runs in one directory (unless ``overwrite``)."""
+    saved = output_dir / CONFIG_FILE
+    if claim_directory(output_dir, saved, "run", resume, overwrite, foreign="a metanmt run"):
+        details = describe_changes(read_yaml(saved), cfg.to_dict(), ignore=RESUMABLE_CHANGES)
+        if details:
+            raise UserError(f"{output_dir}: holds a different run ({details}); pass --overwrite to replace it")
     atomic_write_text(saved, dump_config(cfg))
 
 

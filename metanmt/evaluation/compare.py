@@ -47,7 +47,7 @@ import numpy as np
 
 from ..adaptation.finetune import (FINETUNE_FILE, FinetuneRecipe, Finetuner, LoadedModel, open_translation_model,
                                    read_pairs, scratch_model)
-from ..engine.checkpoint import atomic_write_text
+from ..engine.checkpoint import atomic_write_text, claim_directory, describe_changes
 from ..errors import DataError, UserError
 from .few_shot import mean_ci95
 from .translate import evaluate_translation
@@ -283,23 +283,17 @@ def compare(inits: list[tuple[str, str]], data_root: str | Path, langs: list[str
 
 def _claim(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
     record = out / "compare.json"
-    if out.exists() and any(out.iterdir()):
-        if overwrite:
-            shutil.rmtree(out)
-        elif not record.is_file():
-            raise UserError(f"{out}: exists and is not a compare report; choose another --out or pass --overwrite")
-        else:
-            old = json.loads(record.read_text(encoding="utf-8"))
-            new = json.loads(json.dumps(settings))
-            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in ("inits",))
-            # adding inits is fine (their cells are new); changing a path of an existing name is not
-            changed += [f"inits.{n}" for n, p in new.get("inits", {}).items() if n in old.get("inits", {}) and old["inits"][n] != p]
-            if changed:
-                details = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
-                raise UserError(f"{out}: its finished cells were made with other settings ({details}); "
-                                "use another --out or pass --overwrite")
-            settings = {**settings, "inits": {**old.get("inits", {}), **new["inits"]}}
-    out.mkdir(parents=True, exist_ok=True)
+    # a compare report always continues (finished cells are reused), so it is claimed with resume on
+    if claim_directory(out, record, "compare report", resume=not overwrite, overwrite=overwrite, out_flag="--out"):
+        old = json.loads(record.read_text(encoding="utf-8"))
+        new = json.loads(json.dumps(settings))
+        # adding inits is fine (their cells are new); changing a path of an existing name is not
+        old_inits, new_inits = old.get("inits", {}), new.get("inits", {})
+        details = describe_changes(old, new, ignore={f"inits.{n}" for n in set(old_inits) ^ set(new_inits)}, limit=4)
+        if details:
+            raise UserError(f"{out}: its finished cells were made with other settings ({details}); "
+                            "use another --out or pass --overwrite")
+        settings = {**settings, "inits": {**old_inits, **new_inits}}
     atomic_write_text(record, json.dumps(settings, indent=2))
 
 
