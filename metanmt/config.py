@@ -53,7 +53,7 @@ class OptimConfig:
     momentum: float = 0.0
     schedule: Literal["constant", "linear", "cosine", "inverse_sqrt"] = "constant"
     warmup_steps: int = 0
-    grad_clip: Optional[float] = None
+    grad_clip: Optional[float] = None  # max gradient norm; null or 0 = no clipping
 
 
 @dataclass
@@ -68,6 +68,11 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     on_nonfinite: Literal["stop", "skip"] = "stop"
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    # execution only, never the gradients: run a process's tasks as one torch.vmap computation
+    # (fixed-shape families; maml and fomaml), in groups of `tasks_per_vmap` (0 = all at once)
+    task_batching: Literal["loop", "vmap"] = "loop"
+    tasks_per_vmap: int = 0
+    checkpoint_inner: bool = False  # recompute second-order inner steps in backward: memory for time
 
 
 @dataclass

@@ -57,6 +57,12 @@ def test_compare_writes_the_report_and_reuses_finished_cells(setup: tuple[Path, 
     assert (out / "bleu_vs_budget.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out / "work").exists() or not any((out / "work").iterdir())
 
+    # --report-only rewrites the report from the finished cells and runs nothing
+    (out / "results.md").unlink()
+    assert main(args + ["--report-only", "--seeds", "3"]) == 0
+    assert "| xb | 100 | meta |" in (out / "results.md").read_text(encoding="utf-8")
+    assert not list((out / "cells").glob("*__s2.json"))
+
     # a second run reuses every finished cell: no fine-tune happens
     def forbidden(*_a, **_k):
         raise AssertionError("a finished cell was fine-tuned again")
@@ -103,3 +109,20 @@ def test_arguments() -> None:
         parse_init("runs/meta")
     with pytest.raises(UserError):
         budget_words("lots")
+
+
+def test_plan_orders_cells_by_seed_and_limits_scratch_seeds(setup: tuple[Path, Path, Path]) -> None:
+    from metanmt.evaluation.compare import plan_cells
+
+    root = setup[0]
+    plan = plan_cells(["meta", "multi", "scratch"], {"scratch"}, root, ["xa", "xb"], ["0", "100"], 3,
+                      "finetune/{lang}.{budget}.tsv.gz", scratch_seeds=1)
+    zero = [c for c in plan.cells if c[2] == "0"]
+    assert plan.cells[: len(zero)] == zero and {c[0] for c in zero} == {"meta", "multi"}
+    tuned = plan.cells[len(zero):]
+    assert [c[3] for c in tuned] == sorted(c[3] for c in tuned)  # seed 0 of every cell before seed 1
+    assert {c[3] for c in tuned if c[0] == "scratch"} == {0}
+    assert {c[3] for c in tuned if c[0] == "meta"} == {0, 1, 2}
+    assert len(tuned) == 2 * (3 + 3 + 1)
+    with pytest.raises(UserError, match="--scratch-seeds"):
+        compare([("meta", str(setup[2]))], root, ["xa"], ["100"], 2, root.parent / "r", recipe(), scratch_seeds=0)

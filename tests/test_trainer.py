@@ -185,3 +185,16 @@ def test_nonfinite_tasks_can_be_skipped_and_counted(tmp_path, poisoned):
     summary = trainer.train()
     assert summary["skipped_tasks"] > 0
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_grad_clip_zero_means_no_clipping(tmp_path):
+    """0 is "off", as in the fine-tuning recipe; clip_grad_norm_(..., 0) would zero every gradient."""
+    moved = []
+    for clip in ("null", "0"):
+        trainer = MetaTrainer(small("maml", steps=1, **{"optim.grad_clip": clip}), tmp_path / clip)
+        before = params_of(trainer)
+        trainer.train()
+        moved.append({n: p.detach() - before[n] for n, p in trainer.model.named_parameters()})
+    assert any(float(d.abs().max()) > 0 for d in moved[1].values())
+    for name in moved[0]:
+        torch.testing.assert_close(moved[1][name], moved[0][name], rtol=0, atol=0)

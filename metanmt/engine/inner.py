@@ -8,6 +8,14 @@ each inner gradient is a constant, so d(adapted)/d(init) is the identity)::
     inner = InnerLoop(family, model, adapt_names=select_names(model, ["*"]), steps=5, lr=0.01)
     adapted = inner.adapt(params, episode.support, create_graph=True).params
     query_loss = inner.loss(adapted, episode.query)      # differentiable w.r.t. params
+
+Two execution options leave every gradient unchanged (tests/test_fast_paths.py):
+
+* ``tasks=T``: the batches carry a leading task dimension (``family.stack_batches``); the adapted
+  tensors get one copy per task and the loss is the sum of the T task losses under ``torch.vmap``,
+  so all tasks of a meta-batch run as one batched computation.
+* ``checkpoint=True``: each second-order inner step is recomputed during the backward pass
+  instead of kept (``torch.utils.checkpoint``), so memory no longer grows with the inner steps.
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.func import vmap
+from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
 from ..errors import ConfigError
 
@@ -71,6 +81,8 @@ class InnerLoop:
         optimizer: str = "sgd",
         adam_betas: tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 1e-8,
+        tasks: int = 0,
+        checkpoint: bool = False,
     ):
         if steps < 0:
             raise ConfigError(f"algorithm.inner_steps: must be >= 0, got {steps}")
@@ -84,9 +96,18 @@ class InnerLoop:
         self.optimizer = optimizer
         self.adam_betas = adam_betas
         self.adam_eps = adam_eps
+        self.tasks = tasks  # 0: one task; T > 0: batches and adapted tensors are stacked over T tasks
+        self.checkpoint = checkpoint
+        self._param_dims = {n: p.dim() for n, p in model.named_parameters()}
 
     def loss(self, params: Params, batch: Any) -> Tensor:
-        return self.family.loss(self.model, full_state(self.model, params), batch)
+        """The task's loss; with ``tasks=T``, the sum of the T task losses."""
+        if not self.tasks:
+            return self.family.loss(self.model, full_state(self.model, params), batch)
+        # a tensor with one more dimension than its parameter holds one copy per task
+        dims = {n: 0 if t.dim() == self._param_dims.get(n, t.dim()) + 1 else None for n, t in params.items()}
+        per_task = vmap(lambda p, b: self.family.loss(self.model, full_state(self.model, p), b), in_dims=(dims, 0))
+        return per_task(params, batch).sum()
 
     def adapt(
         self,
@@ -106,29 +127,40 @@ class InnerLoop:
         steps = self.steps if steps is None else steps
         batches = batch if isinstance(batch, list) else [batch]
         current = dict(params)
+        if self.tasks:  # one copy per task: its gradient is that task's own gradient
+            current.update({n: params[n].expand(self.tasks, *params[n].shape) for n in self.adapt_names})
         result = AdaptResult(params=current)
-        adam_m: Params = {}
-        adam_v: Params = {}
+        adam_state: tuple[Params, Params] = ({}, {})
         for k in range(steps):
-            loss = self.loss(current, batches[k % len(batches)])
-            result.support_losses.append(float(loss.detach()))
-            wrt_names = list(self.adapt_names)
-            if k == 0 and want_initial_grads:
-                wrt_names += [n for n in params if n not in self.adapt_names and params[n].requires_grad]
-            grads = torch.autograd.grad(
-                loss, [current[n] for n in wrt_names], create_graph=create_graph, allow_unused=True
-            )
-            grads = {n: (torch.zeros_like(current[n]) if g is None else g) for n, g in zip(wrt_names, grads)}
-            if k == 0 and want_initial_grads:
-                result.initial_grads = {n: g.detach() for n, g in grads.items()}
-            current = dict(current)
-            for name in self.adapt_names:
-                step = self._direction(name, grads[name], k, adam_m, adam_v)
-                current[name] = current[name] - self._lr(name) * step
+            want = k == 0 and want_initial_grads
+            args = (current, batches[k % len(batches)], k, adam_state, create_graph, want)
+            if self.checkpoint and create_graph:
+                current, adam_state, loss, initial = recompute_in_backward(self._step, *args, use_reentrant=False)
+            else:
+                current, adam_state, loss, initial = self._step(*args)
+            result.support_losses.append(float(loss))
+            if want:
+                result.initial_grads = {n: g.sum(0) if g.dim() == params[n].dim() + 1 else g for n, g in initial.items()}
             if after_step is not None:
                 after_step(k, current)
         result.params = current
         return result
+
+    def _step(self, current: Params, batch: Any, k: int, adam_state: tuple[Params, Params], create_graph: bool,
+              want_all_grads: bool) -> tuple[Params, tuple[Params, Params], Tensor, Params]:
+        """One inner step, a pure function of its inputs (so that it can be recomputed in backward)."""
+        loss = self.loss(current, batch)
+        wrt_names = list(self.adapt_names)
+        if want_all_grads:
+            wrt_names += [n for n in current if n not in self.adapt_names and current[n].requires_grad]
+        grads = torch.autograd.grad(loss, [current[n] for n in wrt_names], create_graph=create_graph, allow_unused=True)
+        grads = {n: (torch.zeros_like(current[n]) if g is None else g) for n, g in zip(wrt_names, grads)}
+        m, v = dict(adam_state[0]), dict(adam_state[1])
+        updated = dict(current)
+        for name in self.adapt_names:
+            updated[name] = current[name] - self._lr(name) * self._direction(name, grads[name], k, m, v)
+        initial = {n: g.detach() for n, g in grads.items()} if want_all_grads else {}
+        return updated, (m, v), loss.detach(), initial
 
     def _lr(self, name: str) -> float | Tensor:
         return self.lr[name] if isinstance(self.lr, dict) else self.lr

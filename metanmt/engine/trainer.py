@@ -9,7 +9,9 @@ One meta-step, the whole story::
     param.grad = total; optimizer.step(); scheduler.step()
 
 DDP is not used on purpose: its hooks do not support double backward, and the explicit reduce is
-all a meta-step needs. Use::
+all a meta-step needs. With ``train.task_batching: vmap`` the loop over tasks becomes one
+task-batched call of the same ``task_gradient`` (``InnerLoop(tasks=T)``), which returns the sum
+of the tasks' contributions. Use::
 
     trainer = MetaTrainer(load_config("configs/sinusoid_maml.yaml"), "runs/sine")
     trainer.train()
@@ -37,8 +39,8 @@ from tqdm.auto import tqdm
 
 from .. import registry
 from ..config import RunConfig
-from ..errors import NonFiniteError, UserError
-from ..tasks.base import TaskFamily
+from ..errors import ConfigError, NonFiniteError, UserError
+from ..tasks.base import Episode, TaskFamily
 from . import checkpoint as ckpt
 from .inner import InnerLoop, select_names, trainable_names
 from .sampler import TaskSampler, episode_torch_seed
@@ -125,6 +127,29 @@ def make_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer) -> torch.op
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def check_task_batching(cfg: RunConfig, family: TaskFamily, algorithm: Any) -> None:
+    t = cfg.train
+    if t.tasks_per_vmap < 0:
+        raise ConfigError(f"train.tasks_per_vmap: must be >= 0 (0 = all of a process's tasks), got {t.tasks_per_vmap}")
+    if t.task_batching == "vmap":
+        if not family.supports_vmap:
+            raise ConfigError(f"train.task_batching: vmap needs episodes of fixed shapes; the {family.name} family has "
+                              "variable-size batches, use loop")
+        if not algorithm.supports_task_batching:
+            raise ConfigError(f"train.task_batching: vmap is implemented for maml and fomaml, not {algorithm.name}; "
+                              "use loop")
+
+
+def _finite(result: Any) -> bool:
+    return math.isfinite(result.loss) and all(bool(torch.isfinite(g).all()) for g in result.grads.values())
+
+
+def _accumulate(totals: dict[str, Tensor], result: Any, loss_sum: float, good: float, tasks: int) -> tuple[float, float]:
+    for name, grad in result.grads.items():
+        totals[name] += grad
+    return loss_sum + result.loss, good + tasks
+
+
 def make_accelerator(cfg: RunConfig, output_dir: Path) -> Accelerator:
     return Accelerator(
         cpu=not torch.cuda.is_available(),
@@ -160,6 +185,7 @@ class MetaTrainer:
         # every config error surfaces before the output directory is touched
         self.family = build_family(cfg)
         self.algorithm = registry.algorithm(cfg.algorithm.name)(cfg.algorithm)
+        check_task_batching(cfg, self.family, self.algorithm)
         self.family.prepare()
         if acc.is_main_process:
             ckpt.prepare_output_dir(self.output_dir, cfg, resume=resume, overwrite=overwrite)
@@ -195,14 +221,22 @@ class MetaTrainer:
     def meta_params(self) -> dict[str, Tensor]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
-    def inner_loop(self, steps: int | None = None, lr: float | None = None) -> InnerLoop:
+    def inner_loop(self, steps: int | None = None, lr: float | None = None, tasks: int = 0) -> InnerLoop:
         a = self.cfg.algorithm
         rate: float | dict[str, Tensor] = a.inner_lr if lr is None else lr
         if self.learned_lrs is not None and lr is None:
             rate = self.learned_lrs.as_dict()
         return InnerLoop(
-            self.family, self.model, self.adapt_names, a.inner_steps if steps is None else steps, rate, a.inner_optimizer
+            self.family, self.model, self.adapt_names, a.inner_steps if steps is None else steps, rate, a.inner_optimizer,
+            tasks=tasks, checkpoint=self.cfg.train.checkpoint_inner,
         )
+
+    def _task_groups(self, episodes: list[tuple[int, Episode]]) -> list[list[tuple[int, Episode]]]:
+        """Which of this process's tasks run together: all (or ``tasks_per_vmap``) with vmap, else one each."""
+        if self.cfg.train.task_batching != "vmap":
+            return [[item] for item in episodes]
+        size = self.cfg.train.tasks_per_vmap or len(episodes) or 1
+        return [episodes[i : i + size] for i in range(0, len(episodes), size)]
 
     def meta_step(self, step: int) -> dict[str, float]:
         """Compute this step's meta-gradient over all processes and apply the outer update."""
@@ -215,23 +249,32 @@ class MetaTrainer:
         totals = {n: torch.zeros_like(t) for n, t in targets.items()}
         loss_sum = examples = tokens = good = 0.0
         bad_tasks: list[str] = []
-        for index, episode in self.sampler.local_episodes(step):
-            support = family.to_device(episode.support, acc.device)
-            query = family.to_device(episode.query, acc.device)
-            episode = type(episode)(task=episode.task, support=support, query=query)
-            torch.manual_seed(episode_torch_seed(self.cfg.train.seed, step, index))
-            with acc.autocast():
-                result = self.algorithm.task_gradient(inner, params, episode, learned)
-            finite = math.isfinite(result.loss) and all(bool(torch.isfinite(g).all()) for g in result.grads.values())
-            if not finite:
-                bad_tasks.append(f"{episode.task} (episode {index})")
-                continue
-            for name, grad in result.grads.items():
-                totals[name] += grad
-            loss_sum += result.loss
-            good += 1
-            examples += family.batch_size(support) + family.batch_size(query)
-            tokens += _token_count(family, support) + _token_count(family, query)
+        episodes = [(index, Episode(episode.task, family.to_device(episode.support, acc.device),
+                                    family.to_device(episode.query, acc.device)))
+                    for index, episode in self.sampler.local_episodes(step)]
+        for group in self._task_groups(episodes):
+            if len(group) > 1:  # the vmap fast path: the group's summed contribution in one computation
+                stacked = Episode("+".join(e.task for _, e in group), family.stack_batches([e.support for _, e in group]),
+                                  family.stack_batches([e.query for _, e in group]))
+                torch.manual_seed(episode_torch_seed(self.cfg.train.seed, step, group[0][0]))
+                with acc.autocast():
+                    result = self.algorithm.task_gradient(self.inner_loop(tasks=len(group)), params, stacked, learned)
+                if _finite(result):
+                    loss_sum, good = _accumulate(totals, result, loss_sum, good, len(group))
+                    examples += sum(family.batch_size(e.support) + family.batch_size(e.query) for _, e in group)
+                    tokens += sum(_token_count(family, e.support) + _token_count(family, e.query) for _, e in group)
+                    continue
+                # non-finite: redo the group task by task, which names (and may skip) the bad ones
+            for index, episode in group:
+                torch.manual_seed(episode_torch_seed(self.cfg.train.seed, step, index))
+                with acc.autocast():
+                    result = self.algorithm.task_gradient(inner, params, episode, learned)
+                if not _finite(result):
+                    bad_tasks.append(f"{episode.task} (episode {index})")
+                    continue
+                loss_sum, good = _accumulate(totals, result, loss_sum, good, 1)
+                examples += family.batch_size(episode.support) + family.batch_size(episode.query)
+                tokens += _token_count(family, episode.support) + _token_count(family, episode.query)
         names = list(totals)
         flat = torch.cat([totals[n].reshape(-1) for n in names])
         stats = torch.tensor([loss_sum, good, examples, tokens, len(bad_tasks)], dtype=flat.dtype, device=flat.device)
@@ -377,10 +420,24 @@ def read_history(output_dir: str | Path, kind: str) -> list[dict[str, Any]]:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
-    import resource
+    """Peak resident memory of this process so far, in MiB.
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Linux: VmHWM of /proc/self/status, this program's own high-water mark. ``ru_maxrss`` is not
+    used there because it survives exec: a process started by a large parent reports at least the
+    parent's size at the fork. Elsewhere ``ru_maxrss`` (KiB on Linux, bytes on macOS).
+    """
+    import resource
+    import sys
+
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def _token_count(family: TaskFamily, batch: Any) -> int:
@@ -392,7 +449,7 @@ def _clip(tensors: Any, max_norm: float | None) -> float:
     grads = [t.grad for t in tensors if t.grad is not None]
     if not grads:
         return 0.0
-    if max_norm is None:
+    if not max_norm:  # None or 0: no clipping (clip_grad_norm_ with 0 would zero every gradient)
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
     return float(torch.nn.utils.clip_grad_norm_([t for t in tensors if t.grad is not None], max_norm))
 

@@ -101,11 +101,14 @@ def _compare(args: argparse.Namespace) -> int:
 
     summary = compare(
         [parse_init(s) for s in args.init], args.data_root, args.langs, args.budgets, args.seeds, args.out,
-        recipe_from_args(args), scratch=not args.no_scratch, scratch_seed=args.scratch_seed, dev=args.dev,
+        recipe_from_args(args), scratch=not args.no_scratch, scratch_seed=args.scratch_seed,
+        scratch_seeds=args.scratch_seeds, dev=args.dev, report_only=args.report_only,
         test_pattern=args.test_pattern, finetune_pattern=args.finetune_pattern, num_beams=args.beam,
         max_test_segments=args.max_test_segments, keep_models=args.keep_models, overwrite=args.overwrite,
     )
-    print(f"{summary['ran']} cells run, {summary['skipped']} reused; report in {Path(args.out) / 'results.md'}")
+    done = f"report of the {len(summary['rows'])} finished cells" if args.report_only else \
+        f"{summary['ran']} cells run, {summary['skipped']} reused; report"
+    print(f"{done} in {Path(args.out) / 'results.md'}")
     return 0
 
 
@@ -156,6 +159,8 @@ def add_translation_commands(sub: Any) -> None:
     p.add_argument("--test-pattern", default="test/{lang}.tsv.gz")
     p.add_argument("--finetune-pattern", default="finetune/{lang}.{budget}.tsv.gz")
     p.add_argument("--no-scratch", action="store_true", help="no automatic from-scratch row")
+    p.add_argument("--scratch-seeds", type=int, help="fine-tuning seeds of the from-scratch rows (default: --seeds)")
+    p.add_argument("--report-only", action="store_true", help="write the report from the finished cells; run none")
     p.add_argument("--scratch-seed", type=int, default=0, help="initialization seed of the from-scratch row")
     p.add_argument("--keep-models", action="store_true", help="keep each cell's fine-tuned model in OUT/work/")
     p.add_argument("--overwrite", action="store_true", help="discard OUT's finished cells")

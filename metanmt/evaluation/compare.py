@@ -115,7 +115,7 @@ class Plan:
 
 
 def plan_cells(init_names: list[str], scratch_names: set[str], data_root: Path, langs: list[str], budgets: list[str],
-               seeds: int, finetune_pattern: str) -> Plan:
+               seeds: int, finetune_pattern: str, scratch_seeds: Optional[int] = None) -> Plan:
     """Every cell, skipping (and noting) budgets whose file is missing, and budgets that split.json
     marks incomplete when a smaller budget of the language already used the whole pool."""
     split = _read_split(data_root).get("finetune", {})
@@ -146,14 +146,15 @@ def plan_cells(init_names: list[str], scratch_names: set[str], data_root: Path, 
                 row_notes[(lang, budget)] = f"incomplete budget: whole pool, {words} English words"
             files[(lang, budget)] = path
             usable[lang].append(budget)
-    cells = []
-    for init in init_names:
+    # zero-shot cells first, then seed by seed, so that an interrupted run holds complete seeds
+    cells = [(init, lang, budget, 0) for init in init_names if init not in scratch_names  # a random model's
+             for lang in langs for budget in usable[lang] if budget_words(budget) == 0]   # zero-shot is noise
+    for seed in range(seeds):
         for lang in langs:
-            for budget in usable[lang]:
-                zero = budget_words(budget) == 0
-                if zero and init in scratch_names:
-                    continue  # a random model's zero-shot output is noise, not a floor
-                for seed in [0] if zero else range(seeds):
+            for budget in (b for b in usable[lang] if budget_words(b) != 0):
+                for init in init_names:
+                    if init in scratch_names and scratch_seeds is not None and seed >= scratch_seeds:
+                        continue
                     cells.append((init, lang, budget, seed))
     if any(budget_words(b) == 0 for b in budgets):
         notes.append("budget 0 is zero-shot: no fine-tuning, deterministic decoding, one row per init and language")
@@ -179,7 +180,8 @@ def _cell_row(init: str, lang: str, budget: str, seed: int, evaluation: dict[str
 
 
 def compare(inits: list[tuple[str, str]], data_root: str | Path, langs: list[str], budgets: list[str], seeds: int,
-            out: str | Path, recipe: FinetuneRecipe, scratch: bool = True, scratch_seed: int = 0, dev: Optional[str] = None,
+            out: str | Path, recipe: FinetuneRecipe, scratch: bool = True, scratch_seed: int = 0,
+            scratch_seeds: Optional[int] = None, dev: Optional[str] = None, report_only: bool = False,
             test_pattern: str = "test/{lang}.tsv.gz", finetune_pattern: str = "finetune/{lang}.{budget}.tsv.gz",
             num_beams: int = 4, max_test_segments: Optional[int] = None, keep_models: bool = False,
             overwrite: bool = False, device: str = "cpu") -> dict[str, Any]:
@@ -214,10 +216,14 @@ def compare(inits: list[tuple[str, str]], data_root: str | Path, langs: list[str
                 "scratch_seed": scratch_seed, "dev": dev, "test_pattern": test_pattern, "finetune_pattern": finetune_pattern,
                 "num_beams": num_beams, "max_test_segments": max_test_segments, "data_root": str(data_root.resolve())}
     _claim(out, settings, overwrite)
-    plan = plan_cells(names, scratch_names, data_root, langs, budgets, seeds, finetune_pattern)
+    if scratch_seeds is not None and scratch_seeds < 1:
+        raise UserError(f"--scratch-seeds: must be at least 1, got {scratch_seeds}")
+    plan = plan_cells(names, scratch_names, data_root, langs, budgets, seeds, finetune_pattern, scratch_seeds)
     cells_dir, work_dir = out / "cells", out / "work"
     cells_dir.mkdir(parents=True, exist_ok=True)
     todo = [c for c in plan.cells if not (cells_dir / f"{cell_name(*c)}.json").is_file()]
+    if report_only:  # the report of what is finished, e.g. while other processes run the rest
+        todo = []
     log.info("compare: %d cells, %d finished before, %d to run", len(plan.cells), len(plan.cells) - len(todo), len(todo))
 
     loaded: dict[str, LoadedModel] = {}

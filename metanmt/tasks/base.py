@@ -44,6 +44,9 @@ class TaskFamily(abc.ABC):
     TaskConfig: ClassVar[type]  # dataclass: the keys allowed in tasks/*.yaml and the config's `task:`
     ModelConfig: ClassVar[type]  # dataclass: the keys allowed in the config's `model:`
     default_adapt: ClassVar[list[str]] = ["*"]
+    #: every episode's batches have the same shapes, so the tasks of a meta-batch can be stacked
+    #: (:meth:`stack_batches`) and run under ``torch.vmap`` (``train.task_batching: vmap``)
+    supports_vmap: ClassVar[bool] = False
 
     def __init__(self, task_cfg: dict[str, Any], model_cfg: dict[str, Any], data_root: str | Path | None = None):
         self.task_cfg = from_dict(self.TaskConfig, task_cfg, "task")
@@ -87,6 +90,17 @@ class TaskFamily(abc.ABC):
         if isinstance(first, (list, tuple)):
             return type(first)(self.merge_batches(a, b) for a, b in zip(first, second))
         raise TypeError(f"{type(self).__name__} must override merge_batches for {type(first).__name__}")
+
+    def stack_batches(self, batches: list[Any]) -> Any:
+        """Batches of equal shapes -> one batch with a leading task dimension."""
+        first = batches[0]
+        if isinstance(first, torch.Tensor):
+            return torch.stack(batches)
+        if isinstance(first, dict):
+            return {k: self.stack_batches([b[k] for b in batches]) for k in first}
+        if isinstance(first, (list, tuple)):
+            return type(first)(self.stack_batches(list(parts)) for parts in zip(*batches))
+        raise TypeError(f"{type(self).__name__} must override stack_batches for {type(first).__name__}")
 
     def batch_size(self, batch: Any) -> int:
         """Number of examples (sentence pairs, images, points) in a batch, for accounting."""

@@ -56,6 +56,7 @@ class SinusoidFamily(TaskFamily):
     name = "sinusoid"
     TaskConfig = SinusoidTaskConfig
     ModelConfig = SinusoidModelConfig
+    supports_vmap = True  # K support and Q query points in every episode
 
     def build_model(self) -> nn.Module:
         return SineMLP(hidden=list(self.model_cfg.hidden))

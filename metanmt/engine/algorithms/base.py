@@ -22,6 +22,7 @@ class TaskResult:
     grads: dict[str, Tensor]
     loss: float  # the loss the algorithm optimizes for this task (query loss after adaptation for MAML)
     metrics: dict[str, float] = field(default_factory=dict)
+    # With a task-batched inner loop (``InnerLoop(tasks=T)``) grads, loss and metrics are sums over T tasks.
 
 
 class Algorithm(abc.ABC):
@@ -30,6 +31,8 @@ class Algorithm(abc.ABC):
     name: ClassVar[str]
     uses_inner_loop: ClassVar[bool] = True
     supports_meta_sgd: ClassVar[bool] = False
+    #: ``task_gradient`` also accepts stacked episodes with ``InnerLoop(tasks=T)`` and returns sums
+    supports_task_batching: ClassVar[bool] = False
 
     def __init__(self, cfg: AlgorithmConfig):
         if cfg.meta_sgd and not self.supports_meta_sgd:
@@ -58,6 +61,8 @@ def query_gradient(
     With ``second_order`` the inner gradients are part of the graph (exact MAML). Without it they
     are constants, so the gradient reaching the initialization is the query gradient at the adapted
     weights (first-order MAML) while learned inner rates still receive their (first-order) gradient.
+    With a task-batched ``inner`` the episode holds stacked batches and every loss is a sum over
+    tasks, so the same code returns the sum of the tasks' contributions.
     """
     cfg = algorithm.cfg
     step_losses: list[Tensor] = []

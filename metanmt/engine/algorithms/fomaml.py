@@ -16,6 +16,7 @@ from .base import Algorithm, TaskResult, query_gradient
 class FOMAML(Algorithm):
     name = "fomaml"
     supports_meta_sgd = True
+    supports_task_batching = True
 
     def task_gradient(self, inner: InnerLoop, params: Params, episode: Episode, learned_lrs: Params) -> TaskResult:
         return query_gradient(self, inner, params, episode, learned_lrs, second_order=False)

@@ -1,0 +1,73 @@
+"""Print the README's result tables from committed benchmark results (so the README quotes files, not memory).
+
+    python bench/readme_tables.py compare      # bench/results/l10n_compare/results.csv
+    python bench/readme_tables.py meta_step    # bench/results/meta_step.json
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def mean_ci(values: list[float], digits: int) -> str:
+    from metanmt.evaluation.few_shot import mean_ci95
+
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    mean, half = mean_ci95(values)
+    return f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def compare_table() -> None:
+    with open(ROOT / "bench" / "results" / "l10n_compare" / "results.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    inits = list(dict.fromkeys(r["init"] for r in rows))
+    print("| lang | budget | " + " | ".join(f"{i} BLEU / chrF / NLL" for i in inits) + " | meta − multi BLEU / chrF / NLL |")
+    print("|---|---|" + "---|" * (len(inits) + 1))
+    for lang in dict.fromkeys(r["lang"] for r in rows):
+        for budget in dict.fromkeys(r["budget"] for r in rows if r["lang"] == lang):
+            cells, means = [], {}
+            for init in inits:
+                sel = [r for r in rows if (r["init"], r["lang"], r["budget"]) == (init, lang, budget)]
+                if not sel:
+                    cells.append("–")
+                    continue
+                vals = {k: [float(r[k]) for r in sel] for k in ("bleu", "chrf", "nll")}
+                means[init] = {k: float(np.mean(v)) for k, v in vals.items()}
+                cells.append(f"{mean_ci(vals['bleu'], 2)} / {mean_ci(vals['chrf'], 1)} / {mean_ci(vals['nll'], 2)}"
+                             + (f" (n={len(sel)})" if len(sel) != 3 and budget != "0" else ""))
+            gap = "–"
+            if "meta" in means and "multi" in means:
+                d = {k: means["meta"][k] - means["multi"][k] for k in ("bleu", "chrf", "nll")}
+                gap = f"{d['bleu']:+.2f} / {d['chrf']:+.1f} / {d['nll']:+.2f}"
+            print(f"| {lang} | {budget} | " + " | ".join(cells) + f" | {gap} |")
+
+
+def meta_step_table() -> None:
+    data = json.loads((ROOT / "bench" / "results" / "meta_step.json").read_text(encoding="utf-8"))
+    print("| family | algorithm | implementation | inner steps | meta-steps/s | ms/step | peak RSS MB | max grad diff |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in data["rows"]:
+        if "steps_per_s" not in r:
+            print(f"| {r['family']} | {r['algo']} | {r['impl']} {r['variant']} | | {r.get('error') or r.get('skipped')} | | | |")
+            continue
+        steps = 5 if "steps5" in r["variant"] else 1
+        variant = r["variant"].replace("+steps5", "").replace("steps5", "-")
+        name = r["impl"] + ("" if variant == "-" else f" ({variant})")
+        diff = "–" if r.get("max_grad_diff") is None else f"{r['max_grad_diff']:.1e}"
+        print(f"| {r['family']} | {r['algo']} | {name} | {steps} | {r['steps_per_s']:.3f} | {r['ms_per_step']:.0f} "
+              f"| {r['peak_mb']:.0f} | {diff} |")
+    print()
+    for e in data["ratios"]:
+        print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in e.items()}))
+
+
+if __name__ == "__main__":
+    {"compare": compare_table, "meta_step": meta_step_table}[sys.argv[1]]()
