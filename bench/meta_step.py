@@ -28,6 +28,10 @@ process's own peak RSS (VmHWM; each case runs in a fresh process). Writes ``benc
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
+import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -204,13 +208,13 @@ def measure(impl: str, family_name: str, algo: str, variant: str, steps: int, wa
     elif impl == "plain":
         def step_fn(step: int) -> None:
             eps = episodes(step)
-            batch = _one_batch(family, [b for e in eps for b in (e.support, e.query)])
+            batch = functools.reduce(family.merge_batches, [b for e in eps for b in (e.support, e.query)])
             loss = direct_loss(family_name, family, model, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
     elif impl == "learn2learn":
-        l2l = import_peer("learn2learn")
+        l2l = importlib.import_module("learn2learn")
 
         maml = l2l.algorithms.MAML(model, lr=lr, first_order=first_order, allow_nograd=True)
 
@@ -224,7 +228,7 @@ def measure(impl: str, family_name: str, algo: str, variant: str, steps: int, wa
                 (direct_loss(family_name, family, learner, e.query) / len(eps)).backward()
             optimizer.step()
     elif impl == "higher":
-        higher = import_peer("higher")
+        higher = importlib.import_module("higher")
         inner_opt = torch.optim.SGD(params, lr=lr)
 
         def step_fn(step: int) -> None:
@@ -275,25 +279,11 @@ def measure(impl: str, family_name: str, algo: str, variant: str, steps: int, wa
             "timed_steps": steps, "threads": torch.get_num_threads()}
 
 
-def _one_batch(family: Any, batches: list) -> Any:
-    """All examples of the meta-batch as one batch (the plain step)."""
-    import torch
-
-    if "images" in batches[0]:
-        return {k: torch.cat([b[k] for b in batches]) for k in ("images", "labels")}
-    out = batches[0]
-    for b in batches[1:]:
-        out = family.merge_batches(out, b)
-    return out
-
-
 def declare_torchvision_ops() -> None:
     """learn2learn imports torchvision, whose only wheel here is a CUDA build: its compiled ops do not
     load beside the CPU torch, and its import then fails registering fake kernels for two operators
     that do not exist (and takes transformers' Marian import down with it). Declaring the two
     schemas first lets it import; no torchvision operator is used (shared/docs/peers.md)."""
-    import importlib.util
-
     import torch
 
     if importlib.util.find_spec("torchvision") is None:
@@ -307,16 +297,8 @@ def declare_torchvision_ops() -> None:
     declare_torchvision_ops.library = lib  # type: ignore[attr-defined]  # keep the definitions alive
 
 
-def import_peer(name: str) -> Any:
-    import importlib
-
-    return importlib.import_module(name)
-
-
 # -- the driver --------------------------------------------------------------------------------------------
 def versions() -> dict[str, Any]:
-    import importlib.metadata
-
     import torch
     import transformers
 
@@ -324,7 +306,7 @@ def versions() -> dict[str, Any]:
                             "transformers": transformers.__version__}
     for name in ("learn2learn", "higher"):
         try:
-            import_peer(name)
+            importlib.import_module(name)
             info[name] = importlib.metadata.version(name)
         except Exception as error:  # noqa: BLE001 -- recorded, that peer is then skipped
             info[name] = f"not importable: {type(error).__name__}: {error}"

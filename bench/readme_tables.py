@@ -16,36 +16,30 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def mean_ci(values: list[float], digits: int) -> str:
-    from metanmt.evaluation.few_shot import mean_ci95
-
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    mean, half = mean_ci95(values)
-    return f"{mean:.{digits}f} ± {half:.{digits}f}"
-
-
 def compare_table() -> None:
+    from metanmt.evaluation.compare import format_mean_ci, summarize
+
     with open(ROOT / "bench" / "results" / "l10n_compare" / "results.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
+    table = summarize(rows)
     inits = list(dict.fromkeys(r["init"] for r in rows))
     print("| lang | budget | " + " | ".join(f"{i} BLEU / chrF / NLL" for i in inits) + " | meta − multi BLEU / chrF / NLL |")
     print("|---|---|" + "---|" * (len(inits) + 1))
     for lang in dict.fromkeys(r["lang"] for r in rows):
         for budget in dict.fromkeys(r["budget"] for r in rows if r["lang"] == lang):
-            cells, means = [], {}
+            cells = []
             for init in inits:
-                sel = [r for r in rows if (r["init"], r["lang"], r["budget"]) == (init, lang, budget)]
-                if not sel:
+                m = table.get((init, lang, budget))
+                if not m:
                     cells.append("–")
                     continue
-                vals = {k: [float(r[k]) for r in sel] for k in ("bleu", "chrf", "nll")}
-                means[init] = {k: float(np.mean(v)) for k, v in vals.items()}
-                cells.append(f"{mean_ci(vals['bleu'], 2)} / {mean_ci(vals['chrf'], 1)} / {mean_ci(vals['nll'], 2)}"
-                             + (f" (n={len(sel)})" if len(sel) != 3 and budget != "0" else ""))
+                n = len(m["bleu"])
+                cells.append(f"{format_mean_ci(m['bleu'])} / {format_mean_ci(m['chrf'], 1)} / {format_mean_ci(m['nll'])}"
+                             + (f" (n={n})" if n != 3 and budget != "0" else ""))
             gap = "–"
-            if "meta" in means and "multi" in means:
-                d = {k: means["meta"][k] - means["multi"][k] for k in ("bleu", "chrf", "nll")}
+            meta, multi = table.get(("meta", lang, budget)), table.get(("multi", lang, budget))
+            if meta and multi:
+                d = {k: float(np.mean(meta[k]) - np.mean(multi[k])) for k in ("bleu", "chrf", "nll")}
                 gap = f"{d['bleu']:+.2f} / {d['chrf']:+.1f} / {d['nll']:+.2f}"
             print(f"| {lang} | {budget} | " + " | ".join(cells) + f" | {gap} |")
 

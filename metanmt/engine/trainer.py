@@ -150,6 +150,14 @@ def _accumulate(totals: dict[str, Tensor], result: Any, loss_sum: float, good: f
     return loss_sum + result.loss, good + tasks
 
 
+def _add_sizes(family: TaskFamily, episode: Episode, examples: float, tokens: float) -> tuple[float, float]:
+    """The counters plus this episode's examples and tokens (support and query)."""
+    for batch in (episode.support, episode.query):
+        examples += family.batch_size(batch)
+        tokens += _token_count(family, batch)
+    return examples, tokens
+
+
 def make_accelerator(cfg: RunConfig, output_dir: Path) -> Accelerator:
     return Accelerator(
         cpu=not torch.cuda.is_available(),
@@ -261,8 +269,8 @@ class MetaTrainer:
                     result = self.algorithm.task_gradient(self.inner_loop(tasks=len(group)), params, stacked, learned)
                 if _finite(result):
                     loss_sum, good = _accumulate(totals, result, loss_sum, good, len(group))
-                    examples += sum(family.batch_size(e.support) + family.batch_size(e.query) for _, e in group)
-                    tokens += sum(_token_count(family, e.support) + _token_count(family, e.query) for _, e in group)
+                    for _, episode in group:
+                        examples, tokens = _add_sizes(family, episode, examples, tokens)
                     continue
                 # non-finite: redo the group task by task, which names (and may skip) the bad ones
             for index, episode in group:
@@ -273,8 +281,7 @@ class MetaTrainer:
                     bad_tasks.append(f"{episode.task} (episode {index})")
                     continue
                 loss_sum, good = _accumulate(totals, result, loss_sum, good, 1)
-                examples += family.batch_size(episode.support) + family.batch_size(episode.query)
-                tokens += _token_count(family, episode.support) + _token_count(family, episode.query)
+                examples, tokens = _add_sizes(family, episode, examples, tokens)
         names = list(totals)
         flat = torch.cat([totals[n].reshape(-1) for n in names])
         stats = torch.tensor([loss_sum, good, examples, tokens, len(bad_tasks)], dtype=flat.dtype, device=flat.device)

@@ -193,6 +193,8 @@ def compare(inits: list[tuple[str, str]], data_root: str | Path, langs: list[str
         raise UserError("compare: give at least one --init NAME=PATH")
     if seeds < 1:
         raise UserError(f"--seeds: must be at least 1, got {seeds}")
+    if scratch_seeds is not None and scratch_seeds < 1:
+        raise UserError(f"--scratch-seeds: must be at least 1, got {scratch_seeds}")
     names = [n for n, _ in inits]
     if len(set(names)) != len(names):
         raise UserError(f"--init: duplicate names in {', '.join(names)}")
@@ -216,14 +218,11 @@ def compare(inits: list[tuple[str, str]], data_root: str | Path, langs: list[str
                 "scratch_seed": scratch_seed, "dev": dev, "test_pattern": test_pattern, "finetune_pattern": finetune_pattern,
                 "num_beams": num_beams, "max_test_segments": max_test_segments, "data_root": str(data_root.resolve())}
     _claim(out, settings, overwrite)
-    if scratch_seeds is not None and scratch_seeds < 1:
-        raise UserError(f"--scratch-seeds: must be at least 1, got {scratch_seeds}")
     plan = plan_cells(names, scratch_names, data_root, langs, budgets, seeds, finetune_pattern, scratch_seeds)
     cells_dir, work_dir = out / "cells", out / "work"
     cells_dir.mkdir(parents=True, exist_ok=True)
-    todo = [c for c in plan.cells if not (cells_dir / f"{cell_name(*c)}.json").is_file()]
-    if report_only:  # the report of what is finished, e.g. while other processes run the rest
-        todo = []
+    # report_only: the report of what is finished, e.g. while other processes run the rest
+    todo = [] if report_only else [c for c in plan.cells if not (cells_dir / f"{cell_name(*c)}.json").is_file()]
     log.info("compare: %d cells, %d finished before, %d to run", len(plan.cells), len(plan.cells) - len(todo), len(todo))
 
     loaded: dict[str, LoadedModel] = {}
@@ -324,7 +323,8 @@ def write_csv(out: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
-def _fmt(values: list[float], digits: int = 2) -> str:
+def format_mean_ci(values: list[float], digits: int = 2) -> str:
+    """``mean ± 95% CI half-width``; the mean alone for one value."""
     mean, half = mean_ci95(values)
     if math.isnan(mean):
         return "–"
@@ -358,7 +358,8 @@ def write_report(out: Path, rows: list[dict[str, Any]], inits: list[str], langs:
                 m = table.get((init, lang, budget))
                 if not m:
                     continue
-                lines.append(f"| {lang} | {budget} | {init} | {_fmt(m['bleu'])} | {_fmt(m['chrf'])} | {_fmt(m['nll'], 3)} "
+                lines.append(f"| {lang} | {budget} | {init} | {format_mean_ci(m['bleu'])} | {format_mean_ci(m['chrf'])} "
+                             f"| {format_mean_ci(m['nll'], 3)} "
                              f"| {np.mean(m['steps']):.0f} | {np.mean(m['seconds']):.1f} | {len(m['bleu'])} |")
     real = [i for i in inits if settings["inits"].get(i) != RANDOM]
     if len(real) >= 2:
