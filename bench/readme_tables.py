@@ -2,6 +2,7 @@
 
     python bench/readme_tables.py compare      # bench/results/l10n_compare/results.csv
     python bench/readme_tables.py meta_step    # bench/results/meta_step.json
+    python bench/readme_tables.py recipes      # bench/results/meta_recipes.csv
 """
 
 from __future__ import annotations
@@ -63,5 +64,24 @@ def meta_step_table() -> None:
         print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in e.items()}))
 
 
+def recipes_table() -> None:
+    results = ROOT / "bench" / "results"
+    with open(results / "meta_recipes.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    info = json.loads((results / "meta_recipes.json").read_text(encoding="utf-8"))["recipes"]
+    control = next((r for r in rows if r["recipe"] == "warm_multitask"), None)
+    print("| recipe | algorithm | inner steps | inner adapt | warm start | pairs seen | train s | dev zero-shot NLL "
+          "| dev BLEU | dev chrF | dev NLL | vs control BLEU / chrF / NLL |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        gap = "–"
+        if control is not None and r["warm_start"] != "none" and r is not control:
+            gap = " / ".join(f"{float(r[k]) - float(control[k]):+.{d}f}" for k, d in (("dev_bleu", 2), ("dev_chrf", 1), ("dev_nll", 3)))
+        zero = info.get(r["recipe"], {}).get("dev_zero_shot", {}).get("nll")
+        print(f"| {r['recipe']} | {r['algo']} | {r['inner_steps']} | {r['adapt']} | {r['warm_start']} | {int(r['pairs_seen']):,} "
+              f"| {float(r['seconds']):.0f} | {'–' if zero is None else f'{zero:.2f}'} | {r['dev_bleu']} | {r['dev_chrf']} "
+              f"| {r['dev_nll']} | {gap} |")
+
+
 if __name__ == "__main__":
-    {"compare": compare_table, "meta_step": meta_step_table}[sys.argv[1]]()
+    {"compare": compare_table, "meta_step": meta_step_table, "recipes": recipes_table}[sys.argv[1]]()

@@ -126,3 +126,23 @@ def test_plan_orders_cells_by_seed_and_limits_scratch_seeds(setup: tuple[Path, P
     assert len(tuned) == 2 * (3 + 3 + 1)
     with pytest.raises(UserError, match="--scratch-seeds"):
         compare([("meta", str(setup[2]))], root, ["xa"], ["100"], 2, root.parent / "r", recipe(), scratch_seeds=0)
+
+
+def test_a_warm_started_init_counts_the_warm_start_compute(setup: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """Pretrain-then-meta-train is compared at its whole cost: the warm start's steps, pairs and
+    seconds are added to the meta-training run's own (the compare report's compute table)."""
+    from metanmt.adaptation.finetune import meta_training_state, open_translation_model
+
+    root, multi, _ = setup
+    warm = make_run(root, tmp_path / "warm", f"model.pretrained={multi}", "algorithm.name=fomaml", "algorithm.inner_lr=0.05")
+    base, own = meta_training_state(multi), meta_training_state(warm)["own"]
+    total = open_translation_model(warm).meta_training
+    assert own["step"] == base["step"] == 2
+    for key in ("step", "examples_seen", "tokens_seen", "seconds"):
+        assert total[key] == pytest.approx(own[key] + base[key])
+    assert total["warm_start"]["path"] == str(multi) and total["warm_start"]["examples_seen"] == base["examples_seen"]
+
+    # a warm start that is gone is said, and its compute is not invented
+    (warm / "metanmt.yaml").write_text((warm / "metanmt.yaml").read_text().replace(str(multi), str(tmp_path / "gone")))
+    state = meta_training_state(warm)
+    assert state["step"] == own["step"] and "missing" in state["warm_start"]

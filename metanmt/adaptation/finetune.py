@@ -192,17 +192,53 @@ class LoadedModel:
     meta_training: dict[str, Any] = field(default_factory=dict)  # trainer_state.json of the run
 
 
-def meta_training_state(run_dir: Path) -> dict[str, Any]:
+COMPUTE_KEYS = ("step", "examples_seen", "tokens_seen", "seconds")
+
+
+def meta_training_state(run_dir: Path, _seen: frozenset[Path] = frozenset()) -> dict[str, Any]:
     """``trainer_state.json`` of the run's latest checkpoint (steps, examples and tokens seen,
-    seconds): the compute that went into an initialization; ``{}`` when there is none."""
-    for directory in reversed(ckpt.list_checkpoints(Path(run_dir))):
-        path = directory / "trainer_state.json"
+    seconds): the compute that went into an initialization; ``{}`` when there is none.
+
+    A run warm-started from another one (``model.pretrained`` naming a metanmt run, or a folder
+    with its own ``trainer_state.json``) counts that run's compute too, so a pretrain-then-meta-train
+    initialization is compared at its whole cost; ``own`` and ``warm_start`` keep the two parts.
+    """
+    run_dir = Path(run_dir)
+    candidates = [d / "trainer_state.json" for d in reversed(ckpt.list_checkpoints(run_dir))]
+    candidates.append(run_dir / "trainer_state.json")
+    state: dict[str, Any] = {}
+    for path in candidates:
         if path.is_file():
             try:
-                return dict(json.loads(path.read_text(encoding="utf-8")))
+                state = dict(json.loads(path.read_text(encoding="utf-8")))
+                break
             except (OSError, ValueError):
                 continue
-    return {}
+    pretrained = _pretrained_of(run_dir)
+    seen = _seen | {run_dir.resolve()}
+    if state and pretrained is not None:
+        # a chain of warm starts is summed; a folder met twice (a cycle) is not counted again
+        base = meta_training_state(pretrained, seen) if pretrained.is_dir() and pretrained.resolve() not in seen else {}
+        own = {k: state[k] for k in COMPUTE_KEYS if k in state}
+        state["own"] = own
+        state["warm_start"] = {"path": str(pretrained), **{k: base[k] for k in COMPUTE_KEYS if k in base}}
+        if not base:
+            state["warm_start"]["missing"] = "no trainer state found: its compute is not counted"
+        for key in COMPUTE_KEYS:
+            if key in own and key in base:
+                state[key] = own[key] + base[key]
+    return state
+
+
+def _pretrained_of(run_dir: Path) -> Optional[Path]:
+    """The ``model.pretrained`` folder a run started from, if any (relative paths as the run saw them)."""
+    config = run_dir / ckpt.CONFIG_FILE
+    if not config.is_file():
+        return None
+    from ..config import read_yaml
+
+    pretrained = (read_yaml(config).get("model") or {}).get("pretrained")
+    return Path(pretrained).expanduser() if pretrained else None
 
 
 def plain_run_config() -> dict[str, Any]:

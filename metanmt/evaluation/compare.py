@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 REQUIRED_COLUMNS = ["init", "lang", "budget", "seed", "bleu", "chrf", "steps", "seconds"]
 EXTRA_COLUMNS = ["nll", "pairs", "words", "train_tokens", "pairs_seen", "tokens_seen", "best_step", "stopped",
                  "finetune_seconds", "eval_seconds", "test_segments", "num_beams", "init_steps", "init_pairs",
-                 "init_tokens", "init_seconds", "note"]
+                 "init_tokens", "init_seconds", "init_warm_start_steps", "init_warm_start_pairs", "note"]
 RANDOM = "random"  # --init NAME=random: a from-scratch row under that name
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
@@ -173,7 +173,9 @@ def _cell_row(init: str, lang: str, budget: str, seed: int, evaluation: dict[str
         "eval_seconds": evaluation["translate_seconds"], "test_segments": evaluation["segments"],
         "num_beams": evaluation["num_beams"], "init_steps": init_state.get("step", ""),
         "init_pairs": init_state.get("examples_seen", ""), "init_tokens": init_state.get("tokens_seen", ""),
-        "init_seconds": init_state.get("seconds", ""), "note": note,
+        "init_seconds": init_state.get("seconds", ""),
+        "init_warm_start_steps": init_state.get("warm_start", {}).get("step", ""),
+        "init_warm_start_pairs": init_state.get("warm_start", {}).get("examples_seen", ""), "note": note,
         "bleu_signature": evaluation["bleu_signature"], "chrf_signature": evaluation["chrf_signature"],
         "best_dev": tuned.get("best_dev", {}),
     }
@@ -375,14 +377,16 @@ def write_report(out: Path, rows: list[dict[str, Any]], inits: list[str], langs:
                         d = {k: float(np.mean(a[k]) - np.mean(b[k])) for k in ("bleu", "chrf", "nll")}
                         lines.append(f"| {lang} | {budget} | {other} | {d['bleu']:+.2f} | {d['chrf']:+.2f} | {d['nll']:+.3f} |")
     lines += ["", "## Compute of each initialization (meta-training / pre-training)", "",
-              "| init | source | steps | sentence pairs | target tokens | seconds |", "|---|---|---|---|---|---|"]
+              "All of an initialization's training is counted, a warm start's included.", "",
+              "| init | source | steps | sentence pairs | target tokens | seconds | of which warm start (steps / pairs) |",
+              "|---|---|---|---|---|---|---|"]
     for init in inits:
         first_row = next((r for r in rows if r["init"] == init), None)
         src = settings["inits"].get(init, "")
         if first_row is None:
             continue
         lines.append(f"| {init} | {src} | {first_row['init_steps']} | {first_row['init_pairs']} | {first_row['init_tokens']} "
-                     f"| {_num(first_row['init_seconds'])} |")
+                     f"| {_num(first_row['init_seconds'])} | {_warm_start_text(first_row)} |")
     recipe = settings["recipe"]
     total = sum(float(r["seconds"]) for r in rows)
     lines += ["", "## Fine-tuning recipe (identical for every init; the seed is each row's)", "",
@@ -392,6 +396,11 @@ def write_report(out: Path, rows: list[dict[str, Any]], inits: list[str], langs:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     atomic_write_text(out / "results.md", "\n".join(lines))
     plot(out / "bleu_vs_budget.png", table, inits, langs, budgets)
+
+
+def _warm_start_text(row: dict[str, Any]) -> str:
+    steps, pairs = row.get("init_warm_start_steps", ""), row.get("init_warm_start_pairs", "")
+    return "–" if steps in ("", None) else f"{steps} / {pairs}"
 
 
 def _num(value: Any) -> str:
