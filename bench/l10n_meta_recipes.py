@@ -108,9 +108,9 @@ def export_warm_start(runs: Path, step: int) -> Path:
 def meta_train(name: str, args: argparse.Namespace, warm: Path | None) -> tuple[Path, list[str]]:
     config, overrides, _, _ = RECIPES[name]
     out = args.runs / "recipes" / name
-    cmd = [shutil.which("accelerate") or "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "metanmt", "meta-train",
-           str(ROOT / "configs" / f"l10n_{config}.yaml"), "--output-dir", str(out), "--set", f"data.root={args.data_root}",
+    from l10n_meta_train import metanmt_command  # bench/ is on sys.path when a bench script runs
+
+    cmd = [*metanmt_command(2), "meta-train", str(ROOT / "configs" / f"l10n_{config}.yaml"), "--output-dir", str(out), "--set", f"data.root={args.data_root}",
            "--set", "train.eval_every=0", "--set", "train.save_every=25"]
     for item in overrides:
         cmd += ["--set", item]

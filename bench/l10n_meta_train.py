@@ -25,13 +25,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def metanmt_command(processes: int) -> list[str]:
+    """``python -m metanmt``, or its ``accelerate launch`` on ``processes`` CPU processes (gloo)."""
+    if processes <= 1:
+        return [sys.executable, "-m", "metanmt"]
+    return [shutil.which("accelerate") or "accelerate", "launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "metanmt"]
+
+
 def run_one(name: str, args: argparse.Namespace) -> dict:
     out = args.runs / name
-    base = [sys.executable, "-m", "metanmt"]
-    if args.processes > 1:
-        base = [shutil.which("accelerate") or "accelerate", "launch", "--multi_gpu", "--num_processes", str(args.processes),
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "metanmt"]
-    cmd = [*base, "meta-train", str(ROOT / "configs" / f"l10n_{name}.yaml"), "--output-dir", str(out),
+    cmd = [*metanmt_command(args.processes), "meta-train", str(ROOT / "configs" / f"l10n_{name}.yaml"), "--output-dir", str(out),
            "--set", f"data.root={args.data_root}", *[x for s in args.set for x in ("--set", s)]]
     if (out / "metanmt.yaml").is_file():
         cmd.append("--resume")
