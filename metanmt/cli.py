@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from .argtypes import at_least, positive_float
 from .errors import NonFiniteError, UserError
 
 log = logging.getLogger("metanmt")
@@ -127,23 +128,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="few-shot evaluation of a run")
     p.add_argument("run", type=Path)
     p.add_argument("--model-dir", type=Path, help="evaluate another saved model of the run, e.g. RUN/best")
-    p.add_argument("--shots", type=int, nargs="+", help="sinusoid: K values (default 5 10 20)")
-    p.add_argument("--steps", type=int, nargs="+", help="inner steps to report (default: the config's eval steps)")
-    p.add_argument("--episodes", type=int, help="number of held-out episodes")
-    p.add_argument("--lr", type=float, help="inner learning rate at evaluation (default: the config's)")
-    p.add_argument("--seed", type=int, default=1234, help="seed of the held-out episodes")
+    p.add_argument("--shots", type=at_least(1), nargs="+", help="sinusoid: K values (default 5 10 20)")
+    p.add_argument("--steps", type=at_least(0), nargs="+", help="inner steps to report (default: the config's eval steps)")
+    p.add_argument("--episodes", type=at_least(1), help="number of held-out episodes")
+    p.add_argument("--lr", type=positive_float, help="inner learning rate at evaluation (default: the config's)")
+    p.add_argument("--seed", type=at_least(0), default=1234, help="seed of the held-out episodes")
     p.add_argument("--omniglot-runs", type=Path, help="omniglot: Lake et al.'s 20 official runs (all_runs.zip or folder)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--test", type=Path, help="translation: test corpus to translate and score (TSV/JSONL)")
-    p.add_argument("--beam", type=int, default=4, help="translation: beam size (1: greedy)")
-    p.add_argument("--batch-size", type=int, default=32, help="translation: segments per generate call")
+    p.add_argument("--beam", type=at_least(1), default=4, help="translation: beam size (1: greedy)")
+    p.add_argument("--batch-size", type=at_least(1), default=32, help="translation: segments per generate call")
     p.add_argument("--hyp", type=Path, help="translation: also write the hypotheses here")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("plot-sinusoid", help="the MAML paper's toy figure for one or more sinusoid runs")
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--shots", type=int, default=10)
+    p.add_argument("--shots", type=at_least(1), default=10)
     p.set_defaults(func=_plot_sinusoid)
 
     data = sub.add_parser("data", help="prepare data").add_subparsers(dest="data_command", required=True)
@@ -185,6 +186,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (UserError, NonFiniteError) as exc:
         print(f"metanmt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk, a read-only folder, a path that is a file: the user's to fix
+        from .files import USER_ERRNOS, os_error_line
+
+        if exc.errno not in USER_ERRNOS:
+            raise
+        print(f"metanmt {args.command}: error: {os_error_line(exc)}", file=sys.stderr)
         return 2
 
 

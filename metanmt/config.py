@@ -22,14 +22,47 @@ import yaml
 from .errors import ConfigError
 
 
+def at_least(low: float) -> dict[str, Any]:
+    """Field metadata: a number >= ``low`` (checked by :func:`from_dict`, naming the key)."""
+    return {"range": (low, None, False, False)}
+
+
+def above(low: float) -> dict[str, Any]:
+    """Field metadata: a number > ``low``."""
+    return {"range": (low, None, True, False)}
+
+
+def fraction(length: Optional[int] = None) -> dict[str, Any]:
+    """Field metadata: a number (or ``length`` numbers) in [0, 1)."""
+    return {"range": (0, 1, False, True), "length": length}
+
+
+def check_range(value: Any, meta: Any, key: str) -> None:
+    """Raise ConfigError when ``value`` (a number or a list of numbers) is outside ``meta``'s range."""
+    spec = meta.get("range") if meta else None
+    if spec is None or value is None:
+        return
+    low, high, low_open, high_open = spec
+    desc = (f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}" if high is not None
+            else f"{'>' if low_open else '>='} {low}")
+    values = value if isinstance(value, list) else [value]
+    length = meta.get("length")
+    if length is not None and len(values) != length:
+        raise ConfigError(f"{key}: expected {length} values {desc}, got {value!r}")
+    for v in values:
+        bad = (v < low or (low_open and v == low)) or (high is not None and (v > high or (high_open and v == high)))
+        if bad or v != v:  # NaN compares false with everything
+            raise ConfigError(f"{key}: expected {'values ' if isinstance(value, list) else 'a value '}{desc}, got {value!r}")
+
+
 @dataclass
 class AlgorithmConfig:
     name: str = "maml"
-    inner_steps: int = 1
-    inner_lr: float = 0.01
+    inner_steps: int = field(default=1, metadata=at_least(1))
+    inner_lr: float = field(default=0.01, metadata=above(0))
     inner_optimizer: Literal["sgd", "adam"] = "sgd"
-    eval_inner_steps: Optional[int] = None  # None: same as inner_steps
-    eval_inner_lr: Optional[float] = None  # None: same as inner_lr
+    eval_inner_steps: Optional[int] = field(default=None, metadata=at_least(0))  # None: same as inner_steps
+    eval_inner_lr: Optional[float] = field(default=None, metadata=above(0))  # None: same as inner_lr
     adapt: Optional[list[str]] = None  # fnmatch patterns over parameter names; None: the family's default
     meta_sgd: bool = False  # learn a per-parameter inner learning rate (Meta-SGD)
     support_in_outer: bool = False  # fomaml/maml: add the support loss at the initialization to the outer loss
@@ -47,32 +80,35 @@ class AlgorithmConfig:
 @dataclass
 class OptimConfig:
     name: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    momentum: float = 0.0
+    lr: float = field(default=1e-3, metadata=above(0))
+    weight_decay: float = field(default=0.0, metadata=at_least(0))
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata=fraction(length=2))
+    momentum: float = field(default=0.0, metadata=fraction())
     schedule: Literal["constant", "linear", "cosine", "inverse_sqrt"] = "constant"
-    warmup_steps: int = 0
-    grad_clip: Optional[float] = None  # max gradient norm; null or 0 = no clipping
+    warmup_steps: int = field(default=0, metadata=at_least(0))
+    grad_clip: Optional[float] = field(default=None, metadata=at_least(0))  # max gradient norm; null or 0 = no clipping
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    meta_batch_size: int = 4
-    seed: int = 0
-    log_every: int = 50
-    save_every: int = 500
-    keep_checkpoints: int = 2
-    eval_every: int = 0  # 0: no validation during training
+    steps: int = field(default=1000, metadata=at_least(1))
+    meta_batch_size: int = field(default=4, metadata=at_least(1))
+    seed: int = field(default=0, metadata=at_least(0))
+    log_every: int = field(default=50, metadata=at_least(1))
+    save_every: int = field(default=500, metadata=at_least(1))
+    keep_checkpoints: int = field(default=2, metadata=at_least(0))  # 0: keep all
+    eval_every: int = field(default=0, metadata=at_least(0))  # 0: no validation during training
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     on_nonfinite: Literal["stop", "skip"] = "stop"
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
     # execution only, never the gradients: run a process's tasks as one torch.vmap computation
     # (fixed-shape families; maml and fomaml), in groups of `tasks_per_vmap` (0 = all at once)
     task_batching: Literal["loop", "vmap"] = "loop"
-    tasks_per_vmap: int = 0
+    tasks_per_vmap: int = field(default=0, metadata=at_least(0))
     checkpoint_inner: bool = False  # recompute second-order inner steps in backward: memory for time
+    # at the end of training, show this many held-out examples from the family (translation: source,
+    # reference, zero-shot output and the output after the dev fine-tune); 0 = none
+    show_examples: int = field(default=0, metadata=at_least(0))
 
 
 @dataclass
@@ -178,6 +214,9 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
         if key not in fields:
             raise ConfigError(f"{full}: unknown key; allowed keys in {where}: {', '.join(fields)}")
         kwargs[key] = _coerce(value, hints[key], full)
+    metadata = {f.name: f.metadata for f in dataclasses.fields(cls)}
+    for key, value in kwargs.items():
+        check_range(value, metadata[key], f"{prefix}.{key}" if prefix else str(key))
     return cls(**kwargs)
 
 

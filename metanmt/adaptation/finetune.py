@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 
 FINETUNE_FILE = "finetune.json"
 RESUME_FILE = "last.pt"
+PREVIOUS_FILE = "previous.pt"  # the checkpoint before last.pt, for a damaged last.pt
 
 def adapted_names(model: nn.Module, patterns: list[str]) -> list[str]:
     """Trainable parameter names matching ``patterns`` (frozen tables such as positions never match)."""
@@ -386,21 +387,39 @@ class Finetuner:
         path = self._resume_path()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".tmp-{path.name}")
-        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "torch_rng": torch.get_rng_state(), "state": asdict(self.state)}, tmp)
+        try:
+            torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                        "torch_rng": torch.get_rng_state(), "state": asdict(self.state)}, tmp)
+        except Exception:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no half-written .tmp-last.pt
+            raise
+        if path.is_file():  # the previous one stays as the fallback of a damaged last.pt
+            os.replace(path, path.with_name(PREVIOUS_FILE))
         os.replace(tmp, path)
 
     def load_checkpoint(self) -> bool:
-        path = self._resume_path()
-        if not path.is_file():
-            return False
-        data = torch.load(path, map_location=self.device, weights_only=False)
-        self.model.load_state_dict(data["model"])
-        self.optimizer.load_state_dict(data["optimizer"])
-        torch.set_rng_state(data["torch_rng"])
-        self.state = FinetuneState(**data["state"])
-        log.info("resumed the fine-tune in %s at update %d", self.output_dir, self.state.step)
-        return True
+        """Continue from ``last.pt``, or from the one before it when ``last.pt`` is damaged (named in
+        the log); False when there is none to continue from (the fine-tune then starts over, which
+        ends with the same weights: it is deterministic)."""
+        for path in (self._resume_path(), self._resume_path().with_name(PREVIOUS_FILE)):
+            if not path.is_file():
+                continue
+            try:
+                data = torch.load(path, map_location=self.device, weights_only=False)
+                missing = {"model", "optimizer", "torch_rng", "state"} - set(data)
+                if missing:
+                    raise KeyError(f"no {', '.join(sorted(missing))}")
+            except Exception as exc:  # truncated zip, missing keys, ...: the file cannot be resumed from
+                log.warning("--resume: skipping the damaged fine-tune checkpoint %s (%s: %s)", path,
+                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                continue
+            self.model.load_state_dict(data["model"])
+            self.optimizer.load_state_dict(data["optimizer"])
+            torch.set_rng_state(data["torch_rng"])
+            self.state = FinetuneState(**data["state"])
+            log.info("resumed the fine-tune in %s at update %d from %s", self.output_dir, self.state.step, path.name)
+            return True
+        return False
 
     # -- evaluation --------------------------------------------------------------------------------
     def evaluate_dev(self) -> dict[str, float]:
@@ -457,6 +476,8 @@ class Finetuner:
             return finished
         r = self.recipe
         resumed = resume and self.load_checkpoint()
+        if resume and not resumed and self._resume_path().parent.is_dir():
+            log.warning("--resume: no usable checkpoint in %s; the fine-tune starts over", self.output_dir)
         s = self.state  # after loading: the checkpoint replaces the state object
         if not resumed:
             torch.manual_seed(r.seed)  # dropout of this fine-tune
@@ -509,6 +530,7 @@ class Finetuner:
         self._write_record(finished=True, result=result)
         # the resume state (weights + Adam moments) is no longer needed once the result is recorded
         shutil.rmtree(self.output_dir / ckpt.CHECKPOINTS, ignore_errors=True)
+        ckpt.release_directory(self.output_dir)
         return result
 
     def result(self) -> dict[str, Any]:
@@ -544,6 +566,10 @@ def finetune_run(source: str | Path | LoadedModel, train: str | Path, output_dir
     ``recipe.seed``) of ``train`` by English words. Returns the result dict, also written to
     ``output_dir/finetune.json``, with ``budget`` (what was taken from the file) added.
     """
+    from ..files import refuse_overlap
+
+    refuse_overlap(output_dir, [("--train", train), ("--dev", dev),
+                                ("the initialization", None if isinstance(source, LoadedModel) else source)], "--output-dir")
     loaded = source if isinstance(source, LoadedModel) else open_translation_model(source, device)
     pairs = read_pairs(train)
     budget: dict[str, Any] = {"pairs": len(pairs), "words": english_words(pairs), "complete": True}

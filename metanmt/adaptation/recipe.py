@@ -71,7 +71,9 @@ class FinetuneRecipe:
         for key in ("min_steps", "eval_every", "patience"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must not be negative, got {getattr(self, key)}")
-        if self.lr <= 0 or self.epochs <= 0:
+        if self.grad_clip is not None and not self.grad_clip >= 0:
+            raise ConfigError(f"grad_clip: expected a value >= 0 (0 or None = no clipping), got {self.grad_clip}")
+        if not (self.lr > 0 and self.epochs > 0):
             raise ConfigError(f"lr and epochs must be positive, got lr={self.lr}, epochs={self.epochs}")
         if self.dev_metric not in ("bleu", "chrf", "loss"):
             raise ConfigError(f"dev_metric: {self.dev_metric!r} is not one of bleu, chrf, loss")

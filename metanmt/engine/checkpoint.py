@@ -15,14 +15,17 @@ writing leaves the previous checkpoint intact and ``--resume`` never sees a half
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+from .. import files
 from ..config import RunConfig, dump_config, from_dict, read_yaml
 from ..errors import UserError
+from ..locking import LOCK_FILE, FolderLock
 
 CONFIG_FILE = "metanmt.yaml"
 CHECKPOINTS = "checkpoints"
@@ -32,9 +35,7 @@ RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.save_every", "trai
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    files.atomic_write_text(path, text)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -56,38 +57,151 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any], ignore: set[str] 
     return "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:limit])
 
 
-def claim_directory(
+#: what metanmt writes into its output folders, by kind; ``--overwrite`` removes a folder only when
+#: every entry is one of these (or a name recorded in WRITTEN_FILE by :func:`export_files`)
+MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors", "inner_lrs.safetensors", "tokenizer.json",
+               "tokenizer_config.json", "special_tokens_map.json", "spm.model"}
+WRITTEN_FILE = ".metanmt-files"
+TOOLKIT_ENTRIES: dict[str, set[str]] = {
+    "run": {CONFIG_FILE, CHECKPOINTS, "best", "logs", "history.jsonl", *MODEL_FILES},
+    "fine-tune": {CONFIG_FILE, CHECKPOINTS, "finetune.json", *MODEL_FILES},
+    "compare report": {"compare.json", "cells", "work", "results.csv", "results.md", "bleu_vs_budget.png"},
+}
+_HELD: dict[Path, FolderLock] = {}
+
+
+def foreign_entries(out: Path, kind: str) -> list[str]:
+    """Names in ``out`` that metanmt did not write for a ``kind`` (sorted)."""
+    known = TOOLKIT_ENTRIES.get(kind, set()) | {LOCK_FILE, WRITTEN_FILE}
+    written = out / WRITTEN_FILE
+    if written.is_file():
+        try:
+            known |= set(json.loads(written.read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            pass
+    return sorted(p.name for p in out.iterdir() if p.name not in known and not p.name.startswith((".tmp-", ".old-")))
+
+
+def inspect_directory(
     out: Path, marker: Path, kind: str, resume: bool, overwrite: bool, foreign: str = "", out_flag: str = "--output-dir"
 ) -> bool:
-    """Make ``out`` ours for a ``kind`` (run, fine-tune, ...) whose ``marker`` file identifies it.
+    """Decide whether ``out`` may be claimed for a ``kind`` whose ``marker`` file identifies it,
+    without touching anything; raise UserError if not. Returns True when ``out`` holds an earlier
+    ``kind`` to continue (the caller then checks that its settings match).
 
-    An empty or missing folder is taken; ``overwrite`` clears it; a non-empty folder without the
-    marker, or one holding a ``kind`` while ``resume`` is off, is refused. Returns True when ``out``
-    holds an earlier ``kind`` to continue (the caller then checks that its settings match).
+    An empty or missing folder may be taken; a folder in use by another live process is refused;
+    ``overwrite`` may replace a folder only when everything in it was written by metanmt for this
+    kind (a ``notes.txt`` is never deleted); a non-empty folder without the marker, or one holding
+    a ``kind`` while ``resume`` is off, is refused.
     """
     if resume and overwrite:
         raise UserError("--resume and --overwrite exclude each other")
-    if out.exists() and any(out.iterdir()):
-        if overwrite:
-            shutil.rmtree(out)
-        elif not marker.is_file():
-            raise UserError(f"{out}: exists and is not {foreign or 'a ' + kind}; choose another {out_flag} or pass --overwrite")
-        elif not resume:
-            raise UserError(f"{out}: already holds a {kind}; pass --resume to continue it or --overwrite to replace it")
-        else:
-            return True
+    files.check_output_dir(out, out_flag)
+    if not out.is_dir():
+        _check_writable(out, out_flag)
+        return False
+    FolderLock(out).check()
+    if not [p for p in out.iterdir() if p.name != LOCK_FILE]:
+        _check_writable(out, out_flag)
+        return False
+    if overwrite:
+        strangers = foreign_entries(out, kind)
+        if strangers:
+            shown = ", ".join(strangers[:3]) + (f" and {len(strangers) - 3} more" if len(strangers) > 3 else "")
+            raise UserError(f"{out}: holds {shown}, which metanmt did not write; --overwrite only replaces "
+                            f"{foreign or 'a ' + kind} (move those away or choose another {out_flag})")
+        _check_writable(out, out_flag)
+        return False
+    if not marker.is_file():
+        raise UserError(f"{out}: exists and is not {foreign or 'a ' + kind}; choose another {out_flag} or pass --overwrite")
+    if not resume:
+        raise UserError(f"{out}: already holds a {kind}; pass --resume to continue it or --overwrite to replace it")
+    _check_writable(out, out_flag)
+    return True
+
+
+def _check_writable(out: Path, out_flag: str) -> None:
+    existing = next((p for p in [out, *out.parents] if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{out_flag} {out}: {existing} is not writable; choose another {out_flag}")
+
+
+def take_directory(out: Path, overwrite: bool, lock: bool = True) -> bool:
+    """Create ``out``, lock it for this process and, with ``overwrite``, empty it (after
+    :func:`inspect_directory` allowed it). Returns True when this call created the folder."""
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    return False
+    if lock:
+        held = _HELD.get(out.resolve()) or FolderLock(out)
+        held.acquire()
+        _HELD[out.resolve()] = held
+    if overwrite:
+        for entry in out.iterdir():
+            if entry.name == LOCK_FILE:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    return created
 
 
-def prepare_output_dir(output_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix two different runs in one directory (unless ``overwrite``)."""
+def release_directory(out: Path) -> None:
+    """Give up this process's lock on ``out`` (a no-op when it holds none)."""
+    held = _HELD.pop(Path(out).resolve(), None)
+    if held is not None:
+        held.release()
+
+
+def undo_claim(out: Path, kind: str, created: bool) -> None:
+    """After a failure before anything worth keeping was written: remove what metanmt wrote into
+    ``out`` (and ``out`` itself if this run created it), so the corrected rerun is not refused."""
+    if out.is_dir() and not foreign_entries(out, kind):
+        for entry in out.iterdir():
+            if entry.name == LOCK_FILE:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+    release_directory(out)
+    if created:
+        try:
+            out.rmdir()
+        except OSError:
+            pass
+
+
+def claim_directory(
+    out: Path, marker: Path, kind: str, resume: bool, overwrite: bool, foreign: str = "", out_flag: str = "--output-dir"
+) -> bool:
+    """:func:`inspect_directory`, then :func:`take_directory`: check everything about ``out``, then
+    lock it (and empty it with ``overwrite``). Returns True when ``out`` holds an earlier ``kind``
+    to continue. Callers check their other inputs first: nothing is removed before this call."""
+    continuing = inspect_directory(out, marker, kind, resume, overwrite, foreign, out_flag)
+    take_directory(out, overwrite)
+    return continuing
+
+
+def inspect_output_dir(output_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool) -> bool:
+    """Refuse to mix two different runs in one directory (unless ``overwrite``); touches nothing.
+    Returns True when ``output_dir`` holds this run to continue."""
     saved = output_dir / CONFIG_FILE
-    if claim_directory(output_dir, saved, "run", resume, overwrite, foreign="a metanmt run"):
+    continuing = inspect_directory(output_dir, saved, "run", resume, overwrite, foreign="a metanmt run")
+    if continuing:
         details = describe_changes(read_yaml(saved), cfg.to_dict(), ignore=RESUMABLE_CHANGES)
         if details:
             raise UserError(f"{output_dir}: holds a different run ({details}); pass --overwrite to replace it")
-    atomic_write_text(saved, dump_config(cfg))
+    return continuing
+
+
+def prepare_output_dir(output_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool) -> bool:
+    """:func:`inspect_output_dir`, then lock (and with ``overwrite`` empty) the folder and write the
+    resolved config. Returns True when this call created the folder."""
+    inspect_output_dir(output_dir, cfg, resume, overwrite)
+    created = take_directory(output_dir, overwrite)
+    atomic_write_text(output_dir / CONFIG_FILE, dump_config(cfg))
+    return created
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -124,20 +238,79 @@ def commit_directory(tmp: Path, final: Path) -> None:
 
 
 def export_files(directory: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(tmp_dir)``, then rename each file it wrote into ``directory`` (file by file atomic)."""
+    """Run ``write(tmp_dir)``, then rename each file it wrote into ``directory`` (file by file atomic).
+
+    The names are recorded in ``WRITTEN_FILE``, so ``--overwrite`` knows them as metanmt's own; a
+    failed write (a full disk) removes the temporary folder."""
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / ".tmp-export"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    write(tmp)
-    for item in tmp.iterdir():
-        target = directory / item.name
-        if item.is_dir():
-            commit_directory(item, target)
-        else:
-            os.replace(item, target)
-    tmp.rmdir()
+    try:
+        write(tmp)
+        names = sorted(item.name for item in tmp.iterdir())
+        _record_written(directory, names)
+        for item in tmp.iterdir():
+            target = directory / item.name
+            if item.is_dir():
+                commit_directory(item, target)
+            else:
+                os.replace(item, target)
+        tmp.rmdir()
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _record_written(directory: Path, names: list[str]) -> None:
+    path = directory / WRITTEN_FILE
+    old: list[str] = []
+    if path.is_file():
+        try:
+            old = list(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            old = []
+    if set(names) - set(old):
+        atomic_write_text(path, json.dumps(sorted(set(old) | set(names))))
+
+
+MANIFEST = "manifest.json"
+
+
+def write_manifest(checkpoint: Path) -> None:
+    """Record every file of a fully written checkpoint with its size (the last file written)."""
+    sizes = {str(p.relative_to(checkpoint)): p.stat().st_size for p in sorted(checkpoint.rglob("*"))
+             if p.is_file() and p.name != MANIFEST}
+    atomic_write_text(checkpoint / MANIFEST, json.dumps(sizes, indent=1))
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why ``checkpoint`` cannot be resumed from (a file missing or truncated), or None if it is whole.
+
+    Checkpoints written before manifests existed are checked by their trainer state and weights."""
+    manifest = checkpoint / MANIFEST
+    if manifest.is_file():
+        try:
+            sizes = dict(json.loads(manifest.read_text(encoding="utf-8")))
+        except (OSError, ValueError) as exc:
+            return f"{MANIFEST} is unreadable ({exc})"
+        for name, size in sizes.items():
+            path = checkpoint / name
+            if not path.is_file():
+                return f"{name} is missing"
+            actual = path.stat().st_size
+            if actual != size:
+                return f"{name} has {actual} of its {size} bytes"
+    else:
+        state = checkpoint / "trainer_state.json"
+        if not state.is_file():
+            return "trainer_state.json is missing"
+    for path in sorted(checkpoint.glob("*.safetensors")):
+        problem = files.safetensors_problem(path)
+        if problem:
+            return f"{path.name}: {problem}"
+    return None
 
 
 def prune_checkpoints(output_dir: Path, keep: int) -> None:

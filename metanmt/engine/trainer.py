@@ -19,6 +19,7 @@ of the tasks' contributions. Use::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -28,7 +29,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from accelerate import Accelerator
@@ -158,6 +159,19 @@ def _add_sizes(family: TaskFamily, episode: Episode, examples: float, tokens: fl
     return examples, tokens
 
 
+def check_run_inputs(cfg: RunConfig, output_dir: Path) -> None:
+    """The output folder is none of the run's inputs, holds none, and is not inside a model it reads."""
+    from ..files import refuse_overlap
+
+    def paths(items: list[tuple[str, Any]]) -> list[tuple[str, Path]]:
+        return [(k, Path(v).expanduser()) for k, v in items if isinstance(v, str) and v]
+
+    # a run folder may live under the data root, never inside a model or tokenizer it reads
+    refuse_overlap(output_dir, paths([("data.root", cfg.data.root), ("suite", cfg.suite)]), "--output-dir", inside_ok=True)
+    refuse_overlap(output_dir, paths([("model.pretrained", cfg.model.get("pretrained")), ("task.vocab", cfg.task.get("vocab"))]),
+                   "--output-dir")
+
+
 def make_accelerator(cfg: RunConfig, output_dir: Path) -> Accelerator:
     return Accelerator(
         cpu=not torch.cuda.is_available(),
@@ -190,15 +204,19 @@ class MetaTrainer:
             log.info("meta-training on %d process(es), %s, device %s", acc.num_processes, acc.distributed_type, acc.device)
         if acc.num_processes > 1 and "OMP_NUM_THREADS" not in os.environ and acc.device.type == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // acc.num_processes))  # design.md pitfall 6
-        # every config error surfaces before the output directory is touched
+        # everything that can be checked is checked before the output directory is touched: the
+        # config, the folder itself, the data, the validation data, the vocabulary and the model
         self.family = build_family(cfg)
         self.algorithm = registry.algorithm(cfg.algorithm.name)(cfg.algorithm)
         check_task_batching(cfg, self.family, self.algorithm)
-        self.family.prepare()
+        self._fresh = True
         if acc.is_main_process:
-            ckpt.prepare_output_dir(self.output_dir, cfg, resume=resume, overwrite=overwrite)
-        acc.wait_for_everyone()
-        if resume:
+            check_run_inputs(cfg, self.output_dir)
+            self._fresh = not ckpt.inspect_output_dir(self.output_dir, cfg, resume=resume, overwrite=overwrite)
+        self.family.prepare()
+        if cfg.train.eval_every or cfg.train.show_examples:
+            self.family.prepare_validation()
+        if resume and self.output_dir.is_dir():
             self.family.on_resume(self.output_dir)
         torch.manual_seed(cfg.train.seed)
         self.model = self.family.build_model().to(acc.device)
@@ -222,8 +240,24 @@ class MetaTrainer:
             acc.register_for_checkpointing(obj)
         if self.learned_lrs is not None:
             acc.register_for_checkpointing(self.learned_lrs)
+        self._created = False
+        if acc.is_main_process:
+            self._created = ckpt.prepare_output_dir(self.output_dir, cfg, resume=resume, overwrite=overwrite)
+        acc.wait_for_everyone()
         if resume:
-            self._load_latest()
+            with self._undo_on_failure():
+                self._load_latest()
+
+    @contextlib.contextmanager
+    def _undo_on_failure(self) -> Iterator[None]:
+        """A fresh run that fails before its first checkpoint gives its folder back (and its lock),
+        so that the corrected rerun is not refused as "already holds a run"."""
+        try:
+            yield
+        except Exception:
+            if self.accelerator.is_main_process and self._fresh and not ckpt.list_checkpoints(self.output_dir):
+                ckpt.undo_claim(self.output_dir, "run", self._created)
+            raise
 
     # -- one meta-step -------------------------------------------------------------------------
     def meta_params(self) -> dict[str, Tensor]:
@@ -328,6 +362,24 @@ class MetaTrainer:
         )
         last: dict[str, float] = {}
         started = time.perf_counter() - self.state.seconds
+        if self.state.step >= cfg.train.steps and acc.is_main_process:
+            log.info("%s: already at step %d of train.steps=%d; nothing to train (raise train.steps to continue)",
+                     self.output_dir, self.state.step, cfg.train.steps)
+        try:
+            with self._undo_on_failure():
+                last = self._loop(bar, started)
+            examples = self.show_examples() if cfg.train.show_examples else None
+        finally:
+            bar.close()
+            if acc.is_main_process:
+                ckpt.release_directory(self.output_dir)
+        if cfg.train.trackers:
+            acc.end_training()
+        return {**last, **self.state.state_dict(), **({"examples": examples} if examples else {})}
+
+    def _loop(self, bar: Any, started: float) -> dict[str, float]:
+        acc, cfg = self.accelerator, self.cfg
+        last: dict[str, float] = {}
         while self.state.step < cfg.train.steps:
             step = self.state.step
             last = self.meta_step(step)
@@ -345,10 +397,19 @@ class MetaTrainer:
                 self.validate()
             if self.state.step % max(1, cfg.train.save_every) == 0 or self.state.step == cfg.train.steps:
                 self.save()
-        bar.close()
-        if cfg.train.trackers:
-            acc.end_training()
-        return {**last, **self.state.state_dict()}
+        return last
+
+    def show_examples(self) -> list[dict[str, str]] | None:
+        """``train.show_examples`` held-out examples from the family (translation: source, reference,
+        zero-shot output and the output after the short dev fine-tune), logged for the user; families
+        without such examples return None and nothing is shown."""
+        rows = None
+        if self.accelerator.is_main_process:
+            rows = self.family.examples(self.accelerator.unwrap_model(self.model), self.cfg.train.show_examples)
+            for i, row in enumerate(rows or [], 1):
+                log.info("example %d:\n%s", i, "\n".join(f"  {key:>11}: {value}" for key, value in row.items()))
+        self.accelerator.wait_for_everyone()
+        return rows
 
     def validate(self) -> dict[str, float] | None:
         acc = self.accelerator
@@ -393,10 +454,20 @@ class MetaTrainer:
             if tmp.exists():
                 shutil.rmtree(tmp)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
+        try:
+            acc.save_state(str(tmp))
+        except Exception:
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no half-written .tmp-step_N
+            raise
         acc.wait_for_everyone()
         if acc.is_main_process:
-            ckpt.atomic_write_text(tmp / "trainer_state.json", json.dumps(self.state.state_dict(), indent=2))
+            try:
+                ckpt.atomic_write_text(tmp / "trainer_state.json", json.dumps(self.state.state_dict(), indent=2))
+                ckpt.write_manifest(tmp)  # last: a checkpoint without it (or not matching it) is incomplete
+            except Exception:
+                shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no half-written .tmp-step_N
+                raise
             ckpt.commit_directory(tmp, final)
             ckpt.prune_checkpoints(self.output_dir, self.cfg.train.keep_checkpoints)
             ckpt.export_files(self.output_dir, self._write_model)
@@ -404,12 +475,23 @@ class MetaTrainer:
         return final
 
     def _load_latest(self) -> None:
-        latest = ckpt.latest_checkpoint(self.output_dir)
-        if latest is None:
+        """Resume from the newest complete checkpoint; damaged ones (a file missing or cut short,
+        e.g. a disk that filled up or a copy that stopped) are skipped and named."""
+        found = ckpt.list_checkpoints(self.output_dir)
+        if not found:
             log.warning("--resume: no checkpoint in %s yet; starting from step 0", self.output_dir)
             return
-        self.accelerator.load_state(str(latest))
-        log.info("resumed from %s at step %d", latest, self.state.step)
+        skipped = []
+        for candidate in reversed(found):
+            problem = ckpt.checkpoint_problem(candidate)
+            if problem is None:
+                self.accelerator.load_state(str(candidate))
+                log.info("resumed from %s at step %d", candidate, self.state.step)
+                return
+            skipped.append(f"{candidate.name} ({problem})")
+            log.warning("--resume: skipping %s: %s", candidate, problem)
+        raise UserError(f"{self.output_dir}: no complete checkpoint to resume from (damaged: {'; '.join(skipped)}); "
+                        "start again with --overwrite")
 
 
 def read_history(output_dir: str | Path, kind: str) -> list[dict[str, Any]]:

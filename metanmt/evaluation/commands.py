@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..adaptation.recipe import FinetuneRecipe
+from ..argtypes import at_least, non_negative_float, positive_float
 from ..errors import UserError
 
 log = logging.getLogger("metanmt")
@@ -43,18 +44,18 @@ def add_recipe_flags(p: argparse.ArgumentParser) -> None:
     d = FinetuneRecipe()
     g = p.add_argument_group("fine-tuning recipe")
     g.add_argument("--adapt", default=d.adapt, help="all | emb+enc (MetaNMT) | emb | comma-separated fnmatch patterns")
-    g.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (default %(default)s)")
-    g.add_argument("--max-tokens", type=int, default=d.max_tokens, help="target tokens per batch (default %(default)s)")
-    g.add_argument("--epochs", type=float, default=d.epochs,
+    g.add_argument("--lr", type=positive_float, default=d.lr, help="Adam learning rate (default %(default)s)")
+    g.add_argument("--max-tokens", type=at_least(1), default=d.max_tokens, help="target tokens per batch (default %(default)s)")
+    g.add_argument("--epochs", type=positive_float, default=d.epochs,
                    help="updates = ceil(epochs x batches per epoch), clamped to [--min-steps, --max-steps] (default %(default)s)")
-    g.add_argument("--min-steps", type=int, default=d.min_steps)
-    g.add_argument("--max-steps", type=int, default=d.max_steps)
-    g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="gradient norm clip, 0 = none (default %(default)s)")
-    g.add_argument("--eval-every", type=int, default=d.eval_every, help="updates between dev evaluations, 0 = updates/10")
-    g.add_argument("--patience", type=int, default=d.patience, help="evaluations without improvement before stopping, 0 = never")
+    g.add_argument("--min-steps", type=at_least(0), default=d.min_steps)
+    g.add_argument("--max-steps", type=at_least(1), default=d.max_steps)
+    g.add_argument("--grad-clip", type=non_negative_float, default=d.grad_clip, help="gradient norm clip, 0 = none (default %(default)s)")
+    g.add_argument("--eval-every", type=at_least(0), default=d.eval_every, help="updates between dev evaluations, 0 = updates/10")
+    g.add_argument("--patience", type=at_least(0), default=d.patience, help="evaluations without improvement before stopping, 0 = never")
     g.add_argument("--dev-metric", choices=["bleu", "chrf", "loss"], default=d.dev_metric)
-    g.add_argument("--dev-segments", type=int, default=d.dev_segments, help="first N dev pairs are scored")
-    g.add_argument("--dev-beam", type=int, default=d.dev_beam, help="beam on the dev set (1 = greedy)")
+    g.add_argument("--dev-segments", type=at_least(1), default=d.dev_segments, help="first N dev pairs are scored")
+    g.add_argument("--dev-beam", type=at_least(1), default=d.dev_beam, help="beam on the dev set (1 = greedy)")
 
 
 def recipe_from_args(args: argparse.Namespace, seed: int = 0) -> FinetuneRecipe:
@@ -119,9 +120,9 @@ def add_translation_commands(sub: Any) -> None:
     p.add_argument("--train", required=True, type=Path, help="fine-tuning corpus (TSV/JSONL/.po, .gz too)")
     p.add_argument("--dev", type=Path, help="dev corpus for early stopping (none: every planned update, last model)")
     p.add_argument("--output-dir", required=True, type=Path)
-    p.add_argument("--budget-words", type=int, help="use only this many English words of --train")
+    p.add_argument("--budget-words", type=at_least(1), help="use only this many English words of --train")
     p.add_argument("--budget-order", choices=["prefix", "sample"], default="prefix", help="which pairs make the budget")
-    p.add_argument("--seed", type=int, default=0, help="batch order, dropout and the budget sample")
+    p.add_argument("--seed", type=at_least(0), default=0, help="batch order, dropout and the budget sample")
     p.add_argument("--resume", action="store_true", help="continue a killed fine-tune in --output-dir")
     p.add_argument("--overwrite", action="store_true", help="replace what --output-dir holds")
     add_recipe_flags(p)
@@ -131,9 +132,9 @@ def add_translation_commands(sub: Any) -> None:
     p.add_argument("run", type=Path, help="a run folder, RUN/best, a fine-tune output, or a save_pretrained folder")
     p.add_argument("--input", required=True, type=Path, help="one source segment per line (or a TSV/JSONL corpus)")
     p.add_argument("--output", required=True, type=Path)
-    p.add_argument("--beam", type=int, default=4, help="beam size, 1 = greedy (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, help="default: the run's task.max_new_tokens")
+    p.add_argument("--beam", type=at_least(1), default=4, help="beam size, 1 = greedy (default %(default)s)")
+    p.add_argument("--batch-size", type=at_least(1), default=32)
+    p.add_argument("--max-new-tokens", type=at_least(1), help="default: the run's task.max_new_tokens")
     p.set_defaults(func=_translate)
 
     p = sub.add_parser("score", help="sacreBLEU BLEU and chrF of a hypothesis file against a reference file")
@@ -150,18 +151,18 @@ def add_translation_commands(sub: Any) -> None:
     p.add_argument("--langs", nargs="+", required=True)
     p.add_argument("--budgets", nargs="+", default=["0", "4k", "16k", "40k"],
                    help="0 = zero-shot; others name files by --finetune-pattern (default %(default)s)")
-    p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds 0..N-1 (default %(default)s)")
+    p.add_argument("--seeds", type=at_least(1), default=3, help="fine-tuning seeds 0..N-1 (default %(default)s)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--dev", help="dev corpus for early stopping, relative to --data-root, may use {lang} "
                                  "(default: none, every planned update and the last model)")
-    p.add_argument("--beam", type=int, default=4, help="beam size on the test sets (default %(default)s)")
-    p.add_argument("--max-test-segments", type=int, help="score only the first N test segments")
+    p.add_argument("--beam", type=at_least(1), default=4, help="beam size on the test sets (default %(default)s)")
+    p.add_argument("--max-test-segments", type=at_least(1), help="score only the first N test segments")
     p.add_argument("--test-pattern", default="test/{lang}.tsv.gz")
     p.add_argument("--finetune-pattern", default="finetune/{lang}.{budget}.tsv.gz")
     p.add_argument("--no-scratch", action="store_true", help="no automatic from-scratch row")
-    p.add_argument("--scratch-seeds", type=int, help="fine-tuning seeds of the from-scratch rows (default: --seeds)")
+    p.add_argument("--scratch-seeds", type=at_least(1), help="fine-tuning seeds of the from-scratch rows (default: --seeds)")
     p.add_argument("--report-only", action="store_true", help="write the report from the finished cells; run none")
-    p.add_argument("--scratch-seed", type=int, default=0, help="initialization seed of the from-scratch row")
+    p.add_argument("--scratch-seed", type=at_least(0), default=0, help="initialization seed of the from-scratch row")
     p.add_argument("--keep-models", action="store_true", help="keep each cell's fine-tuned model in OUT/work/")
     p.add_argument("--overwrite", action="store_true", help="discard OUT's finished cells")
     add_recipe_flags(p)

@@ -126,6 +126,11 @@ class TaskFamily(abc.ABC):
         """Read (or check) the training data now, so that a missing file or a bad row is reported
         before a run directory is created; called once by the trainer. Default: nothing to do."""
 
+    def prepare_validation(self) -> None:
+        """Read (or check) the held-out data :meth:`validate` and :meth:`examples` use, so that a bad
+        dev file is reported before the run directory is touched (called when ``train.eval_every``
+        or ``train.show_examples`` is on). Default: nothing to do."""
+
     def on_resume(self, directory: Path) -> None:
         """Adopt what a run directory holds besides the weights (a tokenizer) before ``build_model``."""
 
@@ -135,6 +140,11 @@ class TaskFamily(abc.ABC):
 
         Return a dict with a ``score`` key (higher is better) to keep the best checkpoint, or None.
         """
+        return None
+
+    def examples(self, model: nn.Module, n: int) -> list[dict[str, str]] | None:
+        """Optional: ``n`` held-out examples a user can look at after training (``train.show_examples``),
+        each a dict of labelled strings. Default: None (nothing to show)."""
         return None
 
 

@@ -206,6 +206,19 @@ class TranslationFamily(TaskFamily):
                 raise ConfigError(f"task.{key}: must be at least 1, got {getattr(t, key)}")
         if t.temperature <= 0:
             raise ConfigError(f"task.temperature: must be positive, got {t.temperature}")
+        for key, low in (("dev_finetune_steps", 0), ("vocab_max_sentences", 1), ("dev_seed", 0)):
+            if getattr(t, key) < low:
+                raise ConfigError(f"task.{key}: expected a value >= {low}, got {getattr(t, key)}")
+        if not t.dev_finetune_lr > 0:
+            raise ConfigError(f"task.dev_finetune_lr: expected a value > 0, got {t.dev_finetune_lr}")
+        for key in ("d_model", "encoder_layers", "decoder_layers", "attention_heads", "ffn_dim", "max_positions"):
+            if getattr(m, key) < 1:
+                raise ConfigError(f"model.{key}: expected a value >= 1, got {getattr(m, key)}")
+        for key in ("dropout", "attention_dropout", "activation_dropout"):
+            if not 0 <= getattr(m, key) < 1:
+                raise ConfigError(f"model.{key}: expected a value in [0, 1), got {getattr(m, key)}")
+        if not m.init_std > 0:
+            raise ConfigError(f"model.init_std: expected a value > 0, got {m.init_std}")
         if m.pretrained is None:
             if m.d_model % m.attention_heads:
                 raise ConfigError(f"model.d_model: {m.d_model} is not divisible by model.attention_heads={m.attention_heads}")
@@ -357,6 +370,11 @@ class TranslationFamily(TaskFamily):
     def prepare(self) -> None:
         """Read every training language (errors name the file and line) before the run starts."""
         self.corpus("train")
+
+    def prepare_validation(self) -> None:
+        """Read every dev language's sets now (a malformed dev file is an error before the run starts)."""
+        for lang in self.languages("dev"):
+            self.dev_sets(lang)
 
     def on_resume(self, directory: Path) -> None:
         """A resumed run keeps the vocabulary it started with, even if the vocab cache is gone."""
@@ -728,6 +746,32 @@ class TranslationFamily(TaskFamily):
         metric = {"bleu": "dev_bleu", "chrf": "dev_chrf", "loss": "dev_loss"}[t.dev_metric]
         out["score"] = -out[metric] if t.dev_metric == "loss" else out[metric]
         return out
+
+
+    def examples(self, model: nn.Module, n: int) -> list[dict[str, str]]:
+        """The first ``n`` scored dev segments of the first dev language: source, reference, the
+        zero-shot translation and the translation after the short dev fine-tune of :meth:`validate`
+        (same data, steps and seed). The caller's model and RNG state are left untouched."""
+        t = self.task_cfg
+        langs = self.languages("dev") if t.dev_languages else []
+        if not langs or n < 1:
+            return []
+        lang = langs[0]
+        model = getattr(model, "module", model)
+        finetune_pairs, eval_pairs = self.dev_sets(lang)
+        shown = eval_pairs[:n]
+        sources = [p.src for p in shown]
+        device = next(model.parameters()).device
+        cuda = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda), _train_mode_restored(model):
+            zero_shot = self.translate(model, sources)
+            torch.manual_seed(t.dev_seed)
+            tuned = self.finetune(copy.deepcopy(model), finetune_pairs, t.dev_finetune_steps, t.dev_finetune_lr,
+                                  t.dev_finetune_tokens, t.dev_adapt, seed=t.dev_seed)
+            adapted = self.translate(tuned, sources)
+            del tuned
+        return [{"language": lang, "source": p.src, "reference": p.en, "zero-shot": z,
+                 f"after {t.dev_finetune_steps} steps": a} for p, z, a in zip(shown, zero_shot, adapted)]
 
 
 @contextlib.contextmanager
