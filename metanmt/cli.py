@@ -104,6 +104,10 @@ def _plot_sinusoid(args: argparse.Namespace) -> int:
     from .engine.run import load_run
     from .evaluation.sinusoid import plot_sinusoid
 
+    from .files import check_output_file, refuse_same_file
+
+    check_output_file(args.out, "--out")
+    refuse_same_file(args.out, [(f"a file of {r}", p) for r in args.runs if Path(r).is_dir() for p in Path(r).iterdir()], "--out")
     runs = [load_run(r) for r in args.runs]
     wrong = [str(r.directory) for r in runs if r.cfg.family != "sinusoid"]
     if wrong:

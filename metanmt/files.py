@@ -157,3 +157,26 @@ def safetensors_problem(path: str | Path) -> Optional[str]:
     if 8 + length + end > size:
         return f"truncated ({size} of {8 + length + end} bytes)"
     return None
+
+
+def saved_model_problem(directory: str | Path) -> Optional[str]:
+    """``FILE: what is wrong`` for a damaged ``save_pretrained`` folder (config.json unreadable, a
+    weights file missing or cut short), else None; only headers are read."""
+    import json
+
+    directory = Path(directory)
+    config = directory / "config.json"
+    if config.is_file():
+        try:
+            json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            return f"{config}: damaged, not valid JSON ({exc})"
+    weights = sorted(directory.glob("*.safetensors"))
+    index = directory / "model.safetensors.index.json"
+    if config.is_file() and not weights and not index.is_file() and not any(directory.glob("*.bin")):
+        return f"{directory / 'model.safetensors'}: missing; the folder has a config.json but no weights"
+    for path in weights:
+        problem = safetensors_problem(path)
+        if problem:
+            return f"{path}: {problem}"
+    return None

@@ -273,6 +273,11 @@ def open_translation_model(path: str | Path, device: str | torch.device = "cpu")
         return LoadedModel(run.family, run.model, str(path.resolve()), cfg_dict, meta_training_state(run_dir))
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: neither a metanmt run ({ckpt.CONFIG_FILE}) nor a saved model (config.json)")
+    from ..files import saved_model_problem
+
+    problem = saved_model_problem(path)
+    if problem:
+        raise UserError(f"{problem}; the saved model is damaged")
     cfg_dict = plain_run_config()
     family = TranslationFamily(cfg_dict["task"], cfg_dict["model"])
     try:

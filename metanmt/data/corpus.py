@@ -363,6 +363,7 @@ def read_gettext(path: str | Path, lang: Optional[str] = None) -> Corpus:
         if path.suffix == ".mo":
             catalog = read_mo(io.BytesIO(data))
         elif path.suffix == ".po":
+            _check_po_syntax(path, data)
             catalog = read_po(io.BytesIO(data), abort_invalid=True, ignore_obsolete=True)
         else:
             raise DataError(f"{path}: not a gettext catalog (expected .po or .mo)")
@@ -392,6 +393,26 @@ def read_gettext(path: str | Path, lang: Optional[str] = None) -> Corpus:
         else:
             corpus.add(lang, Pair(_clean_message(message.string), _clean_message(message.id)))
     return _finish(corpus, path, lang)
+
+
+_PO_KEYWORD = re.compile(r"^(msgctxt|msgid|msgid_plural|msgstr|msgstr\[\d+\])\s+(.*)$")
+_PO_STRING = re.compile(r'^"(?:[^"\\]|\\.)*"$')
+
+
+def _check_po_syntax(path: Path, data: bytes) -> None:
+    """Every line of a .po file is blank, a comment, a keyword with a quoted string, or a quoted
+    continuation; babel accepts an unterminated ``msgid "Broken`` as a message, so it is checked here."""
+    for lineno, raw in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        keyword = _PO_KEYWORD.match(line)
+        text = keyword.group(2).strip() if keyword else line
+        if not text.startswith('"'):
+            what = f"{keyword.group(1)} without a quoted string" if keyword else "unexpected text"
+            raise DataError(f"{path}:{lineno}: not a valid .po file: {what}: {raw.strip()!r}")
+        if not _PO_STRING.match(text):
+            raise DataError(f"{path}:{lineno}: not a valid .po file: unterminated or malformed string: {raw.strip()!r}")
 
 
 def _line_of_bad_byte(data: bytes) -> int:

@@ -157,7 +157,18 @@ def load_tokenizer(directory: str | Path):
     directory = Path(directory)
     if not (directory / "tokenizer.json").is_file() and not (directory / "tokenizer_config.json").is_file():
         raise DataError(f"{directory}: no tokenizer here (expected tokenizer.json from a metanmt run or save_pretrained)")
-    tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    # a metanmt tokenizer is tokenizer.json + tokenizer_config.json (+ spm.model); name the file that
+    # is gone instead of transformers' advice to install sentencepiece (it would try to rebuild one)
+    missing = [name for name in ("tokenizer.json", "tokenizer_config.json") if not (directory / name).is_file()]
+    if missing and (directory / SPM_FILE).is_file():
+        raise DataError(f"{directory / missing[0]}: missing; the saved tokenizer is incomplete (restore the file or "
+                        "use another saved model of the run)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError, TypeError, ImportError, KeyError) as exc:
+        present = ", ".join(sorted(p.name for p in directory.iterdir() if "token" in p.name or p.suffix in (".spm", ".model")))
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{directory}: the tokenizer cannot be loaded ({first}); tokenizer files here: {present or 'none'}") from None
     if (directory / SPM_FILE).is_file():
         tokenizer._metanmt_spm = (directory / SPM_FILE).read_bytes()
     return tokenizer

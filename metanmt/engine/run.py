@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..config import RunConfig
 from ..errors import UserError
+from ..files import saved_model_problem
 from ..tasks.base import TaskFamily
 from .checkpoint import load_run_config
 from .inner import InnerLoop, select_names
@@ -47,6 +48,10 @@ def load_run(directory: str | Path, device: str | torch.device = "cpu", model_di
     cfg = load_run_config(directory)
     family = build_family(cfg)
     source = Path(model_dir) if model_dir else directory
+    problem = saved_model_problem(source)
+    if problem:
+        raise UserError(f"{problem}; the saved model is damaged (another saved model of the run, e.g. "
+                        f"{directory / 'best'}, or `meta-train --resume` from a checkpoint can replace it)")
     try:
         model = family.load_model(source)
     except (OSError, FileNotFoundError) as exc:

@@ -47,7 +47,8 @@ import numpy as np
 
 from ..adaptation.finetune import (FINETUNE_FILE, FinetuneRecipe, Finetuner, LoadedModel, open_translation_model,
                                    read_pairs, scratch_model)
-from ..engine.checkpoint import atomic_write_text, claim_directory, describe_changes
+from ..engine.checkpoint import CONFIG_FILE, atomic_write_text, claim_directory, describe_changes, release_directory
+from ..files import refuse_overlap
 from ..errors import DataError, UserError
 from .few_shot import mean_ci95
 from .translate import evaluate_translation
@@ -216,6 +217,13 @@ def compare(inits: list[tuple[str, str]], data_root: str | Path, langs: list[str
         if not test.is_file():
             raise DataError(f"{lang}: no test file {test}")
 
+    for name, path in paths.items():  # every init is checked before --out is claimed
+        folder = Path(path)
+        if path != RANDOM and not ((folder / "config.json").is_file() or (folder / CONFIG_FILE).is_file()):
+            raise UserError(f"--init {name}={path}: " + ("no such run or model folder" if not folder.is_dir() else
+                                                           "neither a metanmt run nor a saved model (no config.json)"))
+    refuse_overlap(out, [("--data-root", data_root), *[(f"--init {n}", p) for n, p in paths.items() if p != RANDOM]], "--out")
+
     settings = {"recipe": recipe.to_dict(), "inits": {n: (p if p == RANDOM else str(Path(p).resolve())) for n, p in paths.items()},
                 "scratch_seed": scratch_seed, "dev": dev, "test_pattern": test_pattern, "finetune_pattern": finetune_pattern,
                 "num_beams": num_beams, "max_test_segments": max_test_segments, "data_root": str(data_root.resolve())}
@@ -284,6 +292,7 @@ def compare(inits: list[tuple[str, str]], data_root: str | Path, langs: list[str
         write_csv(out, load_rows(out, plan.cells))  # partial results are readable while the rest runs
     rows = load_rows(out, plan.cells)
     write_report(out, rows, names, langs, [b for b in budgets], plan.notes, settings)
+    release_directory(out)
     return {"rows": rows, "ran": len(todo), "skipped": len(plan.cells) - len(todo), "notes": plan.notes,
             "seconds": time.perf_counter() - started}
 

@@ -52,29 +52,43 @@ def score(hypotheses: list[str], references: list[str], per_segment: bool = Fals
     return out
 
 
-def read_lines(path: str | Path) -> list[str]:
+def read_lines(path: str | Path, like_sacrebleu: bool = False) -> list[str]:
     """Lines of a UTF-8 text file (``\\n`` separated; a final newline does not add an empty line;
-    empty lines are kept: an empty hypothesis is a valid, if poor, translation)."""
+    empty lines are kept: an empty hypothesis is a valid, if poor, translation).
+
+    ``like_sacrebleu``: read exactly as the ``sacrebleu`` command line does, so that ``metanmt
+    score`` gives its numbers on any file it accepts: every line loses its trailing whitespace
+    (``str.rstrip``: spaces, tabs, ``\\r``, no-break spaces, U+2028...) and a byte-order mark is
+    kept as a character of the first line. Otherwise a BOM and a ``\\r`` before ``\\n`` are removed."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     data = path.read_bytes()
+    if path.suffix == ".gz":
+        import gzip
+
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as exc:
+            raise DataError(f"{path}: not a readable gzip file ({exc})") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not valid UTF-8; re-encode the file as UTF-8") from None
-    if text.startswith("\ufeff"):
+    if text.startswith("\ufeff") and not like_sacrebleu:
         text = text[1:]
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
+    if like_sacrebleu:
+        return [line.rstrip() for line in lines]
     return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
 def score_files(hyp: str | Path, ref: str | Path, per_segment: bool = False) -> dict[str, Any]:
     """:func:`score` of two line-aligned text files; a line-count mismatch names both files."""
-    hypotheses, references = read_lines(hyp), read_lines(ref)
+    hypotheses, references = read_lines(hyp, like_sacrebleu=True), read_lines(ref, like_sacrebleu=True)
     if len(hypotheses) != len(references):
         raise DataError(f"line counts differ: {hyp} has {len(hypotheses)} lines, {ref} has {len(references)}")
     return {"hyp": str(hyp), "ref": str(ref), **score(hypotheses, references, per_segment)}

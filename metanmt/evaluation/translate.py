@@ -25,6 +25,7 @@ from ..adaptation.finetune import LoadedModel, open_translation_model, read_pair
 from ..data.corpus import FORMATS, detect_format
 from ..engine.checkpoint import atomic_write_text
 from ..errors import DataError, UserError
+from ..files import check_output_file, refuse_same_file
 from .scoring import read_lines, score
 
 log = logging.getLogger(__name__)
@@ -72,8 +73,14 @@ def read_sources(path: str | Path) -> list[str]:
 def translate_file(run: str | Path | LoadedModel, input_path: str | Path, output_path: str | Path, num_beams: int = 4,
                    batch_size: int = 32, max_new_tokens: Optional[int] = None) -> dict[str, Any]:
     """Translate every line of ``input_path`` into ``output_path`` (written atomically), one line each."""
+    check_output_file(output_path, "--output")
+    refuse_same_file(output_path, [("--input", input_path)], "--output")
+    if not isinstance(run, LoadedModel):
+        _refuse_model_file(output_path, run)
     loaded = run if isinstance(run, LoadedModel) else open_translation_model(run)
     sources = read_sources(input_path)
+    if not sources:
+        raise DataError(f"{input_path}: no segments to translate (the file is empty)")
     for i, s in enumerate(sources, 1):
         if "\n" in s or "\r" in s:
             raise DataError(f"{input_path}: segment {i} contains a line break; one segment per line is written")
@@ -94,6 +101,11 @@ def evaluate_translation(run: str | Path | LoadedModel, test: str | Path, num_be
     The NLL is teacher-forced cross-entropy of the references; at this scale it separates
     initializations better than BLEU (shared/docs/pilot.md), so it is reported beside it.
     """
+    if hyp_out:
+        check_output_file(hyp_out, "--hyp")
+        refuse_same_file(hyp_out, [("--test", test)], "--hyp")
+        if not isinstance(run, LoadedModel):
+            _refuse_model_file(hyp_out, run)
     loaded = run if isinstance(run, LoadedModel) else open_translation_model(run)
     pairs = read_pairs(test)
     if max_segments:
@@ -108,6 +120,13 @@ def evaluate_translation(run: str | Path | LoadedModel, test: str | Path, num_be
         atomic_write_text(Path(hyp_out), "".join(h + "\n" for h in hyps))
     return {"test": str(test), "segments": len(pairs), "num_beams": num_beams, **scores, "nll": nll,
             "translate_seconds": translate_seconds, "model": loaded.source}
+
+
+def _refuse_model_file(output: str | Path, model_dir: str | Path) -> None:
+    """An output file must not replace a file of the model folder it is translated with."""
+    folder = Path(model_dir)
+    if folder.is_dir():
+        refuse_same_file(output, [("a file of the model", p) for p in folder.iterdir() if p.is_file()], "the output")
 
 
 def format_evaluation(result: dict[str, Any]) -> str:
