@@ -302,3 +302,53 @@ def test_sigkill_during_finetune_then_resume_gives_the_same_model(run_dir: Path,
     got = json.loads((tmp_path / "victim" / "finetune.json").read_text())
     expected = json.loads((tmp_path / "whole" / "finetune.json").read_text())
     assert got["result"]["best_step"] == expected["result"]["best_step"]
+
+
+def test_a_truncated_finetune_resume_file_falls_back_to_the_previous_one(run_dir: Path, corpus: Path, tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    train = read_pairs(corpus / "finetune" / "xa.300.tsv.gz")
+    dev = read_pairs(corpus / "dev" / "xa.tsv.gz")
+    r = recipe(max_steps=9, eval_every=3, dev_metric="loss")
+
+    def tuner(out: Path) -> Finetuner:
+        loaded = open_translation_model(run_dir)
+        return Finetuner(loaded.family, loaded.model, train, r, out, dev, loaded.run_config)
+
+    whole = tuner(tmp_path / "whole")
+    expected = whole.run()
+
+    class Killed(Exception):
+        pass
+
+    first = tuner(tmp_path / "killed")
+
+    def kill(step: int) -> None:
+        if step == 7:  # checkpoints at updates 3 (previous.pt) and 6 (last.pt) exist
+            raise Killed
+
+    first.after_update = kill
+    with pytest.raises(Killed):
+        first.run()
+    last = tmp_path / "killed" / "checkpoints" / "last.pt"
+    assert (last.parent / "previous.pt").is_file()
+    last.write_bytes(last.read_bytes()[:1000])  # a copy or a disk that stopped half-way
+    resumed = tuner(tmp_path / "killed")
+    got = resumed.run(resume=True)
+    assert "skipping the damaged fine-tune checkpoint" in caplog.text and "last.pt" in caplog.text
+    assert got["dev"] == expected["dev"] and got["updates"] == expected["updates"]
+    a, b = state(whole.model), state(resumed.model)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_show_examples_prints_zero_shot_and_fine_tuned_translations(corpus: Path, tmp_path: Path) -> None:
+    from metanmt.config import load_config
+    from metanmt.engine.trainer import MetaTrainer
+
+    cfg = load_config(None, [*TINY_RUN, f"data.root={corpus}", "task.dev_languages=[xa]", "task.dev_budget='300'",
+                             "task.dev_finetune_steps=2", "train.show_examples=2"])
+    summary = MetaTrainer(cfg, tmp_path / "run").train()
+    rows = summary["examples"]
+    dev = read_pairs(corpus / "dev" / "xa.tsv.gz")
+    assert [row["source"] for row in rows] == [p.src for p in dev[:2]]
+    assert [row["reference"] for row in rows] == [p.en for p in dev[:2]]
+    assert all(isinstance(row["zero-shot"], str) and isinstance(row["after 2 steps"], str) for row in rows)

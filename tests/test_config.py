@@ -73,3 +73,51 @@ def test_every_shipped_config_loads(path: Path) -> None:
     """A typo in a shipped config (a renamed key, a bad value) fails here, not in a user's run."""
     cfg = load_config(path, ["data.root=/data"])
     assert cfg.family and cfg.train.steps > 0
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr=-1", r"optim.lr: expected a value > 0, got -1"),
+        ("optim.lr=0", r"optim.lr: expected a value > 0"),
+        ("optim.betas=[0.9]", r"optim.betas: expected 2 values in \[0, 1\)"),
+        ("optim.betas=[0.9, 1.5]", r"optim.betas: expected values in \[0, 1\)"),
+        ("optim.momentum=-0.1", r"optim.momentum: expected a value in \[0, 1\)"),
+        ("optim.weight_decay=-1", r"optim.weight_decay: expected a value >= 0"),
+        ("optim.grad_clip=-1", r"optim.grad_clip: expected a value >= 0"),
+        ("optim.warmup_steps=-3", r"optim.warmup_steps: expected a value >= 0"),
+        ("train.steps=0", r"train.steps: expected a value >= 1, got 0"),
+        ("train.steps=-5", r"train.steps: expected a value >= 1, got -5"),
+        ("train.meta_batch_size=0", r"train.meta_batch_size: expected a value >= 1"),
+        ("train.save_every=0", r"train.save_every: expected a value >= 1"),
+        ("train.seed=-1", r"train.seed: expected a value >= 0"),
+        ("algorithm.inner_steps=0", r"algorithm.inner_steps: expected a value >= 1"),
+        ("algorithm.inner_lr=-0.01", r"algorithm.inner_lr: expected a value > 0"),
+        ("algorithm.eval_inner_lr=0", r"algorithm.eval_inner_lr: expected a value > 0"),
+        ("optim.lr=.nan", r"optim.lr: expected a value > 0, got nan"),
+    ],
+)
+def test_values_out_of_range_are_refused_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/sinusoid_maml.yaml", [override])
+
+
+def test_range_edges_that_mean_something_are_accepted():
+    cfg = load_config("configs/sinusoid_maml.yaml", ["optim.grad_clip=0", "optim.betas=[0, 0.999]", "train.eval_every=0",
+                                                     "algorithm.eval_inner_steps=0", "optim.grad_clip=null"])
+    assert cfg.optim.grad_clip is None and cfg.optim.betas == [0.0, 0.999]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.dropout=1.5", r"model.dropout: expected a value in \[0, 1\), got 1.5"),
+        ("model.attention_dropout=-0.1", r"model.attention_dropout: expected a value in \[0, 1\)"),
+        ("model.encoder_layers=0", r"model.encoder_layers: expected a value >= 1"),
+        ("task.dev_finetune_lr=0", r"task.dev_finetune_lr: expected a value > 0"),
+        ("task.support_tokens=0", r"task.support_tokens: must be at least 1"),
+    ],
+)
+def test_translation_family_ranges(override, message):
+    with pytest.raises(ConfigError, match=message):
+        build_family(load_config("configs/quickstart.yaml", [override]))

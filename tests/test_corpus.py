@@ -298,3 +298,35 @@ def test_hf_datasets_local_json_offline(tmp_path: Path, monkeypatch: pytest.Monk
     with pytest.raises(DataError, match=r"missing column\(s\) 'en'"):
         read_hf_dataset("json", data_files=str(write(tmp_path / "cols.jsonl", '{"src": "a", "english": "b"}\n')),
                         lang="ro", cache_dir=str(tmp_path / "cache"))
+
+
+def test_percent_signs_that_are_not_printf_placeholders_stay(tmp_path: Path) -> None:
+    cases = {
+        ("Reducere 50%", "50% off"): ("Reducere 50%", "50% off"),
+        ("50% gata", "50% done"): ("50% gata", "50% done"),
+        ("Salvează 20%!", "Save 20%!"): ("Salvează 20%!", "Save 20%!"),
+        ("%d%% gata", "%d%% done"): ("{0}% gata", "{0}% done"),
+        ("%2$s de %1$s", "%1$s of %2$s"): ("{1} de {0}", "{0} of {1}"),
+        ("%5.2f lei", "%5.2f lei"): ("{0} lei", "{0} lei"),
+        ("%(n)d fișiere, %-8s", "%(n)d files, %-8s"): ("{0} fișiere, {1}", "{0} files, {1}"),
+    }
+    for (src, en), expected in cases.items():
+        assert normalize_placeholders(src, en) == expected, (src, en)
+    locale = tmp_path / "locale" / "ro" / "LC_MESSAGES"
+    locale.mkdir(parents=True)
+    (locale / "app.po").write_text('#, python-format\nmsgid "50% off"\nmsgstr "50% reducere"\n')
+    convert_gettext(tmp_path / "locale", tmp_path / "out")
+    assert (tmp_path / "out" / "ro.tsv").read_text(encoding="utf-8").splitlines()[1].split("\t")[1:3] == ["50% reducere", "50% off"]
+
+
+@pytest.mark.parametrize("text, line", [
+    ('msgid "Open"\nmsgstr "Deschide"\n\nmsgid "Broken\nmsgstr "Stricat"\n', 4),
+    ('msgid "Open"\nmsgstr "Deschide\n', 2),
+    ('msgid "Open"\nmsgstr Deschide\n', 2),
+    ('msgid "Open"\n"more\nmsgstr "x"\n', 2),
+])
+def test_malformed_po_is_an_error_naming_file_and_line(tmp_path: Path, text: str, line: int) -> None:
+    path = tmp_path / "ro.po"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(DataError, match=rf"{path}:{line}: not a valid .po file"):
+        read_gettext(path)

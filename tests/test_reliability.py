@@ -111,3 +111,51 @@ def test_unknown_language_in_the_l10n_suite_is_named(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "xx" in errors[0], proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "no manifest"])
+def test_resume_skips_a_damaged_latest_checkpoint_and_ends_bitwise_equal(tmp_path, damage, caplog, monkeypatch):
+    sets = ["train.steps=6", "train.save_every=2", "train.trackers=[]", "model.hidden=[8]", "train.meta_batch_size=2",
+            "train.keep_checkpoints=5", "optim.schedule=cosine"]
+    cfg = load_config("configs/sinusoid_maml.yaml", sets)
+    MetaTrainer(cfg, tmp_path / "whole").train()
+    victim = MetaTrainer(cfg, tmp_path / "run")
+    original = victim.meta_step
+
+    def dies_at_4(step):
+        if step == 4:
+            raise KeyboardInterrupt("killed")
+        return original(step)
+
+    monkeypatch.setattr(victim, "meta_step", dies_at_4)
+    with pytest.raises(KeyboardInterrupt):
+        victim.train()
+    latest = tmp_path / "run" / "checkpoints" / "step_00000004"
+    assert ckpt.checkpoint_problem(latest) is None
+    weights = next(p for p in sorted(latest.iterdir()) if p.name.startswith("custom_checkpoint_0"))
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "missing":
+        weights.unlink()
+    else:
+        (latest / ckpt.MANIFEST).unlink()  # a checkpoint whose writing stopped before its manifest
+        (latest / "trainer_state.json").unlink()
+    resumed = MetaTrainer(cfg, tmp_path / "run", resume=True)
+    assert resumed.state.step == 2
+    assert "skipping" in caplog.text and "step_00000004" in caplog.text
+    resumed.train()
+    a = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    b = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_no_complete_checkpoint_is_one_clear_error(tmp_path):
+    from metanmt.errors import UserError
+
+    cfg = load_config("configs/sinusoid_maml.yaml", ["train.steps=2", "train.save_every=2", "train.trackers=[]",
+                                                     "model.hidden=[8]", "train.meta_batch_size=2"])
+    MetaTrainer(cfg, tmp_path / "run").train()
+    (tmp_path / "run" / "checkpoints" / "step_00000002" / "trainer_state.json").write_text("{")
+    with pytest.raises(UserError, match=r"no complete checkpoint to resume from .*step_00000002 \(trainer_state.json has"):
+        MetaTrainer(cfg, tmp_path / "run", resume=True)
+    assert (tmp_path / "run" / "model.safetensors").is_file()  # nothing of the run was given back
