@@ -478,6 +478,7 @@ class Finetuner:
         finished = self._prepare_output(resume, overwrite)
         if finished is not None:
             self.model = self.family.load_model(self.output_dir).to(self.device).eval()
+            ckpt.release_directory(self.output_dir)
             return finished
         r = self.recipe
         resumed = resume and self.load_checkpoint()
