@@ -574,8 +574,8 @@ def finetune_run(source: str | Path | LoadedModel, train: str | Path, output_dir
     """
     from ..files import refuse_overlap
 
-    refuse_overlap(output_dir, [("--train", train), ("--dev", dev),
-                                ("the initialization", None if isinstance(source, LoadedModel) else source)], "--output-dir")
+    init = None if isinstance(source, LoadedModel) else ckpt.run_folder_of(source)  # RUN/best: the run RUN
+    refuse_overlap(output_dir, [("--train", train), ("--dev", dev), ("the initialization", init)], "--output-dir")
     loaded = source if isinstance(source, LoadedModel) else open_translation_model(source, device)
     pairs = read_pairs(train)
     budget: dict[str, Any] = {"pairs": len(pairs), "words": english_words(pairs), "complete": True}

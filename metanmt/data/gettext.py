@@ -8,8 +8,10 @@ This is what ``metanmt data gettext path/to/locale/ --out corpus/`` runs::
 
 The output has the shared corpora's layout (``lang<TAB>src<TAB>en<TAB>origin``, no quoting), so it
 can be named in a task suite like ``../shared/data/l10n``. Placeholders (``%(name)s``, ``%s``,
-``{user}``, ``{0}``...) are rewritten as ``{0}``, ``{1}``... consistently on both sides, as in the
-shared corpus: the vocabulary keeps ``{0}``..``{9}`` atomic, so the model learns to copy them.
+``%1$s``, ``{user}``, ``{0}``...) are rewritten as ``{0}``, ``{1}``... consistently on both sides, as
+in the shared corpus: the vocabulary keeps ``{0}``..``{9}`` atomic, so the model learns to copy them.
+``%`` conversions follow Python/C printf syntax and are rewritten only in pairs whose every ``%`` is
+one (``50% off`` is text and stays; see :func:`normalize_placeholders`).
 """
 
 from __future__ import annotations

@@ -318,6 +318,14 @@ def prune_checkpoints(output_dir: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def run_folder_of(path: str | Path) -> Path:
+    """The run folder a model path belongs to: ``RUN`` for ``RUN`` and for ``RUN/best``; else the path."""
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file() and (path.parent / CONFIG_FILE).is_file():
+        return path.parent
+    return path
+
+
 def load_run_config(run_dir: str | Path) -> RunConfig:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():

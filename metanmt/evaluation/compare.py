@@ -47,7 +47,8 @@ import numpy as np
 
 from ..adaptation.finetune import (FINETUNE_FILE, FinetuneRecipe, Finetuner, LoadedModel, open_translation_model,
                                    read_pairs, scratch_model)
-from ..engine.checkpoint import CONFIG_FILE, atomic_write_text, claim_directory, describe_changes, release_directory
+from ..engine.checkpoint import (CONFIG_FILE, atomic_write_text, claim_directory, describe_changes, release_directory,
+                                 run_folder_of)
 from ..files import refuse_overlap
 from ..errors import DataError, UserError
 from .few_shot import mean_ci95
@@ -222,7 +223,8 @@ def compare(inits: list[tuple[str, str]], data_root: str | Path, langs: list[str
         if path != RANDOM and not ((folder / "config.json").is_file() or (folder / CONFIG_FILE).is_file()):
             raise UserError(f"--init {name}={path}: " + ("no such run or model folder" if not folder.is_dir() else
                                                            "neither a metanmt run nor a saved model (no config.json)"))
-    refuse_overlap(out, [("--data-root", data_root), *[(f"--init {n}", p) for n, p in paths.items() if p != RANDOM]], "--out")
+    refuse_overlap(out, [("--data-root", data_root),
+                         *[(f"--init {n}", run_folder_of(p)) for n, p in paths.items() if p != RANDOM]], "--out")
 
     settings = {"recipe": recipe.to_dict(), "inits": {n: (p if p == RANDOM else str(Path(p).resolve())) for n, p in paths.items()},
                 "scratch_seed": scratch_seed, "dev": dev, "test_pattern": test_pattern, "finetune_pattern": finetune_pattern,
