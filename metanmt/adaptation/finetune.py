@@ -27,6 +27,11 @@ initialization itself is a candidate) and every ``eval_every`` updates (0 = auto
 early after ``patience`` evaluations without improvement. Without a dev set every update runs and
 the last model is kept.
 
+The updates themselves are :class:`metanmt.tasks.translation.training.TrainingLoop`'s, the loop that
+validation during meta-training runs too; this module adds the budget, the update-scaling rule,
+dev evaluation, early stopping and checkpoints around it. Opening an initialization (a run, a saved
+model, a from-scratch copy) is :mod:`metanmt.adaptation.loading`.
+
 Resuming (``resume=True``) continues a killed fine-tune from ``OUT/checkpoints/last.pt``, which
 holds the weights, Adam's moments, the torch RNG (dropout), the epoch and batch position in the
 seeded data order, the best score and the evaluation history; the checkpoint is written at every

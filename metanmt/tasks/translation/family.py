@@ -4,8 +4,8 @@ the token-mean loss, and validation by fine-tuning on each dev language (see the
 from __future__ import annotations
 
 import copy
-import math
 import logging
+import math
 import zlib
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Optional
@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 
 class TranslationFamily(TaskFamily):
-    """X -> English translation, one task per source language (see the module docstring)."""
+    """X -> English translation, one task per source language (see the package docstring)."""
 
     name: ClassVar[str] = "translation"
     TaskConfig: ClassVar[type] = TranslationTaskConfig
