@@ -133,7 +133,7 @@ def scratch_model(like: LoadedModel, seed: int = 0) -> LoadedModel:
         torch.manual_seed(seed)
         model = AutoModelForSeq2SeqLM.from_config(config)
     model.generation_config = copy.deepcopy(like.model.generation_config)
-    model = family._prepare(model.to(next(like.model.parameters()).dtype))
+    model = family.prepare_model(model.to(next(like.model.parameters()).dtype))
     return LoadedModel(family, model.eval(), f"scratch(seed={seed}, like={like.source})", like.run_config, {})
 
 

@@ -266,10 +266,11 @@ class TranslationFamily(TaskFamily):
             _ = self.tokenizer
         else:
             model = marian.build_marian(m, self.tokenizer, t.num_beams, t.max_new_tokens)
-        return self._prepare(model)
+        return self.prepare_model(model)
 
-    def _prepare(self, model: nn.Module) -> nn.Module:
-        """:func:`~.model.prepare` (pad-row gradient, frozen positions), and the decoder start id it reads."""
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """Ready a model built or loaded elsewhere for this family: :func:`~.model.prepare` (pad-row
+        gradient, frozen positions, vocabulary size checked), and the decoder start id it reads."""
         self._decoder_start = marian.prepare(model, self.tokenizer)
         return model
 
@@ -285,7 +286,7 @@ class TranslationFamily(TaskFamily):
         if not (directory / "config.json").is_file():
             raise DataError(f"{directory}: not a saved model (no config.json)")
         self._tokenizer = load_tokenizer(directory)
-        return self._prepare(marian.load_pretrained(directory, self.model_cfg, local_files_only=True))
+        return self.prepare_model(marian.load_pretrained(directory, self.model_cfg, local_files_only=True))
 
     # -- loss ------------------------------------------------------------------------------------
     def loss(self, model: nn.Module, params: dict[str, Tensor], batch: dict[str, Tensor]) -> Tensor:
