@@ -131,7 +131,7 @@ def test_plan_orders_cells_by_seed_and_limits_scratch_seeds(setup: tuple[Path, P
 def test_a_warm_started_init_counts_the_warm_start_compute(setup: tuple[Path, Path, Path], tmp_path: Path) -> None:
     """Pretrain-then-meta-train is compared at its whole cost: the warm start's steps, pairs and
     seconds are added to the meta-training run's own (the compare report's compute table)."""
-    from metanmt.adaptation.finetune import meta_training_state, open_translation_model
+    from metanmt.adaptation.loading import meta_training_state, open_translation_model
 
     root, multi, _ = setup
     warm = make_run(root, tmp_path / "warm", f"model.pretrained={multi}", "algorithm.name=fomaml", "algorithm.inner_lr=0.05")

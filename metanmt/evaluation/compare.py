@@ -45,8 +45,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..adaptation.finetune import (FINETUNE_FILE, FinetuneRecipe, Finetuner, LoadedModel, open_translation_model,
-                                   read_pairs, scratch_model)
+from ..adaptation.finetune import FINETUNE_FILE, FinetuneRecipe, Finetuner
+from ..adaptation.loading import LoadedModel, open_translation_model, scratch_model
+from ..data.corpus import fill_placeholders, read_pairs
 from ..engine.checkpoint import (CONFIG_FILE, atomic_write_text, claim_directory, describe_changes, release_directory,
                                  run_folder_of)
 from ..files import refuse_overlap
@@ -96,9 +97,7 @@ def _read_split(data_root: Path) -> dict[str, Any]:
 
 
 def _path(data_root: Path, pattern: str, **values: str) -> Path:
-    for key, value in values.items():
-        pattern = pattern.replace("{" + key + "}", value)
-    path = Path(pattern)
+    path = Path(fill_placeholders(pattern, **values))
     return path if path.is_absolute() else data_root / path
 
 
