@@ -60,7 +60,8 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any], ignore: set[str] 
 #: what metanmt writes into its output folders, by kind; ``--overwrite`` removes a folder only when
 #: every entry is one of these (or a name recorded in WRITTEN_FILE by :func:`export_files`)
 MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors", "inner_lrs.safetensors", "tokenizer.json",
-               "tokenizer_config.json", "special_tokens_map.json", "spm.model"}
+               "tokenizer_config.json", "special_tokens_map.json", "spm.model", "language_embeddings.safetensors",
+               "language_embeddings.json"}
 WRITTEN_FILE = ".metanmt-files"
 TOOLKIT_ENTRIES: dict[str, set[str]] = {
     "run": {CONFIG_FILE, CHECKPOINTS, "best", "logs", "history.jsonl", *MODEL_FILES},

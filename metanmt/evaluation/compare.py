@@ -52,6 +52,7 @@ from ..engine.checkpoint import (CONFIG_FILE, atomic_write_text, claim_directory
                                  run_folder_of)
 from ..files import refuse_overlap
 from ..errors import DataError, UserError
+from ..tasks.language_embeddings import set_language
 from .few_shot import mean_ci95
 from .translate import evaluate_translation
 
@@ -263,6 +264,7 @@ def compare(inits: list[tuple[str, str]], data_root: str | Path, langs: list[str
         if budget_words(budget) == 0:
             tuned_info: dict[str, Any] = {}
             model = base.model
+            set_language(model, lang, base.family)  # language embeddings: a new language's table is zero
         else:
             work = work_dir / name
             if work.exists() and not (work / FINETUNE_FILE).is_file():
@@ -271,7 +273,7 @@ def compare(inits: list[tuple[str, str]], data_root: str | Path, langs: list[str
             dev_pairs = pairs_of(_path(data_root, dev, lang=lang)) if dev else None
             cell_recipe = dataclasses.replace(recipe, seed=seed)
             tuner = Finetuner(base.family, copy.deepcopy(base.model), train, cell_recipe, work, dev_pairs,
-                              base.run_config, {"cell": name, "init": settings["inits"][init]}, device)
+                              base.run_config, {"cell": name, "init": settings["inits"][init]}, device, lang=lang)
             tuned_info = tuner.run(resume=True)
             model = tuner.model
             nominal = budget_words(budget)
