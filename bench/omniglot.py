@@ -138,7 +138,8 @@ def main() -> None:
           f"({', '.join(f'{e:.0f}' for e in official['per_run_error_pct'])})", flush=True)
     small2 = evaluate_episodes(five_way_run(run), episodes=args.episodes, seed=args.eval_seed, split="test")
     acc = small2["accuracy"]
-    print(f"small2 5-way 1-shot: {100 * acc['mean']:.2f} +- {100 * acc['ci95']:.2f}%", flush=True)
+    print(f"small2 5-way 1-shot: {100 * acc['mean']:.2f} +- {100 * acc['ci95']:.2f}% (95% Student t interval, "
+          f"n={args.episodes} episodes)", flush=True)
     eval_seconds = time.perf_counter() - t1
 
     a, t = run.cfg.algorithm, run.family.task_cfg
@@ -149,7 +150,7 @@ def main() -> None:
         "algorithm": a.name,
         "meta_steps": int(trainer_state["step"]),
         "seconds": round(float(trainer_state["seconds"]), 1),
-        "small2_5w1s_acc": {"mean": acc["mean"], "ci95": acc["ci95"]},
+        "small2_5w1s_acc": {"mean": acc["mean"], "ci95": acc["ci95"], "n": args.episodes, "interval": "student_t"},
         "small2_5w1s_eval": {
             "episodes": args.episodes,
             "seed": args.eval_seed,

@@ -50,9 +50,11 @@ def main() -> None:
         train_seconds = time.perf_counter() - t0
         table = evaluate_sinusoid(load_run(out), shots=[5, 10, 20], steps=[1, 5, 10], episodes=args.episodes)
         result[name] = {k: {s: v for s, v in row.items() if s != "0"} for k, row in table["mse"].items()}
+        # half-widths of the 95% Student t interval over n = eval_episodes sines
         result[f"{name}_ci95"] = {k: {s: v for s, v in row.items() if s != "0"} for k, row in table["ci95"].items()}
         result["config"][name] = {"config": config, "overrides": sets, "train_seconds": round(train_seconds, 1),
-                                  "eval_inner_lr": table["inner_lr"], "eval_episodes": args.episodes}
+                                  "eval_inner_lr": table["inner_lr"], "eval_episodes": args.episodes,
+                                  "interval": "95% Student t, n = eval_episodes"}
         print(f"{name} (trained {train_seconds:.0f} s)\n{format_sinusoid(table)}", flush=True)
     result["seconds"] = round(time.perf_counter() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,7 @@ def _evaluate_sinusoid(run: Any, args: argparse.Namespace) -> tuple[dict, str]:
     result = evaluate_sinusoid(
         run, shots=args.shots or [5, 10, 20], steps=args.steps or [1, 5, 10], episodes=args.episodes or 600, lr=args.lr
     )
-    return result, format_sinusoid(result) + f"\nmean ± 95% CI over {result['episodes']} held-out sines"
+    return result, format_sinusoid(result) + f"\nmean ± 95% Student t interval over n={result['episodes']} held-out sines"
 
 
 def _evaluate_few_shot(run: Any, args: argparse.Namespace) -> tuple[dict, str]:
@@ -60,6 +60,7 @@ def _evaluate_few_shot(run: Any, args: argparse.Namespace) -> tuple[dict, str]:
     summary = summarize(adaptation_curve(run.inner_loop(steps=max(steps), lr=args.lr), run.model, episodes, [0, *steps]))
     result = {str(k): {m: {"mean": v[0], "ci95": v[1]} for m, v in metrics.items()} for k, metrics in summary.items()}
     lines = [f"after {k} steps: " + ", ".join(f"{m} {v['mean']:.4f} ± {v['ci95']:.4f}" for m, v in ms.items()) for k, ms in result.items()]
+    lines.append(f"mean ± 95% Student t interval over n={n} held-out episodes")
     return {"steps": result, "episodes": n}, "\n".join(lines)
 
 
@@ -79,7 +80,7 @@ def _evaluate_omniglot(run: Any, args: argparse.Namespace) -> tuple[dict, str]:
         result.update(acc)
         lines.append(
             f"{acc['ways']}-way {acc['shots']}-shot accuracy: {100 * acc['accuracy']['mean']:.2f}% "
-            f"± {100 * acc['accuracy']['ci95']:.2f} (95% CI, {acc['episodes']} episodes, {acc['inner_steps']} steps, "
+            f"± {100 * acc['accuracy']['ci95']:.2f} (95% Student t interval, n={acc['episodes']} episodes, {acc['inner_steps']} steps, "
             f"batch norm: {acc['bn_policy']})"
         )
     return result, "\n".join(lines)

@@ -2,30 +2,26 @@
 
     curve = adaptation_curve(run.inner_loop(steps=10), run.model, episodes, record=[0, 1, 5, 10])
     curve[10]["mse"]   # list of per-episode values
-    summarize(curve)   # {steps: {metric: (mean, ci95)}}
+    summarize(curve)   # {steps: {metric: (mean, 95% t-interval half-width)}}
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..engine.inner import InnerLoop, Params, full_state
 from ..tasks.base import Episode
+from .statistics import t_interval
 
 
 def mean_ci95(values: Iterable[float]) -> tuple[float, float]:
-    """Mean and the half-width of its normal-approximation 95% confidence interval."""
-    arr = np.asarray(list(values), dtype=np.float64)
-    if arr.size == 0:
-        return math.nan, math.nan
-    if arr.size == 1:
-        return float(arr[0]), math.nan
-    return float(arr.mean()), float(1.96 * arr.std(ddof=1) / math.sqrt(arr.size))
+    """Mean and the half-width of its 95% Student t interval (t(0.975, n-1) x s / sqrt(n); NaN for
+    one value). :func:`~metanmt.evaluation.statistics.t_interval` also returns n."""
+    mean, half, _ = t_interval(values)
+    return mean, half
 
 
 def adaptation_curve(
