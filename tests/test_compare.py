@@ -235,3 +235,54 @@ def test_the_shared_budget_files_are_nested_prefixes_and_1k_is_the_4k_prefix() -
         assert cut == four[: len(cut)] and english_words(cut) >= 1000 > english_words(cut[:-1])
     plan = plan_cells(["multi"], set(), SHARED_L10N, ["fi"], ["0", "1k", "4k"], 1, "finetune/{lang}.{budget}.tsv.gz")
     assert plan.cuts == {("fi", "1k"): 1000} and plan.files[("fi", "1k")].name == "fi.4k.tsv.gz"
+
+
+def _bench_compare(monkeypatch: pytest.MonkeyPatch):
+    import importlib.util
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location("bench_l10n_compare", bench / "l10n_compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_reproduction_plans_minutes_as_steps(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    """``bench/l10n_compare.py --quick``: minutes -> steps through the measured rate; the meta init
+    is warm-started from the multi run at 3/4 of its steps; the comparison gets the quick defaults
+    unless a flag is given. (The whole pipeline on a tiny corpus takes minutes, so the test plans.)"""
+    bench = _bench_compare(monkeypatch)
+    assert bench.steps_for(20, 2.0) == 600 and bench.steps_for(0.001, 5.0) == 1
+    assert bench.quick_plan(20, 2.0, 4.0, 10) == {"multi_steps": 600, "warm_steps": 450, "meta_steps": 75}
+    assert bench.quick_plan(0.01, 2.0, 4.0, 10) == {"multi_steps": 10, "warm_steps": 10, "meta_steps": 10}
+    flags = bench.with_quick_defaults(["--seeds", "1", "--lr", "1e-4"])
+    assert flags[:4] == ["--seeds", "1", "--lr", "1e-4"] and flags.count("--seeds") == 1
+    assert flags[flags.index("--budgets") + 1: flags.index("--budgets") + 4] == ["0", "1k", "4k"]
+    assert "--curve" in flags and "--scratch-seeds" in flags
+
+    runs = tmp_path / "runs"
+    argv = ["l10n_compare.py", "--quick", "--data-root", str(tmp_path), "--langs", "fi", "tr", "--minutes", "20",
+            "--seconds-per-step", "2.0", "4.0", "--runs", str(runs), "--dry-run", "--seeds", "1"]
+    monkeypatch.setattr("sys.argv", argv)
+    assert bench.main() == 0
+    out = capsys.readouterr().out
+    commands = [line for line in out.splitlines() if line.startswith("+ ")]
+    assert len(commands) == 4 and not runs.exists()  # a dry run trains and writes nothing
+    assert "l10n_multitask.yaml" in commands[0] and "train.steps=450" in commands[0]
+    assert "l10n_meta_warm.yaml" in commands[1] and "train.steps=75" in commands[1]
+    assert f"model.pretrained={runs / 'multi_at_450'}" in commands[1]
+    assert "l10n_multitask.yaml" in commands[2] and "train.steps=600" in commands[2]
+    assert all("train.eval_every=0" in c for c in commands[:3])
+    assert commands[3].startswith("+ metanmt compare --init meta=") and "--seeds 1" in commands[3]
+    assert "--budgets 0 1k 4k" in commands[3] and "--curve 0 10 30 100" in commands[3]
+
+    rates = argv.index("--seconds-per-step")
+    no_rates = argv[:rates] + argv[rates + 3:]  # a dry run measures nothing
+    for bad in (no_rates, [*argv[:2], "--init", "a=b", *argv[2:]]):  # and --quick trains its own inits
+        assert "--dry-run" in bad
+        monkeypatch.setattr("sys.argv", bad)
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main()
+        assert exit_info.value.code == 2

@@ -36,6 +36,7 @@ of one output), a value that would mark no difference at all as significant.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Iterable, Sequence
 
@@ -124,6 +125,7 @@ def paired_mt_test(reference_hyps: Sequence[Sequence[str]], system_hyps: Sequenc
     run = significance._paired_bs_test if test == "bs" else significance._paired_ar_test
     n_samples = n_samples or DEFAULT_SAMPLES[test]
     out: dict[str, float] = {}
+    logging.getLogger("sacrebleu").setLevel(logging.WARNING)  # it logs every test at INFO
     for name, metric in _metrics().items():
         base = _seed_statistics(metric, reference_hyps, references)
         other = _seed_statistics(metric, system_hyps, references)
