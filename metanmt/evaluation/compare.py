@@ -35,7 +35,7 @@ or ``metanmt compare --init meta=runs/meta --init multi=runs/multi --data-root D
 A budget without a file of its own (``1k``) is the first that many English words of the smallest
 larger budget file (``4k``): the shared budget files are nested prefixes.
 
-The adaptation curve (``curve``, default 0 10 30 100 updates): MAML optimizes the quality after a
+The adaptation curve (``--curve``, default 0 10 30 100 updates; ``curve`` in Python, default none): MAML optimizes the quality after a
 few updates, which a fine-tune run to convergence can hide, so each fine-tuned cell also runs the
 fine-tuning loop for exactly ``max(curve)`` updates (fixed learning rate, no early stopping) and
 scores the test set after each of those update counts. It costs ``max(curve)`` more updates and
@@ -57,7 +57,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -305,17 +305,17 @@ def compare(inits: list[tuple[str, str]], data_root: str | Path, langs: list[str
             scratch_seeds: Optional[int] = None, dev: Optional[str] = None, report_only: bool = False,
             test_pattern: str = "test/{lang}.tsv.gz", finetune_pattern: str = "finetune/{lang}.{budget}.tsv.gz",
             num_beams: int = 4, max_test_segments: Optional[int] = None, keep_models: bool = False,
-            overwrite: bool = False, device: str = "cpu", curve: Optional[list[int]] = None, curve_beam: int = 1,
+            overwrite: bool = False, device: str = "cpu", curve: Sequence[int] = (), curve_beam: int = 1,
             reference: Optional[str] = None, paired_test: str = "bs", paired_samples: int = 0) -> dict[str, Any]:
     """Run (or resume) every cell and write the report; returns ``{"rows": [...], "ran": n, "skipped": m, ...}``.
 
-    ``curve``: fine-tuning updates after which the adaptation curve scores the test set (default
-    0 10 30 100; empty: none), decoded with beam ``curve_beam``. ``reference``: the init every other
+    ``curve``: fine-tuning updates after which the adaptation curve scores the test set (e.g.
+    :data:`CURVE`, the command line's default; empty: none), decoded with beam ``curve_beam``. ``reference``: the init every other
     init is tested against (default ``multi`` if present, else the first); ``paired_test``: ``bs``
     or ``ar`` (:mod:`.statistics`) with ``paired_samples`` resamples (0: sacreBLEU's default).
     """
     data_root, out = Path(data_root), Path(out)
-    curve = sorted(set(CURVE if curve is None else curve))
+    curve = sorted(set(curve))
     if any(k < 0 for k in curve):
         raise UserError(f"--curve: update counts must not be negative, got {curve}")
     if curve_beam < 1:
@@ -486,7 +486,7 @@ def write_csv(out: Path, rows: list[dict[str, Any]], curve: Optional[list[int]] 
     the adaptation curve as ``nll_at_K`` / ``chrf_at_K``."""
     path = out / "results.csv"
     tmp = path.with_name(".tmp-results.csv")
-    curve = list(CURVE if curve is None else curve)
+    curve = list(curve or [])
     counts: dict[tuple[str, str, str], int] = {}
     for row in rows:
         key = (row["init"], row["lang"], row["budget"])
@@ -535,7 +535,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict[str
     return table
 
 
-def significance(rows: list[dict[str, Any]], inits: list[str], reference: str, references: dict[str, list[str]],
+def significance(rows: list[dict[str, Any]], reference: str, references: dict[str, list[str]],
                  paired_test: str = "bs", paired_samples: int = 0) -> dict[tuple[str, str, str], dict[str, float]]:
     """(init, lang, budget) -> {"bleu", "chrf", "nll"}: Holm-corrected p-values of every init
     against ``reference`` in every cell where both have stored hypotheses (:mod:`.statistics`).
@@ -579,7 +579,7 @@ def write_report(out: Path, rows: list[dict[str, Any]], inits: list[str], langs:
     (their stored hypotheses and per-sentence NLL: nothing is translated again)."""
     reference = reference or ("multi" if "multi" in inits else inits[0])
     curve = list(settings.get("curve") or [])
-    sig = significance(rows, inits, reference, references or {}, paired_test, paired_samples) if references else {}
+    sig = significance(rows, reference, references, paired_test, paired_samples) if references else {}
     write_csv(out, rows, curve, sig)
     table = summarize(rows)
     samples = paired_samples or DEFAULT_SAMPLES[paired_test]
