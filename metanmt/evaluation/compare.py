@@ -310,9 +310,10 @@ def compare(inits: list[tuple[str, str]], data_root: str | Path, langs: list[str
     """Run (or resume) every cell and write the report; returns ``{"rows": [...], "ran": n, "skipped": m, ...}``.
 
     ``curve``: fine-tuning updates after which the adaptation curve scores the test set (e.g.
-    :data:`CURVE`, the command line's default; empty: none), decoded with beam ``curve_beam``. ``reference``: the init every other
-    init is tested against (default ``multi`` if present, else the first); ``paired_test``: ``bs``
-    or ``ar`` (:mod:`.statistics`) with ``paired_samples`` resamples (0: sacreBLEU's default).
+    :data:`CURVE`, the command line's default; empty: none), decoded with beam ``curve_beam``.
+    ``reference``: the init every other init is tested against (default ``multi`` if present, else
+    the first); ``paired_test``: ``bs`` or ``ar`` (:mod:`.statistics`) with ``paired_samples``
+    resamples (0: sacreBLEU's default).
     """
     data_root, out = Path(data_root), Path(out)
     curve = sorted(set(curve))
