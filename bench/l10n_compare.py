@@ -1,4 +1,4 @@
-"""The issue-5 benchmark: meta-learned vs multi-task vs from-scratch initializations on lv fi tr ko.
+"""The MetaNMT benchmark: meta-learned vs multi-task vs from-scratch initializations on lv fi tr ko.
 
     python bench/l10n_compare.py --init meta=runs/meta --init multi=runs/multi \\
         --data-root ../shared/data/l10n [--adapt emb+enc] [--dev dev/ro.tsv.gz] [--seeds 3]
@@ -20,7 +20,7 @@ meta-training steps, pairs, tokens and seconds are read from its run folder and 
 ``--jobs N`` runs the languages in N processes of one thread each (on 2 cores, two one-thread jobs
 get more done than one two-thread process), all writing their cells into the same ``--out``;
 a last invocation over every language then finds all cells finished and writes the report.
-At the pilot's model size one update on ~1,000 target tokens takes about 1 s on 2 CPU cores.
+At the l10n configs' model size (d_model 256, 3+3 layers) one update on ~1,000 target tokens takes about 1 s on 2 CPU cores.
 
 The reduced one-command reproduction, for other languages of a corpus in the same format::
 

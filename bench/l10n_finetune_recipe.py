@@ -9,7 +9,7 @@ picks, per budget and adapt choice, the epoch count with the least mean regret o
 (see :func:`choose`): one recipe for every init, so the only difference between compare rows stays the
 initialization. Writes ``bench/results/l10n_finetune_recipe.json`` (every curve, the choice, wall
 times and the machine). The dev loss, not dev BLEU, decides: at this scale BLEU moves by noise
-between seeds while the loss separates checkpoints (shared/docs/pilot.md).
+between seeds while the loss separates checkpoints (docs/design.md, "Why test NLL beside BLEU").
 """
 
 from __future__ import annotations

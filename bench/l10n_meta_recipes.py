@@ -1,4 +1,4 @@
-"""Issue 8: try the meta-learning levers on the dev language (Romanian) against the multi-task baseline.
+"""Try the meta-learning levers on the dev language (Romanian) against the multi-task baseline.
 
     python bench/l10n_meta_recipes.py [--data-root ../shared/data/l10n] [--only NAME ...] [--list]
 
@@ -92,7 +92,7 @@ def export_warm_start(runs: Path, step: int) -> Path:
     """The multi-task run's step-``step`` checkpoint as a ``save_pretrained`` folder for ``model.pretrained``."""
     import torch
 
-    from metanmt.adaptation.finetune import open_translation_model
+    from metanmt.adaptation.loading import open_translation_model
 
     folder = runs / "recipes" / f"_multitask_step{step}"
     source = runs / "multitask" / "checkpoints" / f"step_{step:08d}"
@@ -179,7 +179,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    from metanmt.adaptation.finetune import meta_training_state
+    from metanmt.adaptation.loading import meta_training_state
     from metanmt.config import read_yaml
     from metanmt.engine.checkpoint import atomic_write_text
     from metanmt.engine.trainer import read_history

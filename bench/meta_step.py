@@ -3,7 +3,7 @@
     python bench/meta_step.py                       # every case below, each in its own process
     python bench/meta_step.py --case metanmt omniglot maml loop     # one case, prints one JSON row
 
-Settings (shared/docs/peers.md, issue "Faster than the peers"):
+Settings (installing the peers: bench/README.md, "Meta-step speed and memory"):
 
 - Omniglot: the MAML conv net (4 x conv3x3 64 + BN + ReLU + 2x2 max-pool, 28x28), 5-way 1-shot, 1
   query per class, meta-batch 32, one inner SGD step lr 0.4, outer Adam 1e-3.
@@ -283,7 +283,7 @@ def declare_torchvision_ops() -> None:
     """learn2learn imports torchvision, whose only wheel here is a CUDA build: its compiled ops do not
     load beside the CPU torch, and its import then fails registering fake kernels for two operators
     that do not exist (and takes transformers' Marian import down with it). Declaring the two
-    schemas first lets it import; no torchvision operator is used (shared/docs/peers.md)."""
+    schemas first lets it import; no torchvision operator is used (bench/README.md, "Meta-step speed and memory")."""
     import torch
 
     if importlib.util.find_spec("torchvision") is None:

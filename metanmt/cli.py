@@ -7,6 +7,7 @@ else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -30,71 +31,29 @@ def _meta_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluator_of(family: Any) -> Callable[[Any, argparse.Namespace], tuple[dict, str]]:
+    """The family's ``metanmt evaluate`` function (:attr:`metanmt.tasks.TaskFamily.evaluator`)."""
+    spec = type(family).evaluator  # read on the class: a plain function stays unbound
+    if not isinstance(spec, str):
+        return spec
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise UserError(f"evaluate: the {family.name} family's evaluator {spec!r} cannot be loaded ({exc})") from None
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from .engine.run import load_run
 
     run = load_run(args.run, model_dir=args.model_dir)
-    evaluator = EVALUATORS.get(run.cfg.family, _evaluate_few_shot)
-    result, text = evaluator(run, args)
+    result, text = evaluator_of(run.family)(run, args)
     print(json.dumps(result, indent=2) if args.json else text)
     return 0
 
 
-def _evaluate_sinusoid(run: Any, args: argparse.Namespace) -> tuple[dict, str]:
-    from .evaluation.sinusoid import evaluate_sinusoid, format_sinusoid
-
-    result = evaluate_sinusoid(
-        run, shots=args.shots or [5, 10, 20], steps=args.steps or [1, 5, 10], episodes=args.episodes or 600, lr=args.lr
-    )
-    return result, format_sinusoid(result) + f"\nmean ± 95% Student t interval over n={result['episodes']} held-out sines"
-
-
-def _evaluate_few_shot(run: Any, args: argparse.Namespace) -> tuple[dict, str]:
-    """Any family: adapt on held-out episodes, report the family's metrics after each step count."""
-    from .engine.sampler import episode_rng
-    from .evaluation.few_shot import adaptation_curve, summarize
-
-    steps = args.steps or [run.cfg.algorithm.steps_at_eval]
-    n = args.episodes or 100
-    episodes = (run.family.sample_episode(episode_rng(args.seed, 0, i, "test"), split="test") for i in range(n))
-    summary = summarize(adaptation_curve(run.inner_loop(steps=max(steps), lr=args.lr), run.model, episodes, [0, *steps]))
-    result = {str(k): {m: {"mean": v[0], "ci95": v[1]} for m, v in metrics.items()} for k, metrics in summary.items()}
-    lines = [f"after {k} steps: " + ", ".join(f"{m} {v['mean']:.4f} ± {v['ci95']:.4f}" for m, v in ms.items()) for k, ms in result.items()]
-    lines.append(f"mean ± 95% Student t interval over n={n} held-out episodes")
-    return {"steps": result, "episodes": n}, "\n".join(lines)
-
-
-def _evaluate_omniglot(run: Any, args: argparse.Namespace) -> tuple[dict, str]:
-    from .evaluation.omniglot import evaluate_episodes, evaluate_official_runs
-
-    steps = max(args.steps) if args.steps else None
-    result: dict[str, Any] = {}
-    lines = []
-    if args.omniglot_runs is not None:
-        runs = evaluate_official_runs(run, args.omniglot_runs, steps=steps, lr=args.lr)
-        result.update(runs)
-        per_run = " ".join(f"{e:.0f}" for e in runs["per_run_error_pct"])
-        lines.append(f"official 20-way 1-shot runs: error {runs['official_runs_error_pct']:.2f}% (per run: {per_run})")
-    if args.episodes or args.omniglot_runs is None:
-        acc = evaluate_episodes(run, episodes=args.episodes or 600, steps=steps, lr=args.lr, seed=args.seed)
-        result.update(acc)
-        lines.append(
-            f"{acc['ways']}-way {acc['shots']}-shot accuracy: {100 * acc['accuracy']['mean']:.2f}% "
-            f"± {100 * acc['accuracy']['ci95']:.2f} (95% Student t interval, n={acc['episodes']} episodes, {acc['inner_steps']} steps, "
-            f"batch norm: {acc['bn_policy']})"
-        )
-    return result, "\n".join(lines)
-
-
-EVALUATORS: dict[str, Callable[[Any, argparse.Namespace], tuple[dict, str]]] = {
-    "sinusoid": _evaluate_sinusoid,
-    "omniglot": _evaluate_omniglot,
-    "translation": lambda run, args: _translation_commands().evaluate_translation_command(run, args),
-}
-
-
 def _translation_commands() -> Any:
-    """finetune / translate / score / compare and the translation evaluator live in their own module."""
+    """finetune / translate / score / compare live in their own module."""
     from .evaluation import commands
 
     return commands

@@ -1,7 +1,7 @@
 """Run by tests/test_distributed.py under ``accelerate launch`` (or plainly, for the 1-process run).
 
 Trains each algorithm for a few steps and, on the main process, saves the first meta-gradient,
-the final parameters and the world size it really ran with (design.md pitfall 5).
+the final parameters and the world size it really ran with (docs/design.md, "Accelerate on several CPU processes").
 """
 
 import sys

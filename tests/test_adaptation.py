@@ -13,8 +13,11 @@ import pytest
 import sacrebleu
 import torch
 
-from metanmt.adaptation.finetune import (Finetuner, FinetuneRecipe, adapt_patterns, adapted_names, english_words, finetune_run,
-                                         open_translation_model, plan_epoch, read_pairs, take_budget)
+from metanmt.adaptation.finetune import Finetuner, FinetuneRecipe, adapt_patterns, english_words, finetune_run, take_budget
+from metanmt.adaptation.loading import open_translation_model
+from metanmt.data.corpus import read_pairs
+from metanmt.tasks.base import select_names
+from metanmt.tasks.translation.batching import plan_batches
 from metanmt.cli import main
 from metanmt.data.corpus import Pair
 from metanmt.errors import DataError, UserError
@@ -153,7 +156,7 @@ def test_budget_takes_a_reproducible_prefix_or_sample_and_warns_past_the_pool(ca
     everything, info = take_budget(pairs, 10**6)
     assert everything == pairs and not info["complete"] and "larger than the pool" in caplog.text
     lengths = [3, 5, 2, 7, 1, 4]
-    batches = plan_epoch(lengths, 8, None)
+    batches = plan_batches(lengths, 8, None)
     assert [i for b in batches for i in b] == list(range(6)) and all(sum(lengths[i] for i in b) <= 8 for b in batches)
 
 
@@ -186,8 +189,8 @@ def test_finetune_respects_budget_and_frozen_parameters(run_dir: Path, corpus: P
     assert all(torch.equal(before[n], after[n]) for n in frozen)  # bit-identical
     assert any(not torch.equal(before[n], after[n]) for n in adapted)
     assert adapt_patterns("model.decoder.*, lm_head.*") == ["model.decoder.*", "lm_head.*"]
-    # loaded checkpoints keep the sinusoidal tables frozen (design.md pitfall 4): never adapted
-    assert not [n for n in adapted_names(open_translation_model(run_dir).model, ["*"]) if "embed_positions" in n]
+    # loaded checkpoints keep the sinusoidal tables frozen (docs/design.md, "Frozen positions"): never adapted
+    assert not [n for n in select_names(open_translation_model(run_dir).model, ["*"]) if "embed_positions" in n]
     with pytest.raises(UserError, match="match no trainable parameter"):
         finetune_run(loaded, train, tmp_path / "ft2", recipe(adapt="nothing.*"))
 

@@ -164,7 +164,7 @@ def test_plan_orders_cells_by_seed_and_limits_scratch_seeds(setup: tuple[Path, P
 def test_a_warm_started_init_counts_the_warm_start_compute(setup: tuple[Path, Path, Path], tmp_path: Path) -> None:
     """Pretrain-then-meta-train is compared at its whole cost: the warm start's steps, pairs and
     seconds are added to the meta-training run's own (the compare report's compute table)."""
-    from metanmt.adaptation.finetune import meta_training_state, open_translation_model
+    from metanmt.adaptation.loading import meta_training_state, open_translation_model
 
     root, multi, _ = setup
     warm = make_run(root, tmp_path / "warm", f"model.pretrained={multi}", "algorithm.name=fomaml", "algorithm.inner_lr=0.05")
@@ -195,7 +195,8 @@ def _lines(path: Path) -> list[str]:
 def test_a_budget_without_a_file_is_the_prefix_of_the_next_file(setup: tuple[Path, Path, Path], tmp_path: Path) -> None:
     """``1k`` is the first 1,000 English words of the 4k file; here ``50`` is cut from the ``100``
     file, which is itself the prefix of the ``300`` file (nested budgets), and trained on."""
-    from metanmt.adaptation.finetune import english_words, read_pairs, take_budget
+    from metanmt.adaptation.finetune import english_words, take_budget
+    from metanmt.data.corpus import read_pairs
     from metanmt.evaluation.compare import plan_cells
 
     root, multi, _ = setup
@@ -222,7 +223,8 @@ def test_a_budget_without_a_file_is_the_prefix_of_the_next_file(setup: tuple[Pat
 
 @pytest.mark.skipif(SHARED_L10N is None, reason="the shared l10n data is not beside the checkout")
 def test_the_shared_budget_files_are_nested_prefixes_and_1k_is_the_4k_prefix() -> None:
-    from metanmt.adaptation.finetune import english_words, read_pairs, take_budget
+    from metanmt.adaptation.finetune import english_words, take_budget
+    from metanmt.data.corpus import read_pairs
     from metanmt.evaluation.compare import plan_cells
 
     assert SHARED_L10N is not None

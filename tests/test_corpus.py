@@ -31,7 +31,7 @@ def test_tsv_plain_and_gz_no_quoting_no_na(tmp_path: Path) -> None:
     body = HEADER + 'ro\t"Salut\t"Hi\tx\nro\tNA\tNA\tx\nro\tnull\tNone\tx\n'
     for name in ("ro.tsv", "ro.tsv.gz"):
         corpus = read_tsv(write(tmp_path / name, body), lang="ro")
-        # quotes are ordinary characters and NA/null are strings: design.md pitfall 7
+        # quotes are ordinary characters and NA/null are strings: docs/design.md, "TSV quoting"
         assert corpus["ro"] == [Pair('"Salut', '"Hi'), Pair("NA", "NA"), Pair("null", "None")]
         assert not corpus.skipped
 

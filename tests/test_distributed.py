@@ -37,7 +37,7 @@ def run(out: Path, processes: int, config: str, sets: list[str]) -> dict:
         launcher = shutil.which("accelerate")
         if launcher is None:
             pytest.skip("the accelerate launcher is not on PATH")
-        # design.md pitfall 5: --multi_gpu with Accelerator(cpu=True) is what gives MULTI_CPU on gloo
+        # docs/design.md, "Accelerate on several CPU processes": --multi_gpu with Accelerator(cpu=True) is what gives MULTI_CPU on gloo
         cmd = [launcher, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), script]
     proc = subprocess.run([*cmd, str(out), config, ALGOS, *sets], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)

@@ -1,5 +1,6 @@
 """A separate package adds a task family and an algorithm through entry points, without editing metanmt."""
 
+import json
 import sys
 import textwrap
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from metanmt import registry
+from metanmt.cli import main
 from metanmt.config import load_config
 from metanmt.engine.trainer import MetaTrainer
 
@@ -26,6 +28,23 @@ class ShiftedSine(SinusoidFamily):
         episode.support[1].add_(10.0)
         episode.query[1].add_(10.0)
         return episode
+
+
+class CountedSine(SinusoidFamily):
+    """A family with its own token unit and its own `metanmt evaluate`, named by a string like an entry point."""
+    name = "counted_sine"
+    evaluator = "my_plugin:evaluate_counted"
+
+    def token_count(self, batch):
+        return 3 * int(batch[0].shape[0])  # three "tokens" per point
+
+
+def evaluate_counted(run, args):
+    """The plugin's evaluator: the query loss of a few test episodes at the initialization."""
+    params = dict(run.model.named_parameters())
+    losses = [float(run.family.loss(run.model, params, run.family.sample_episode(np.random.default_rng(i), "test").query).detach())
+              for i in range(args.episodes or 3)]
+    return {"plugin_loss": sum(losses) / len(losses), "episodes": len(losses)}, f"plugin loss {sum(losses) / len(losses):.4f}"
 
 
 class QueryOnly(Algorithm):
@@ -48,6 +67,7 @@ def plugin_package(tmp_path, monkeypatch):
     (dist / "entry_points.txt").write_text(textwrap.dedent("""
         [metanmt.task_families]
         shifted_sine = my_plugin:ShiftedSine
+        counted_sine = my_plugin:CountedSine
 
         [metanmt.algorithms]
         query_only = my_plugin:QueryOnly
@@ -75,3 +95,20 @@ def test_builtins_are_entry_points_too():
 
     assert {"sinusoid", "omniglot", "translation"} <= {ep.name for ep in entry_points(group=registry.TASK_FAMILIES)}
     assert {"maml", "fomaml", "reptile", "multitask"} <= {ep.name for ep in entry_points(group=registry.ALGORITHMS)}
+
+
+def test_a_plugin_family_gets_token_counts_and_its_own_evaluate(plugin_package, tmp_path, capsys):
+    cfg = load_config("configs/sinusoid_maml.yaml", ["family=counted_sine", "algorithm.name=multitask", "train.steps=2",
+                                                     "train.trackers=[]", "train.meta_batch_size=2", "train.eval_every=0"])
+    trainer = MetaTrainer(cfg, tmp_path / "run")
+    trainer.train()
+    shots, queries = trainer.family.task_cfg.shots, trainer.family.task_cfg.query
+    # the engine counts the family's own unit through the contract: 2 steps x 2 tasks x (support + query) x 3
+    assert trainer.state.tokens_seen == 2 * 2 * 3 * (shots + queries)
+    assert main(["evaluate", str(tmp_path / "run"), "--episodes", "4", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["episodes"] == 4 and result["plugin_loss"] > 0
+    # a family naming an evaluator that is not there: one line, exit status 2
+    sys.modules["my_plugin"].CountedSine.evaluator = "my_plugin:missing"
+    assert main(["evaluate", str(tmp_path / "run"), "--json"]) == 2
+    assert "evaluator 'my_plugin:missing' cannot be loaded" in capsys.readouterr().err

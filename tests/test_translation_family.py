@@ -74,7 +74,7 @@ def test_episodes_are_deterministic_disjoint_and_token_sized(family: Translation
 def test_batch_layout(family: TranslationFamily) -> None:
     batch = family.sample_episode(np.random.default_rng(3)).support
     labels, dec = batch["labels"], batch["decoder_input_ids"]
-    assert (dec[:, 0] == BOS_ID).all() and BOS_ID != PAD_ID  # design.md pitfall 3
+    assert (dec[:, 0] == BOS_ID).all() and BOS_ID != PAD_ID  # docs/design.md, "The decoder start token"
     mask = labels != IGNORE
     assert torch.equal(dec[:, 1:][mask[:, 1:]], labels[:, :-1][mask[:, 1:]])  # teacher forcing: shifted right
     assert (dec[~mask] == PAD_ID).all()
@@ -117,7 +117,7 @@ def test_maml_meta_gradient_matches_finite_differences(family: TranslationFamily
     model = fam.build_model().eval()
     episode = fam.sample_episode(np.random.default_rng(7))
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert not any("embed_positions" in n for n in names)  # frozen tables (design.md pitfall 4)
+    assert not any("embed_positions" in n for n in names)  # frozen tables (docs/design.md, "Frozen positions")
     theta = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters() if p.requires_grad}
     fixed = {n: t for n, t in full_params(model).items() if n not in theta}
     lr = 0.5

@@ -27,6 +27,11 @@ initialization itself is a candidate) and every ``eval_every`` updates (0 = auto
 early after ``patience`` evaluations without improvement. Without a dev set every update runs and
 the last model is kept.
 
+The updates themselves are :class:`metanmt.tasks.translation.training.TrainingLoop`'s, the loop that
+validation during meta-training runs too; this module adds the budget, the update-scaling rule,
+dev evaluation, early stopping and checkpoints around it. Opening an initialization (a run, a saved
+model, a from-scratch copy) is :mod:`metanmt.adaptation.loading`.
+
 Resuming (``resume=True``) continues a killed fine-tune from ``OUT/checkpoints/last.pt``, which
 holds the weights, Adam's moments, the torch RNG (dropout), the epoch and batch position in the
 seeded data order, the best score and the evaluation history; the checkpoint is written at every
@@ -37,8 +42,6 @@ the recorded result.
 
 from __future__ import annotations
 
-import copy
-import fnmatch
 import hashlib
 import json
 import logging
@@ -51,28 +54,22 @@ from typing import Any, Callable, Literal, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..data.corpus import Columns, Pair, read_corpus
+from ..data.corpus import Pair, read_pairs
 from ..engine import checkpoint as ckpt
 from ..errors import ConfigError, DataError, UserError
-from ..tasks.translation import IGNORE, plan_batches
-from .recipe import ADAPT_PRESETS, FinetuneRecipe, adapt_patterns  # noqa: F401 (re-exported)
+from ..tasks.base import select_names
+from ..tasks.translation.decoding import translate_batch
+from ..tasks.translation.scoring import score
+from ..tasks.translation.training import LoopPosition, TrainingLoop
+from .loading import LoadedModel, open_translation_model, plain_run_config
+from .recipe import FinetuneRecipe, adapt_patterns
 
 log = logging.getLogger(__name__)
 
 FINETUNE_FILE = "finetune.json"
 RESUME_FILE = "last.pt"
-
-def adapted_names(model: nn.Module, patterns: list[str]) -> list[str]:
-    """Trainable parameter names matching ``patterns`` (frozen tables such as positions never match)."""
-    names = [n for n, p in model.named_parameters() if p.requires_grad and any(fnmatch.fnmatchcase(n, q) for q in patterns)]
-    if not names:
-        some = ", ".join(n for n, _ in list(model.named_parameters())[:4])
-        raise ConfigError(f"--adapt: patterns {patterns} match no trainable parameter (names look like: {some}, ...)")
-    return names
-
 
 # -- budgets ------------------------------------------------------------------------------------
 
@@ -110,17 +107,6 @@ def take_budget(pairs: list[Pair], words: int, order: Literal["prefix", "sample"
     return chosen, {**info, "pairs": len(chosen), "words": total, "complete": True}
 
 
-def read_pairs(path: str | Path, lang: str | None = None) -> list[Pair]:
-    """All pairs of a corpus file in any format :func:`~metanmt.data.corpus.read_corpus` reads
-    (TSV/JSONL/gettext; one language expected, or ``lang`` chosen)."""
-    path = Path(path)
-    corpus = read_corpus(path, lang=lang or path.name.split(".")[0], columns=Columns(lang=None))
-    langs = corpus.languages()
-    if len(langs) != 1:
-        raise DataError(f"{path}: expected pairs of one language, found {', '.join(langs) or 'none'}")
-    return corpus[langs[0]]
-
-
 def pairs_digest(pairs: list[Pair]) -> str:
     """A short hash of the pairs (a resumed fine-tune must see the same data)."""
     h = hashlib.sha256()
@@ -129,182 +115,15 @@ def pairs_digest(pairs: list[Pair]) -> str:
     return h.hexdigest()[:16]
 
 
-# -- the recipe ---------------------------------------------------------------------------------
-
-
-# -- batches ------------------------------------------------------------------------------------
-
-
-def plan_epoch(target_lengths: list[int], max_tokens: int, rng: Optional[np.random.Generator]) -> list[list[int]]:
-    """Index lists of one epoch: the batches of :meth:`TranslationFamily.token_batches` with the same
-    generator (length-bucketed and shuffled; in file order without one), without re-tokenizing."""
-    return plan_batches(target_lengths, max_tokens, rng)
-
-
-def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
-    """The generator of epoch ``epoch``'s data order (a fresh one per epoch: resumable anywhere)."""
-    return np.random.default_rng([seed, epoch])
-
-
-def token_loss(family: Any, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Token-mean cross-entropy of a batch through the model's own forward."""
-    logits = family._logits(model, None, batch)
-    return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE)
-
-
-def train_updates(family: Any, model: nn.Module, pairs: list[Pair], steps: int, lr: float, max_tokens: int,
-                  adapt: list[str], seed: int = 0) -> nn.Module:
-    """Adam on the parameters matching ``adapt`` for ``steps`` batches of seeded epochs over ``pairs``
-    (in place); no evaluation, no checkpoints. :meth:`TranslationFamily.finetune` (validation during
-    meta-training) is this function."""
-    encoded = family.encode(pairs)
-    names = set(adapted_names(model, adapt))
-    optimizer = torch.optim.Adam([p for n, p in model.named_parameters() if n in names], lr=lr)
-    device = next(model.parameters()).device
-    lengths = [len(t) for _, t in encoded]
-    model.train()
-    epoch, plan, position = 0, plan_epoch(lengths, max_tokens, epoch_rng(seed, 0)), 0
-    for _ in range(steps):
-        if position == len(plan):
-            epoch, position = epoch + 1, 0
-            plan = plan_epoch(lengths, max_tokens, epoch_rng(seed, epoch))
-        batch = family.to_device(family.collate([encoded[i] for i in plan[position]]), device)
-        position += 1
-        loss = token_loss(family, model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    return model
-
-
-# -- loading an initialization --------------------------------------------------------------------
-
-
-@dataclass
-class LoadedModel:
-    """A translation model with its family (tokenizer, batching) and where it came from."""
-
-    family: Any
-    model: nn.Module
-    source: str
-    run_config: dict[str, Any]  # a RunConfig as a dict, written as the fine-tune's metanmt.yaml
-    meta_training: dict[str, Any] = field(default_factory=dict)  # trainer_state.json of the run
-
-
-COMPUTE_KEYS = ("step", "examples_seen", "tokens_seen", "seconds")
-
-
-def meta_training_state(run_dir: Path, _seen: frozenset[Path] = frozenset()) -> dict[str, Any]:
-    """``trainer_state.json`` of the run's latest checkpoint (steps, examples and tokens seen,
-    seconds): the compute that went into an initialization; ``{}`` when there is none.
-
-    A run warm-started from another one (``model.pretrained`` naming a metanmt run, or a folder
-    with its own ``trainer_state.json``) counts that run's compute too, so a pretrain-then-meta-train
-    initialization is compared at its whole cost; ``own`` and ``warm_start`` keep the two parts.
-    """
-    run_dir = Path(run_dir)
-    candidates = [d / "trainer_state.json" for d in reversed(ckpt.list_checkpoints(run_dir))]
-    candidates.append(run_dir / "trainer_state.json")
-    state: dict[str, Any] = {}
-    for path in candidates:
-        if path.is_file():
-            try:
-                state = dict(json.loads(path.read_text(encoding="utf-8")))
-                break
-            except (OSError, ValueError):
-                continue
-    pretrained = _pretrained_of(run_dir)
-    seen = _seen | {run_dir.resolve()}
-    if state and pretrained is not None:
-        # a chain of warm starts is summed; a folder met twice (a cycle) is not counted again
-        base = meta_training_state(pretrained, seen) if pretrained.is_dir() and pretrained.resolve() not in seen else {}
-        own = {k: state[k] for k in COMPUTE_KEYS if k in state}
-        state["own"] = own
-        state["warm_start"] = {"path": str(pretrained), **{k: base[k] for k in COMPUTE_KEYS if k in base}}
-        if not base:
-            state["warm_start"]["missing"] = "no trainer state found: its compute is not counted"
-        for key in COMPUTE_KEYS:
-            if key in own and key in base:
-                state[key] = own[key] + base[key]
-    return state
-
-
-def _pretrained_of(run_dir: Path) -> Optional[Path]:
-    """The ``model.pretrained`` folder a run started from, if any (relative paths as the run saw them)."""
-    config = run_dir / ckpt.CONFIG_FILE
-    if not config.is_file():
-        return None
-    from ..config import read_yaml
-
-    pretrained = (read_yaml(config).get("model") or {}).get("pretrained")
-    return Path(pretrained).expanduser() if pretrained else None
-
-
-def plain_run_config() -> dict[str, Any]:
-    """The run config written for a model that did not come from ``metanmt meta-train``."""
-    from ..config import RunConfig
-
-    cfg = RunConfig(family="translation", task={"source": "files", "test_languages": ["und"]})
-    return cfg.to_dict()
-
-
-def open_translation_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """A metanmt run folder, one of its saved models (``RUN/best``), or any seq2seq
-    ``save_pretrained`` folder with its tokenizer.
-
-        loaded = open_translation_model("runs/meta")
-        loaded.family.translate(loaded.model, ["Bună ziua"])
-    """
-    from ..config import RunConfig, from_dict, read_yaml
-    from ..engine.run import load_run
-    from ..tasks.translation import TranslationFamily
-
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"{path}: no such run or model folder")
-    run_dir = path if (path / ckpt.CONFIG_FILE).is_file() else path.parent if (path.parent / ckpt.CONFIG_FILE).is_file() else None
-    if run_dir is not None:
-        cfg_dict = from_dict(RunConfig, read_yaml(run_dir / ckpt.CONFIG_FILE)).to_dict()
-        if cfg_dict["family"] != "translation":
-            raise UserError(f"{run_dir}: a {cfg_dict['family']!r} run, not a translation run")
-        run = load_run(run_dir, device=device, model_dir=None if run_dir == path else path)
-        return LoadedModel(run.family, run.model, str(path.resolve()), cfg_dict, meta_training_state(run_dir))
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path}: neither a metanmt run ({ckpt.CONFIG_FILE}) nor a saved model (config.json)")
-    cfg_dict = plain_run_config()
-    family = TranslationFamily(cfg_dict["task"], cfg_dict["model"])
-    try:
-        model = family.load_model(path)
-    except OSError as exc:
-        raise UserError(f"{path}: no saved model could be loaded ({exc})") from None
-    return LoadedModel(family, model.to(device).eval(), str(path.resolve()), cfg_dict, {})
-
-
-def scratch_model(like: LoadedModel, seed: int = 0) -> LoadedModel:
-    """A freshly initialized model of ``like``'s architecture and tokenizer (the from-scratch floor)."""
-    from transformers import AutoModelForSeq2SeqLM
-
-    family = copy.copy(like.family)  # shares the tokenizer and data caches
-    config = copy.deepcopy(like.model.config)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = AutoModelForSeq2SeqLM.from_config(config)
-    model.generation_config = copy.deepcopy(like.model.generation_config)
-    model = family._prepare(model.to(next(like.model.parameters()).dtype))
-    return LoadedModel(family, model.eval(), f"scratch(seed={seed}, like={like.source})", like.run_config, {})
-
-
 # -- the fine-tuner -----------------------------------------------------------------------------
 
 
 @dataclass
-class FinetuneState:
-    """What a resumed fine-tune continues from (with the weights, optimizer and RNG)."""
+class FinetuneState(LoopPosition):
+    """What a resumed fine-tune continues from (with the weights, optimizer and RNG); ``epoch`` and
+    ``position`` (the next batch of the epoch's plan) are the loop's place in its data order."""
 
     step: int = 0
-    epoch: int = 0
-    position: int = 0  # next batch of the epoch's plan
     pairs_seen: int = 0
     tokens_seen: int = 0
     seconds: float = 0.0
@@ -334,16 +153,17 @@ class Finetuner:
         self.output_dir = Path(output_dir)
         self.run_config = run_config or plain_run_config()
         self.device = torch.device(device)
-        self.encoded = family.encode(train_pairs)
-        self.lengths = [len(t) for _, t in self.encoded]
-        self.batches_per_epoch = len(plan_epoch(self.lengths, recipe.max_tokens, None))
-        self.updates = recipe.updates_for(self.batches_per_epoch)
-        self.names = adapted_names(model, adapt_patterns(recipe.adapt))
+        self.names = select_names(model, adapt_patterns(recipe.adapt), key="--adapt")
         chosen = set(self.names)
         # frozen parameters get no gradient at all: bit-identical afterwards, and cheaper backward passes
         for name, param in model.named_parameters():
             param.requires_grad_(name in chosen)
-        self.optimizer = torch.optim.Adam([p for n, p in model.named_parameters() if n in chosen], lr=recipe.lr)
+        self.loop = TrainingLoop(family, self.model, train_pairs, self.names, recipe.lr, recipe.max_tokens, recipe.seed,
+                                 grad_clip=recipe.grad_clip, device=self.device)
+        self.optimizer = self.loop.optimizer
+        self.lengths = self.loop.lengths
+        self.batches_per_epoch = self.loop.batches_per_epoch
+        self.updates = recipe.updates_for(self.batches_per_epoch)
         self.state = FinetuneState()
         self.settings = {
             **(settings or {}),
@@ -406,15 +226,11 @@ class Finetuner:
     # -- evaluation --------------------------------------------------------------------------------
     def evaluate_dev(self) -> dict[str, float]:
         """Dev loss (nats/token) and, unless the metric is the loss, sacreBLEU BLEU and chrF."""
-        from ..evaluation.scoring import score
-
         r = self.recipe
         # evaluation must not move the RNG that dropout draws from (exact resume)
         with torch.random.fork_rng(devices=[]):
             out = {"step": float(self.state.step), "loss": self.family.corpus_loss(self.model, self.dev_pairs, r.max_tokens * 2)}
             if r.dev_metric != "loss":
-                from ..evaluation.translate import translate_batch
-
                 hyps = translate_batch(self.family, self.model, [p.src for p in self.dev_pairs], num_beams=r.dev_beam,
                                        max_new_tokens=r.max_new_tokens, progress=False)
                 scores = score(hyps, [p.en for p in self.dev_pairs])
@@ -470,23 +286,10 @@ class Finetuner:
             self.save_checkpoint()
         bar = tqdm(total=self.updates, initial=s.step, desc="fine-tune", leave=False, mininterval=2.0,
                    disable=os.environ.get("METANMT_PROGRESS", "1") == "0")
-        plan = plan_epoch(self.lengths, r.max_tokens, epoch_rng(r.seed, s.epoch))
         while s.step < self.updates and not s.stopped:
-            if s.position >= len(plan):
-                s.epoch, s.position = s.epoch + 1, 0
-                plan = plan_epoch(self.lengths, r.max_tokens, epoch_rng(r.seed, s.epoch))
-            rows = [self.encoded[i] for i in plan[s.position]]
-            s.position += 1
-            batch = self.family.to_device(self.family.collate(rows), self.device)
-            loss = token_loss(self.family, self.model, batch)
-            if not torch.isfinite(loss):
-                raise UserError(f"fine-tune {self.output_dir}: non-finite loss at update {s.step + 1}; lower --lr "
-                                f"(the best model so far is in {self.output_dir}, best update {s.best_step})")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if r.grad_clip:
-                torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], r.grad_clip)
-            self.optimizer.step()
+            _, rows = self.loop.update(s, nonfinite=lambda: UserError(
+                f"fine-tune {self.output_dir}: non-finite loss at update {s.step + 1}; lower --lr "
+                f"(the best model so far is in {self.output_dir}, best update {s.best_step})"))
             s.step += 1
             s.pairs_seen += len(rows)
             s.tokens_seen += sum(len(t) for _, t in rows)

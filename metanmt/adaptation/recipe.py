@@ -44,7 +44,7 @@ def adapt_patterns(spec: str | list[str]) -> list[str]:
 class FinetuneRecipe:
     """Every setting that decides what a fine-tune computes (identical for every init in ``compare``).
 
-    Defaults follow the pilot (``shared/docs/pilot.md``): Adam 3e-4 on batches of ~1,000 target
+    Defaults (docs/design.md, "Fine-tuning defaults"): Adam 3e-4 on batches of ~1,000 target
     tokens, gradient clipping at 1.0, dev BLEU of greedy decoding picks the checkpoint.
     """
 

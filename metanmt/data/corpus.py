@@ -13,7 +13,7 @@ line for input it cannot read::
 
 The line-based readers stream the raw bytes themselves instead of going through ``csv`` or
 ``datasets``: they must report the exact line of a bad row, decode UTF-8 strictly line by line,
-and never apply quoting or NA parsing (the shared TSV corpora have neither; design.md pitfall 7).
+and never apply quoting or NA parsing (the shared TSV corpora have neither; docs/design.md, "TSV quoting").
 """
 
 from __future__ import annotations
@@ -438,7 +438,7 @@ def read_hf_dataset(
     if cache_dir is not None:
         kwargs["cache_dir"] = cache_dir
     if name == "csv":
-        # the same no-quoting, no-NA rules as read_tsv (design.md pitfall 7)
+        # the same no-quoting, no-NA rules as read_tsv (docs/design.md, "TSV quoting")
         kwargs.update(sep="\t", quoting=3, keep_default_na=False, na_filter=False)
     where_name = f"{name}:{data_files}" if data_files else f"{name}{'/' + config if config else ''}[{split}]"
     try:
@@ -538,3 +538,22 @@ def write_tsv(path: str | Path, rows: list[tuple[str, str, str, str]]) -> None:
             if any("\t" in x or "\n" in x or "\r" in x for x in row):
                 raise ValueError(f"tab or newline inside a TSV field: {row!r}")
             f.write("\t".join(row) + "\n")
+
+
+def fill_placeholders(pattern: str, **values: str) -> str:
+    """A file pattern with its ``{name}`` placeholders replaced (``{lang}``, ``{side}``, ``{budget}``);
+    placeholders without a value stay as they are."""
+    for key, value in values.items():
+        pattern = pattern.replace("{" + key + "}", value)
+    return pattern
+
+
+def read_pairs(path: str | Path, lang: str | None = None) -> list[Pair]:
+    """All pairs of a corpus file in any format :func:`read_corpus` reads (TSV/JSONL/gettext; one
+    language expected, or ``lang`` chosen; the language column is not needed)."""
+    path = Path(path)
+    corpus = read_corpus(path, lang=lang or path.name.split(".")[0], columns=Columns(lang=None))
+    langs = corpus.languages()
+    if len(langs) != 1:
+        raise DataError(f"{path}: expected pairs of one language, found {', '.join(langs) or 'none'}")
+    return corpus[langs[0]]

@@ -14,7 +14,7 @@ package::
     tok.decode(ids, skip_special_tokens=True)
 
 Fixed special ids, which the model config uses (:data:`PAD_ID` etc.): ``<pad>`` 0, ``<unk>`` 1,
-``<s>`` 2 (the decoder start token: it must not be the pad token, design.md pitfall 3),
+``<s>`` 2 (the decoder start token: it must not be the pad token, docs/design.md, "The decoder start token"),
 ``</s>`` 3, then ``{0}``..``{9}``, then the 256 byte pieces.
 
 Training is deterministic (one thread, input in a fixed order) and cached on disk by a hash of the
@@ -121,12 +121,13 @@ def tokenizer_from_spm(model_proto: bytes, model_max_length: int = 512):
         eos_token=EOS,
         model_max_length=model_max_length,
     )
-    _check_ids(tokenizer)
+    check_special_ids(tokenizer)
     tokenizer._metanmt_spm = model_proto  # saved beside tokenizer.json by save_tokenizer
     return tokenizer
 
 
-def _check_ids(tokenizer) -> None:
+def check_special_ids(tokenizer) -> None:
+    """The fixed special ids every metanmt vocabulary and fresh Marian model rely on."""
     got = (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
     if got != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
         raise DataError(f"tokenizer special ids are {got}, expected {(PAD_ID, UNK_ID, BOS_ID, EOS_ID)} (pad, unk, bos, eos)")

@@ -20,7 +20,6 @@ Two execution options leave every gradient unchanged (tests/test_fast_paths.py):
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -30,23 +29,9 @@ from torch.func import vmap
 from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
 from ..errors import ConfigError
+from ..tasks.base import select_names, trainable_names  # noqa: F401 (the engine's callers import them from here)
 
 Params = dict[str, Tensor]
-
-
-def trainable_names(model: nn.Module) -> list[str]:
-    """Names of the meta-parameters: trainable tensors (tied weights counted once)."""
-    return [name for name, p in model.named_parameters() if p.requires_grad]
-
-
-def select_names(model: nn.Module, patterns: list[str]) -> list[str]:
-    """Trainable parameter names matching any fnmatch pattern, in model order."""
-    names = trainable_names(model)
-    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-    if not chosen:
-        preview = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
-        raise ConfigError(f"algorithm.adapt: patterns {patterns} match no trainable parameter; names look like: {preview}")
-    return chosen
 
 
 def full_state(model: nn.Module, params: Params) -> Params:

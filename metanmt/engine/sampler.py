@@ -14,7 +14,7 @@ Episode ``j`` of step ``t`` is drawn from its own random stream, seeded by ``(se
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -35,22 +35,6 @@ def local_indices(meta_batch_size: int, rank: int, world_size: int) -> range:
     base, extra = divmod(meta_batch_size, world_size)
     start = rank * base + min(rank, extra)
     return range(start, start + base + (1 if rank < extra else 0))
-
-
-def temperature_weights(sizes: Sequence[float], temperature: float) -> np.ndarray:
-    """Task probabilities proportional to ``size ** (1 / temperature)``.
-
-    ``temperature=1`` samples in proportion to data size, larger values flatten toward uniform,
-    ``float('inf')`` is uniform.
-    """
-    sizes_arr = np.asarray(sizes, dtype=np.float64)
-    if np.any(sizes_arr <= 0):
-        raise ValueError("task sizes must be positive")
-    if np.isinf(temperature):
-        weights = np.ones_like(sizes_arr)
-    else:
-        weights = sizes_arr ** (1.0 / temperature)
-    return weights / weights.sum()
 
 
 class TaskSampler:

@@ -189,7 +189,7 @@ class MetaTrainer:
         if acc.is_main_process:
             log.info("meta-training on %d process(es), %s, device %s", acc.num_processes, acc.distributed_type, acc.device)
         if acc.num_processes > 1 and "OMP_NUM_THREADS" not in os.environ and acc.device.type == "cpu":
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // acc.num_processes))  # design.md pitfall 6
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // acc.num_processes))  # docs/design.md, "Threads"
         # every config error surfaces before the output directory is touched
         self.family = build_family(cfg)
         self.algorithm = registry.algorithm(cfg.algorithm.name)(cfg.algorithm)
@@ -448,8 +448,7 @@ def peak_rss_mb() -> float:
 
 
 def _token_count(family: TaskFamily, batch: Any) -> int:
-    counter = getattr(family, "token_count", None)
-    return int(counter(batch)) if counter is not None else 0
+    return int(family.token_count(batch))
 
 
 def _clip(tensors: Any, max_norm: float | None) -> float:

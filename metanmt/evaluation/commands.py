@@ -1,5 +1,5 @@
-"""The translation commands of the CLI: ``finetune``, ``translate``, ``score``, ``compare``, and the
-translation evaluator of ``metanmt evaluate`` (``--test``, ``--beam``).
+"""The translation commands of the CLI: ``finetune``, ``translate``, ``score``, ``compare``
+(the translation family's ``metanmt evaluate`` is :func:`metanmt.evaluation.translate.evaluate_command`).
 
     metanmt finetune runs/meta --train l10n/finetune/fi.16k.tsv.gz --dev l10n/dev/ro.tsv.gz \\
         --adapt emb+enc --output-dir runs/fi16k
@@ -21,21 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from ..adaptation.recipe import FinetuneRecipe
-from ..errors import UserError
 
 log = logging.getLogger("metanmt")
-
-
-def evaluate_translation_command(run: Any, args: argparse.Namespace) -> tuple[dict, str]:
-    """``metanmt evaluate`` for translation runs: translate ``--test``, score it, and its test NLL."""
-    from ..adaptation.finetune import LoadedModel
-    from .translate import evaluate_translation, format_evaluation
-
-    if not getattr(args, "test", None):
-        raise UserError("evaluate: a translation run needs --test FILE (e.g. ../shared/data/l10n/test/fi.tsv.gz)")
-    loaded = LoadedModel(run.family, run.model, str(args.model_dir or run.directory), run.cfg.to_dict())
-    result = evaluate_translation(loaded, args.test, num_beams=args.beam, batch_size=args.batch_size, hyp_out=args.hyp)
-    return result, format_evaluation(result)
 
 
 def add_recipe_flags(p: argparse.ArgumentParser) -> None:

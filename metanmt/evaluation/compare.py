@@ -61,18 +61,19 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..adaptation.finetune import (FINETUNE_FILE, FinetuneRecipe, Finetuner, LoadedModel, open_translation_model,
-                                   plan_epoch, read_pairs, scratch_model, take_budget)
+from ..adaptation.finetune import FINETUNE_FILE, FinetuneRecipe, Finetuner, take_budget
+from ..adaptation.loading import LoadedModel, open_translation_model, scratch_model
+from ..data.corpus import fill_placeholders, read_pairs
 from ..engine.checkpoint import atomic_write_text, claim_directory, describe_changes
 from ..errors import DataError, UserError
-from ..tasks.translation import IGNORE
+from ..tasks.translation.batching import plan_batches
+from ..tasks.translation.decoding import translate_batch
+from ..tasks.translation.model import forward, restored_train_mode, token_cross_entropy
 from .few_shot import mean_ci95
 from .scoring import score
 from .statistics import DEFAULT_SAMPLES, NLL_RESAMPLES, TESTS, holm, paired_mt_test, paired_nll_test, t_interval
-from .translate import translate_batch
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +120,7 @@ def _read_split(data_root: Path) -> dict[str, Any]:
 
 
 def _path(data_root: Path, pattern: str, **values: str) -> Path:
-    for key, value in values.items():
-        pattern = pattern.replace("{" + key + "}", value)
-    path = Path(pattern)
+    path = Path(fill_placeholders(pattern, **values))
     return path if path.is_absolute() else data_root / path
 
 
@@ -241,18 +240,13 @@ def sentence_nll(family: Any, model: nn.Module, pairs: list, max_tokens: int = 2
     :meth:`TranslationFamily.corpus_loss` (same batches). The paired NLL test needs the sentences."""
     encoded = family.encode(pairs)
     nats, tokens = [0.0] * len(encoded), [len(t) for _, t in encoded]
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
-    try:
-        for rows in plan_epoch(tokens, max_tokens, None):
+    with restored_train_mode(model, False):
+        for rows in plan_batches(tokens, max_tokens, None):
             batch = family.to_device(family.collate([encoded[i] for i in rows]), device)
-            logits = family._logits(model, None, batch)
-            loss = F.cross_entropy(logits.transpose(1, 2).float(), batch["labels"], ignore_index=IGNORE, reduction="none")
-            for i, value in zip(rows, loss.sum(1).tolist()):
+            loss = token_cross_entropy(forward(model, None, batch).float(), batch["labels"], reduction="none")
+            for i, value in zip(rows, loss.view(len(rows), -1).sum(1).tolist()):
                 nats[i] = value
-    finally:
-        model.train(was_training)
     return nats, tokens
 
 

@@ -52,3 +52,18 @@ def adaptation_curve(
 
 def summarize(curve: dict[int, dict[str, list[float]]]) -> dict[int, dict[str, tuple[float, float]]]:
     return {k: {name: mean_ci95(values) for name, values in metrics.items()} for k, metrics in curve.items()}
+
+
+def evaluate_command(run: Any, args: Any) -> tuple[dict, str]:
+    """``metanmt evaluate`` for any family (the default :attr:`TaskFamily.evaluator`): adapt on
+    held-out test episodes, report the family's metrics after each step count (mean ± 95% Student t interval, n)."""
+    from ..engine.sampler import episode_rng
+
+    steps = args.steps or [run.cfg.algorithm.steps_at_eval]
+    n = args.episodes or 100
+    episodes = (run.family.sample_episode(episode_rng(args.seed, 0, i, "test"), split="test") for i in range(n))
+    summary = summarize(adaptation_curve(run.inner_loop(steps=max(steps), lr=args.lr), run.model, episodes, [0, *steps]))
+    result = {str(k): {m: {"mean": v[0], "ci95": v[1]} for m, v in metrics.items()} for k, metrics in summary.items()}
+    lines = [f"after {k} steps: " + ", ".join(f"{m} {v['mean']:.4f} ± {v['ci95']:.4f}" for m, v in ms.items()) for k, ms in result.items()]
+    lines.append(f"mean ± 95% Student t interval over n={n} held-out episodes")
+    return {"steps": result, "episodes": n}, "\n".join(lines)

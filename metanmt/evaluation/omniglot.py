@@ -53,3 +53,25 @@ def evaluate_official_runs(run: Run, runs_path: str | Path | None, steps: int | 
 
     result = family.score_official_runs(runs_path, adapt_and_predict)
     return {**result, "inner_steps": inner.steps, "bn_policy": family.model_cfg.bn_policy}
+
+
+def evaluate_command(run: Run, args: Any) -> tuple[dict, str]:
+    """``metanmt evaluate`` of an Omniglot run: N-way K-shot accuracy (``--episodes``) and/or Lake et
+    al.'s official runs (``--omniglot-runs``)."""
+    steps = max(args.steps) if args.steps else None
+    result: dict[str, Any] = {}
+    lines = []
+    if args.omniglot_runs is not None:
+        runs = evaluate_official_runs(run, args.omniglot_runs, steps=steps, lr=args.lr)
+        result.update(runs)
+        per_run = " ".join(f"{e:.0f}" for e in runs["per_run_error_pct"])
+        lines.append(f"official 20-way 1-shot runs: error {runs['official_runs_error_pct']:.2f}% (per run: {per_run})")
+    if args.episodes or args.omniglot_runs is None:
+        acc = evaluate_episodes(run, episodes=args.episodes or 600, steps=steps, lr=args.lr, seed=args.seed)
+        result.update(acc)
+        lines.append(
+            f"{acc['ways']}-way {acc['shots']}-shot accuracy: {100 * acc['accuracy']['mean']:.2f}% "
+            f"± {100 * acc['accuracy']['ci95']:.2f} (95% Student t interval, n={acc['episodes']} episodes, {acc['inner_steps']} steps, "
+            f"batch norm: {acc['bn_policy']})"
+        )
+    return result, "\n".join(lines)

@@ -83,3 +83,11 @@ def plot_sinusoid(runs: list[Run], out: Path, shots: int = 10, steps: tuple[int,
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def evaluate_command(run: Run, args: Any) -> tuple[dict, str]:
+    """``metanmt evaluate`` of a sinusoid run: the MSE table (``--shots``, ``--steps``, ``--episodes``, ``--lr``)."""
+    result = evaluate_sinusoid(
+        run, shots=args.shots or [5, 10, 20], steps=args.steps or [1, 5, 10], episodes=args.episodes or 600, lr=args.lr
+    )
+    return result, format_sinusoid(result) + f"\nmean ± 95% Student t interval over n={result['episodes']} held-out sines"

@@ -6,55 +6,26 @@
     report = evaluate_translation(loaded, "l10n/test/fi.tsv.gz", num_beams=4)   # metanmt evaluate
     report["bleu"], report["chrf"], report["nll"]
 
-Sources are sorted by length and cut into blocks, so padding stays small and a tqdm bar advances
-block by block; the output comes back in input order, detokenized by the SentencePiece decoder
-(no Moses detokenizer involved). Empty source lines translate to empty lines.
+Decoding itself is :mod:`metanmt.tasks.translation.decoding` (``translate_batch``: sorted by
+length, in blocks with a progress bar, detokenized by the SentencePiece decoder, empty source lines
+give empty lines); this module reads and writes the files and scores the result.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-from torch import nn
-
-from ..adaptation.finetune import LoadedModel, open_translation_model, read_pairs
-from ..data.corpus import FORMATS, detect_format
+from ..adaptation.loading import LoadedModel, open_translation_model
+from ..data.corpus import FORMATS, detect_format, read_pairs
 from ..engine.checkpoint import atomic_write_text
 from ..errors import DataError, UserError
+from ..tasks.translation.decoding import translate_batch
 from .scoring import read_lines, score
 
 log = logging.getLogger(__name__)
-
-
-def translate_batch(family: Any, model: nn.Module, sources: list[str], batch_size: int = 32, num_beams: int = 1,
-                    max_new_tokens: Optional[int] = None, progress: bool = True, desc: str = "translate") -> list[str]:
-    """Detokenized translations of ``sources`` in input order, through :meth:`TranslationFamily.translate`."""
-    from tqdm.auto import tqdm
-
-    if batch_size < 1 or num_beams < 1:
-        raise UserError(f"batch size and beam must be at least 1, got {batch_size} and {num_beams}")
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if limit and max_new_tokens and max_new_tokens >= limit:
-        # decoder positions past the table would index out of range
-        log.warning("max_new_tokens %d lowered to %d (the model has %d positions)", max_new_tokens, limit - 1, limit)
-        max_new_tokens = limit - 1
-    out = [""] * len(sources)
-    todo = sorted((i for i, s in enumerate(sources) if s.strip()), key=lambda i: len(sources[i]))
-    block = batch_size * 4  # the family sorts within a block by token length; the bar moves per block
-    disable = not progress or os.environ.get("METANMT_PROGRESS", "1") == "0"
-    with tqdm(total=len(todo), desc=desc, unit="seg", disable=disable, leave=False) as bar:
-        for begin in range(0, len(todo), block):
-            idx = todo[begin : begin + block]
-            texts = family.translate(model, [sources[i] for i in idx], batch_size=batch_size, num_beams=num_beams,
-                                     max_new_tokens=max_new_tokens)
-            for i, text in zip(idx, texts):
-                out[i] = text
-            bar.update(len(idx))
-    return out
 
 
 def read_sources(path: str | Path) -> list[str]:
@@ -92,7 +63,7 @@ def evaluate_translation(run: str | Path | LoadedModel, test: str | Path, num_be
     """Translate a test corpus, score it with sacreBLEU, and measure its NLL (nats per target token).
 
     The NLL is teacher-forced cross-entropy of the references; at this scale it separates
-    initializations better than BLEU (shared/docs/pilot.md), so it is reported beside it.
+    initializations better than BLEU (docs/design.md, "Why test NLL beside BLEU"), so it is reported beside it.
     """
     loaded = run if isinstance(run, LoadedModel) else open_translation_model(run)
     pairs = read_pairs(test)
@@ -115,3 +86,12 @@ def format_evaluation(result: dict[str, Any]) -> str:
             f"BLEU = {result['bleu']:.2f} {result['bleu_signature']}\n"
             f"chrF2 = {result['chrf']:.2f} {result['chrf_signature']}\n"
             f"NLL = {result['nll']:.4f} nats/token")
+
+
+def evaluate_command(run: Any, args: Any) -> tuple[dict, str]:
+    """``metanmt evaluate`` of a translation run: translate ``--test``, score it, and its test NLL."""
+    if not getattr(args, "test", None):
+        raise UserError("evaluate: a translation run needs --test FILE (e.g. ../shared/data/l10n/test/fi.tsv.gz)")
+    loaded = LoadedModel(run.family, run.model, str(args.model_dir or run.directory), run.cfg.to_dict())
+    result = evaluate_translation(loaded, args.test, num_beams=args.beam, batch_size=args.batch_size, hyp_out=args.hyp)
+    return result, format_evaluation(result)

@@ -16,16 +16,18 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import fnmatch
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..config import from_dict
+from ..errors import ConfigError
 
 
 @dataclass
@@ -47,6 +49,11 @@ class TaskFamily(abc.ABC):
     #: every episode's batches have the same shapes, so the tasks of a meta-batch can be stacked
     #: (:meth:`stack_batches`) and run under ``torch.vmap`` (``train.task_batching: vmap``)
     supports_vmap: ClassVar[bool] = False
+    #: ``metanmt evaluate`` for this family's runs: ``"module:function"`` (imported when the command
+    #: runs, so a family names code of a higher layer without importing it) or a function, called as
+    #: ``evaluator(run, options) -> (result dict, text)`` with the command's parsed options. The
+    #: default adapts on held-out episodes and reports the family's :meth:`metrics` after each step count.
+    evaluator: ClassVar[Any] = "metanmt.evaluation.few_shot:evaluate_command"
 
     def __init__(self, task_cfg: dict[str, Any], model_cfg: dict[str, Any], data_root: str | Path | None = None):
         self.task_cfg = from_dict(self.TaskConfig, task_cfg, "task")
@@ -102,6 +109,11 @@ class TaskFamily(abc.ABC):
             return type(first)(self.stack_batches(list(parts)) for parts in zip(*batches))
         raise TypeError(f"{type(self).__name__} must override stack_batches for {type(first).__name__}")
 
+    def token_count(self, batch: Any) -> int:
+        """Tokens in a batch (translation: target tokens), counted in the run's history; 0 when the
+        family has no such unit."""
+        return 0
+
     def batch_size(self, batch: Any) -> int:
         """Number of examples (sentence pairs, images, points) in a batch, for accounting."""
         if isinstance(batch, torch.Tensor):
@@ -136,6 +148,36 @@ class TaskFamily(abc.ABC):
         Return a dict with a ``score`` key (higher is better) to keep the best checkpoint, or None.
         """
         return None
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    """Names of the meta-parameters: trainable tensors (tied weights counted once)."""
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def select_names(model: nn.Module, patterns: list[str], key: str = "algorithm.adapt") -> list[str]:
+    """Trainable parameter names matching any fnmatch pattern, in model order: what an inner loop or
+    a fine-tune adapts (frozen tables such as sinusoidal positions never match). ``key`` names the
+    setting the patterns came from in the error."""
+    names = trainable_names(model)
+    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if not chosen:
+        preview = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        raise ConfigError(f"{key}: patterns {patterns} match no trainable parameter; names look like: {preview}")
+    return chosen
+
+
+def temperature_weights(sizes: Sequence[float], temperature: float) -> np.ndarray:
+    """Task probabilities proportional to ``size ** (1 / temperature)``.
+
+    ``temperature=1`` samples in proportion to data size, larger values flatten toward uniform,
+    ``float('inf')`` is uniform.
+    """
+    sizes_arr = np.asarray(sizes, dtype=np.float64)
+    if np.any(sizes_arr <= 0):
+        raise ValueError("task sizes must be positive")
+    weights = np.ones_like(sizes_arr) if np.isinf(temperature) else sizes_arr ** (1.0 / temperature)
+    return weights / weights.sum()
 
 
 def load_hub_mixin_model(cls: Any, directory: str | Path) -> nn.Module:

@@ -164,7 +164,7 @@ class TaskBatchNorm(nn.Module):
     def forward(self, x: Tensor, stats_from: Optional[Tensor] = None) -> Tensor:
         if self.use_fused and stats_from is None and torch._C._functorch.peek_interpreter_stack() is None:
             # Outside torch.func transforms the fused kernel is exact to any order and ~20% faster
-            # for second-order MAML on CPU; under vmap it is not (design.md pitfall 1).
+            # for second-order MAML on CPU; under vmap it is not (docs/design.md, "vmap and fused batch norm").
             return F.batch_norm(x, None, None, self.weight, self.bias, training=True, momentum=0.0, eps=self.eps)
         ref = x if stats_from is None else stats_from
         mean = ref.mean(dim=(0, 2, 3), keepdim=True)
@@ -288,6 +288,7 @@ class OmniglotFamily(TaskFamily):
     ModelConfig: ClassVar[type] = OmniglotModelConfig
     default_adapt: ClassVar[list[str]] = ["*"]
     supports_vmap: ClassVar[bool] = True  # N-way K-shot episodes all have the same shapes
+    evaluator: ClassVar[Any] = "metanmt.evaluation.omniglot:evaluate_command"  # accuracy, Lake et al.'s runs
 
     def __init__(self, task_cfg: dict[str, Any], model_cfg: dict[str, Any], data_root: str | Path | None = None):
         super().__init__(task_cfg, model_cfg, data_root)

@@ -57,6 +57,7 @@ class SinusoidFamily(TaskFamily):
     TaskConfig = SinusoidTaskConfig
     ModelConfig = SinusoidModelConfig
     supports_vmap = True  # K support and Q query points in every episode
+    evaluator = "metanmt.evaluation.sinusoid:evaluate_command"  # the MAML paper's MSE table
 
     def build_model(self) -> nn.Module:
         return SineMLP(hidden=list(self.model_cfg.hidden))

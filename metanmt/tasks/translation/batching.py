@@ -1,0 +1,118 @@
+"""Sentence pairs -> padded tensors: encoding, collation, and token-sized batches of an epoch.
+
+    encoded = encode(tokenizer, pairs, max_source_length=128, max_target_length=128)
+    batch = collate(encoded, pad_id=0, start_id=2)        # input_ids, attention_mask, decoder_input_ids, labels
+    for rows in plan_batches([len(t) for _, t in encoded], max_tokens=1000, rng=epoch_rng(seed, 0)):
+        ...
+
+Batches are sized in target (English) tokens, ``</s>`` included, as in MetaNMT; labels are
+``IGNORE`` where padded, so every loss averages over real target tokens only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ...data.corpus import Pair
+
+IGNORE = -100  # label value that cross-entropy ignores (padding)
+
+Encoded = list[tuple[list[int], list[int]]]  # (source ids, target ids) per pair
+
+
+def encode(tokenizer: Any, pairs: list[Pair], max_source_length: int, max_target_length: int) -> Encoded:
+    """Token ids (source, target), both ending with the tokenizer's end token, truncated to the max lengths."""
+    if not pairs:
+        return []
+    src = tokenizer([p.src for p in pairs], add_special_tokens=True)["input_ids"]
+    tgt = tokenizer(text_target=[p.en for p in pairs], add_special_tokens=True)["input_ids"]
+
+    def cut(ids: list[int], limit: int) -> list[int]:
+        return ids if len(ids) <= limit else ids[: limit - 1] + ids[-1:]  # keep the end token
+
+    return [(cut(s, max_source_length), cut(g, max_target_length)) for s, g in zip(src, tgt)]
+
+
+def pad_stack(rows: list[list[int]], value: int) -> Tensor:
+    """Right-pad integer rows to one length."""
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+def collate(encoded: Encoded, pad_id: int, start_id: int) -> dict[str, Tensor]:
+    """A padded batch: ``input_ids``, ``attention_mask``, ``decoder_input_ids`` (start token +
+    target shifted right) and ``labels`` (target, ``IGNORE`` where padded)."""
+    sources = [s for s, _ in encoded]
+    targets = [g for _, g in encoded]
+    return {
+        "input_ids": pad_stack(sources, pad_id),
+        "attention_mask": pad_stack([[1] * len(s) for s in sources], 0),
+        "decoder_input_ids": pad_stack([[start_id] + g[:-1] for g in targets], pad_id),
+        "labels": pad_stack(targets, IGNORE),
+    }
+
+
+def pad_value(key: str, pad_id: int) -> int:
+    """What a batch key is padded with: ``IGNORE`` for labels, 0 for the mask, else the pad id."""
+    return IGNORE if key == "labels" else 0 if key == "attention_mask" else pad_id
+
+
+def merge(first: dict[str, Tensor], second: dict[str, Tensor], pad_id: int) -> dict[str, Tensor]:
+    """Concatenate two padded batches, padding both to the longer length."""
+    out = {}
+    for key in first:
+        a, b = first[key], second[key]
+        width = max(a.shape[1], b.shape[1])
+        value = pad_value(key, pad_id)
+        out[key] = torch.cat([F.pad(a, (0, width - a.shape[1]), value=value), F.pad(b, (0, width - b.shape[1]), value=value)])
+    return out
+
+
+def token_count(batch: dict[str, Tensor]) -> int:
+    """Target tokens in a batch (the unit of batch sizes; the loss averages over them)."""
+    return int((batch["labels"] != IGNORE).sum())
+
+
+def plan_batches(
+    target_lengths: list[int], max_tokens: int, rng: Optional[np.random.Generator] = None, window: int = 50
+) -> list[list[int]]:
+    """Index lists of one epoch, each batch at most ``max_tokens`` target tokens (at least one pair).
+
+    Without ``rng``: the given order, cut greedily (deterministic evaluation). With ``rng``: a random
+    permutation, sorted by length inside windows of about ``window`` batches, then cut and the batches
+    shuffled — pairs of similar length share a batch, so padding (which costs as much compute as real
+    tokens) stays small while every epoch still mixes the data.
+    """
+    n = len(target_lengths)
+    order = np.arange(n) if rng is None else rng.permutation(n)
+    lengths = np.asarray(target_lengths, dtype=np.int64)
+    if rng is not None and n:
+        span = max(1, int(window * max_tokens / max(1.0, float(lengths.mean()))))
+        order = np.concatenate([chunk[np.argsort(lengths[chunk], kind="stable")] for chunk in np.array_split(order, -(-n // span))])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    tokens = 0
+    for i in order.tolist():
+        if current and tokens + lengths[i] > max_tokens:
+            batches.append(current)
+            current, tokens = [], 0
+        current.append(i)
+        tokens += int(lengths[i])
+    if current:
+        batches.append(current)
+    if rng is not None:
+        batches = [batches[j] for j in rng.permutation(len(batches))]
+    return batches
+
+
+def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
+    """The generator of epoch ``epoch``'s data order (a fresh one per epoch: resumable anywhere)."""
+    return np.random.default_rng([seed, epoch])

@@ -1,0 +1,86 @@
+"""The keys of a translation task suite (``tasks/*.yaml``, a run config's ``task:``) and of its
+``model:``; the schema :func:`metanmt.config.from_dict` checks, with no torch import."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from ...data.corpus import Columns
+
+SPLITS = ("train", "dev", "test")
+
+
+@dataclass
+class TranslationTaskConfig:
+    """The keys of a translation task suite (``tasks/*.yaml``) and of a run config's ``task:``.
+
+    File patterns are relative to ``data.root`` and may use ``{lang}`` (the task language),
+    ``{side}`` (Moses: the language of one side, ``{lang}`` or ``target_language``), ``{budget}``
+    (fine-tuning sets) and globs (``locale/{lang}/LC_MESSAGES/*.po``). A pattern without
+    ``{lang}`` names one file holding several languages, grouped by the ``columns.lang`` column.
+    """
+
+    # -- where the data is
+    source: Literal["files", "cldr", "datasets"] = "files"
+    format: Literal["auto", "tsv", "jsonl", "moses", "gettext"] = "auto"
+    train_languages: list[str] = field(default_factory=list)
+    dev_languages: list[str] = field(default_factory=list)
+    test_languages: list[str] = field(default_factory=list)
+    train_path: str = "meta_train/{lang}.tsv.gz"
+    dev_path: str = "dev/{lang}.tsv.gz"
+    test_path: str = "test/{lang}.tsv.gz"
+    finetune_path: str = "finetune/{lang}.{budget}.tsv.gz"  # "" : split the dev set instead
+    target_language: str = "en"
+    columns: Columns = field(default_factory=Columns)  # TSV header fields, JSON keys, dataset columns; lang: null when absent
+    bad_rows: Literal["raise", "skip"] = "raise"  # skip: count bad rows in the log instead of stopping
+    dataset: Optional[str] = None  # source=datasets: "json" / "csv" / "parquet" (local files) or a hub name
+    dataset_config: Optional[str] = None  # hub config name, may use {lang} (e.g. "{lang}-en")
+    dataset_splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "dev": "validation", "test": "test"})
+    # -- episodes
+    support_tokens: int = 1000  # target (English) tokens per support batch, </s> included
+    query_tokens: int = 1000
+    task_sampling: Literal["uniform", "temperature"] = "uniform"
+    temperature: float = 5.0  # p(language) ~ pairs ** (1 / temperature); 1 = proportional to data size
+    max_source_length: int = 128
+    max_target_length: int = 128
+    # -- vocabulary
+    vocab_size: int = 8000
+    vocab_max_sentences: int = 300000
+    vocab: Optional[str] = None  # a folder with a saved tokenizer to reuse instead of training one
+    vocab_cache: bool = True
+    # -- validation during meta-training: fine-tune a copy on the dev language, then score its dev set
+    dev_budget: str = "4k"  # fills {budget} in finetune_path
+    dev_finetune_steps: int = 20
+    dev_finetune_lr: float = 3e-4
+    dev_finetune_tokens: int = 1000
+    dev_adapt: list[str] = field(default_factory=lambda: ["*"])
+    dev_max_segments: int = 200  # first N dev segments are translated and scored
+    dev_metric: Literal["bleu", "chrf", "loss"] = "bleu"  # the `score` that picks the best checkpoint
+    dev_seed: int = 0
+    num_beams: int = 1
+    max_new_tokens: int = 128
+
+
+@dataclass
+class TranslationModelConfig:
+    """The keys of a run config's ``model:`` for translation: a Marian Transformer from these sizes,
+    or ``pretrained: path`` to any ``AutoModelForSeq2SeqLM`` checkpoint (then the sizes are ignored)."""
+
+    pretrained: Optional[str] = None
+    d_model: int = 256
+    encoder_layers: int = 3
+    decoder_layers: int = 3
+    attention_heads: int = 4
+    ffn_dim: int = 1024
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    activation_function: str = "swish"
+    tie_embeddings: bool = True
+    scale_embedding: bool = True
+    max_positions: int = 512
+    init_std: float = 0.02
+    # eager: second-order MAML needs it (sdpa on CPU has no double backward: docs/design.md, "Attention and double backward")
+    attn_implementation: Literal["eager", "sdpa"] = "eager"
+    dtype: Literal["float32", "float64"] = "float32"

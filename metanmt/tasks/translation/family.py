@@ -1,0 +1,385 @@
+"""The translation task family: one task per source language, episodes sized in target tokens,
+the token-mean loss, and validation by fine-tuning on each dev language (see the package docstring)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import zlib
+from pathlib import Path
+from typing import Any, ClassVar, Iterator, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ...data.corpus import Corpus, Pair
+from ...data.vocab import BOS_ID, PAD_ID, cached_vocab, load_tokenizer
+from ...errors import ConfigError, DataError
+from ..base import Episode, TaskFamily, temperature_weights
+from . import batching, decoding, model as marian
+from .config import SPLITS, TranslationModelConfig, TranslationTaskConfig
+from .corpora import read_pattern
+from .scoring import score
+from .training import train_updates
+
+logger = logging.getLogger(__name__)
+
+
+class TranslationFamily(TaskFamily):
+    """X -> English translation, one task per source language (see the package docstring)."""
+
+    name: ClassVar[str] = "translation"
+    TaskConfig: ClassVar[type] = TranslationTaskConfig
+    ModelConfig: ClassVar[type] = TranslationModelConfig
+    default_adapt: ClassVar[list[str]] = ["*"]
+    EMBEDDINGS_AND_ENCODER: ClassVar[list[str]] = ["model.shared.*", "model.encoder.*"]
+    evaluator: ClassVar[Any] = "metanmt.evaluation.translate:evaluate_command"  # translate --test, score, NLL
+
+    def __init__(self, task_cfg: dict[str, Any], model_cfg: dict[str, Any], data_root: str | Path | None = None):
+        super().__init__(task_cfg, model_cfg, data_root)
+        t, m = self.task_cfg, self.model_cfg
+        if not t.train_languages and not t.dev_languages and not t.test_languages:
+            raise ConfigError("task.train_languages: no languages given (set train_languages / dev_languages / test_languages)")
+        for key in ("support_tokens", "query_tokens", "max_source_length", "max_target_length", "vocab_size",
+                    "dev_finetune_tokens", "dev_max_segments", "max_new_tokens", "num_beams"):
+            if getattr(t, key) < 1:
+                raise ConfigError(f"task.{key}: must be at least 1, got {getattr(t, key)}")
+        if t.temperature <= 0:
+            raise ConfigError(f"task.temperature: must be positive, got {t.temperature}")
+        if m.pretrained is None:
+            if m.d_model % m.attention_heads:
+                raise ConfigError(f"model.d_model: {m.d_model} is not divisible by model.attention_heads={m.attention_heads}")
+            if m.max_positions < max(t.max_source_length, t.max_target_length, t.max_new_tokens + 1):
+                raise ConfigError(
+                    f"model.max_positions: {m.max_positions} is shorter than task.max_source_length / "
+                    f"max_target_length / max_new_tokens ({t.max_source_length}, {t.max_target_length}, {t.max_new_tokens})"
+                )
+        if t.source == "files" and t.format == "moses":
+            for split in SPLITS:
+                key = f"{split}_path"
+                if getattr(t, f"{split}_languages") and "{side}" not in getattr(t, key):
+                    raise ConfigError(f"task.{key}: a Moses pattern needs {{side}} (e.g. 'wmt/{{lang}}-en/train.{{side}}')")
+        if t.source == "datasets" and not t.dataset:
+            raise ConfigError("task.dataset: source 'datasets' needs a dataset (a hub name, or json/csv/parquet with paths)")
+        self._tokenizer: Any = None
+        self._data: dict[str, Corpus] = {}
+        self._dev_sets: dict[str, tuple[list[Pair], list[Pair]]] = {}
+        self._length_orders: dict[tuple[str, str], np.ndarray] = {}
+        self._decoder_start: Optional[int] = None  # set from the model's config by build_model/load_model
+
+    # -- data ----------------------------------------------------------------------------------
+    def languages(self, split: str) -> list[str]:
+        """The task languages of a split (``train``, ``dev`` or ``test``)."""
+        if split not in SPLITS:
+            raise ConfigError(f"split {split!r}: allowed splits are {', '.join(SPLITS)}")
+        langs = getattr(self.task_cfg, f"{split}_languages")
+        if not langs:
+            raise ConfigError(f"task.{split}_languages: no languages for the {split} split")
+        return list(langs)
+
+    def pairs(self, split: str, lang: str) -> list[Pair]:
+        """All sentence pairs of ``lang`` in ``split`` (read once, then kept in memory)."""
+        corpus = self.corpus(split)
+        if lang not in corpus:
+            raise ConfigError(f"language {lang!r} is not in task.{split}_languages ({', '.join(corpus.languages())})")
+        return corpus[lang]
+
+    def corpus(self, split: str) -> Corpus:
+        """Every pair of every language of ``split``; raises DataError for a language without data."""
+        if split not in self._data:
+            langs = self.languages(split)
+            t = self.task_cfg
+            if t.source == "cldr":
+                from ...data.cldr import cldr_corpus
+
+                corpus = cldr_corpus(langs)
+            else:
+                corpus = self._read(getattr(t, f"{split}_path"), langs, split)
+            corpus.require(langs, f"task.{split}_languages")
+            corpus.pairs = {lang: corpus.pairs[lang] for lang in langs}  # drop languages not asked for
+            logger.info("%s split: %s", split, ", ".join(f"{lang} {len(corpus[lang])}" for lang in langs))
+            if corpus.skipped:
+                logger.warning("%s split: skipped %s", split, dict(corpus.skipped))
+            self._data[split] = corpus
+        return self._data[split]
+
+    def _root(self) -> Path:
+        if self.data_root is None:
+            raise ConfigError("data.root: not set; the translation suite reads its files under it (--set data.root=PATH)")
+        if not self.data_root.is_dir():
+            raise DataError(f"data.root: {self.data_root} is not a directory")
+        return self.data_root
+
+    def _read(self, pattern: str, langs: list[str], split: str, **values: str) -> Corpus:
+        """Read ``pattern`` for each language (or once, grouped by the lang column)."""
+        return read_pattern(self.task_cfg, self._root, pattern, langs, split, **values)
+
+    def dev_sets(self, lang: str) -> tuple[list[Pair], list[Pair]]:
+        """(fine-tuning pairs, evaluation pairs) of a dev language for :meth:`validate`.
+
+        With ``finetune_path`` the fine-tuning set is that file at ``dev_budget`` and the
+        evaluation set is the first ``dev_max_segments`` of the dev file; without it (or with the
+        embedded CLDR corpus) the dev pairs are split by a fixed permutation.
+        """
+        if lang not in self._dev_sets:
+            t = self.task_cfg
+            dev = self.pairs("dev", lang)
+            if t.source == "files" and t.finetune_path:
+                finetune = self._read(t.finetune_path, [lang], "dev", budget=t.dev_budget)
+                finetune.require([lang], f"task.finetune_path ({t.finetune_path})")
+                self._dev_sets[lang] = (finetune[lang], dev[: t.dev_max_segments])
+            else:
+                if len(dev) < 2:
+                    raise DataError(f"dev language {lang}: {len(dev)} pairs; need at least 2 to fine-tune and score")
+                order = np.random.default_rng([t.dev_seed, 1]).permutation(len(dev))
+                n_eval = min(t.dev_max_segments, len(dev) // 2)
+                self._dev_sets[lang] = ([dev[i] for i in order[n_eval:]], [dev[i] for i in order[:n_eval]])
+        return self._dev_sets[lang]
+
+    def task_probabilities(self, split: str) -> np.ndarray:
+        """p(language): uniform, or proportional to pairs ** (1 / temperature)."""
+        langs = self.languages(split)
+        if self.task_cfg.task_sampling == "uniform" or split != "train":
+            return np.full(len(langs), 1.0 / len(langs))
+        return temperature_weights([len(self.pairs(split, lang)) for lang in langs], self.task_cfg.temperature)
+
+    # -- tokenization ---------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        """The shared tokenizer, created on first use (see the module docstring for where from)."""
+        if self._tokenizer is None:
+            self._tokenizer = self._make_tokenizer()
+        return self._tokenizer
+
+    def prepare(self) -> None:
+        """Read every training language (errors name the file and line) before the run starts."""
+        self.corpus("train")
+
+    def on_resume(self, directory: Path) -> None:
+        """A resumed run keeps the vocabulary it started with, even if the vocab cache is gone."""
+        if (Path(directory) / "tokenizer_config.json").is_file():
+            self.use_tokenizer(directory)
+
+    def use_tokenizer(self, directory: str | Path) -> None:
+        """Adopt the tokenizer saved in ``directory`` (a run folder) instead of training one."""
+        self._tokenizer = load_tokenizer(directory)
+
+    def _make_tokenizer(self) -> Any:
+        t = self.task_cfg
+        if t.vocab:
+            return load_tokenizer(Path(t.vocab).expanduser())
+        if self.model_cfg.pretrained:
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(self.model_cfg.pretrained)
+        texts = [text for lang in self.languages("train") for pair in self.pairs("train", lang) for text in pair]
+        return cached_vocab(texts, t.vocab_size, t.vocab_max_sentences, use_cache=t.vocab_cache)
+
+    def _ids(self) -> tuple[int, int]:
+        """(pad id, decoder start id) of the current tokenizer/model setup."""
+        pad = self.tokenizer.pad_token_id
+        start = self._decoder_start
+        return (PAD_ID if pad is None else pad), (BOS_ID if start is None else start)
+
+    def encode(self, pairs: list[Pair]) -> batching.Encoded:
+        """Token ids (source, target), both ending with the tokenizer's end token, truncated to the max lengths."""
+        if not pairs:
+            return []
+        return batching.encode(self.tokenizer, pairs, self.task_cfg.max_source_length, self.task_cfg.max_target_length)
+
+    def collate(self, encoded: batching.Encoded) -> dict[str, Tensor]:
+        """A padded batch: ``input_ids``, ``attention_mask``, ``decoder_input_ids`` (start token +
+        target shifted right) and ``labels`` (target, -100 where padded)."""
+        pad, start = self._ids()
+        return batching.collate(encoded, pad, start)
+
+    def _fill(self, pairs: list[Pair], order: np.ndarray, pos: int, budget: int) -> tuple[list, int]:
+        """Take pairs in ``order`` from ``pos`` while their target tokens fit ``budget`` (at least one)."""
+        taken: list[tuple[list[int], list[int]]] = []
+        tokens = 0
+        while pos < len(order):
+            chunk = self.encode([pairs[i] for i in order[pos : pos + 32]])
+            for item in chunk:
+                if taken and tokens + len(item[1]) > budget:
+                    return taken, pos
+                taken.append(item)
+                tokens += len(item[1])
+                pos += 1
+        return taken, pos
+
+    def token_batches(
+        self, pairs: list[Pair], max_tokens: int, rng: Optional[np.random.Generator] = None
+    ) -> Iterator[dict[str, Tensor]]:
+        """Batches of at most ``max_tokens`` target tokens over all ``pairs`` (an epoch): in order, or
+        with ``rng`` length-bucketed and shuffled (:func:`~.batching.plan_batches`); for evaluation."""
+        encoded = self.encode(pairs)
+        for rows in batching.plan_batches([len(t) for _, t in encoded], max_tokens, rng):
+            yield self.collate([encoded[i] for i in rows])
+
+    def length_order(self, split: str, lang: str) -> np.ndarray:
+        """The language's pairs sorted by length (characters of both sides, random ties), cached.
+
+        Episodes take consecutive pairs of this order from a random start, so a token-sized batch
+        holds sentences of similar length: padding is what makes a CPU step slow (a batch of 95
+        pairs padded to one 110-token sentence cost ten times its real tokens).
+        """
+        key = (split, lang)
+        if key not in self._length_orders:
+            pairs = self.pairs(split, lang)
+            chars = np.array([len(p.src) + len(p.en) for p in pairs], dtype=np.int64)
+            ties = np.random.default_rng([zlib.crc32(lang.encode()), 5]).random(len(pairs))
+            self._length_orders[key] = np.lexsort((ties, chars))
+        return self._length_orders[key]
+
+    def sample_episode(self, rng: np.random.Generator, split: str = "train") -> Episode:
+        """One language, then disjoint, adjacent support and query batches of about ``support_tokens``
+        / ``query_tokens`` target tokens from a random start in its length-sorted pairs."""
+        t = self.task_cfg
+        langs = self.languages(split)
+        probs = self.task_probabilities(split)
+        lang = langs[int(rng.choice(len(langs), p=probs))]
+        pairs = self.pairs(split, lang)
+        # a random start in the length-sorted order: similar lengths, little padding
+        order = np.roll(self.length_order(split, lang), -int(rng.integers(len(pairs))))
+        support, pos = self._fill(pairs, order, 0, t.support_tokens)
+        query, _ = self._fill(pairs, order, pos, t.query_tokens)
+        if not query:
+            raise DataError(f"language {lang} ({split}): {len(pairs)} pairs are too few for disjoint support and query batches")
+        return Episode(task=lang, support=self.collate(support), query=self.collate(query))
+
+    def merge_batches(self, first: dict[str, Tensor], second: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Concatenate two padded batches, padding both to the longer length."""
+        return batching.merge(first, second, self._ids()[0])
+
+    def token_count(self, batch: dict[str, Tensor]) -> int:
+        """Target tokens in a batch (the unit of ``support_tokens``; the loss averages over them)."""
+        return batching.token_count(batch)
+
+    # -- model -----------------------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        """A fresh Marian model from the config (or the pretrained checkpoint), vocabulary sized to the tokenizer."""
+        m, t = self.model_cfg, self.task_cfg
+        if m.pretrained:
+            model = marian.load_pretrained(m.pretrained, m)
+            _ = self.tokenizer
+        else:
+            model = marian.build_marian(m, self.tokenizer, t.num_beams, t.max_new_tokens)
+        return self.prepare_model(model)
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """Ready a model built or loaded elsewhere for this family: :func:`~.model.prepare` (pad-row
+        gradient, frozen positions, vocabulary size checked), and the decoder start id it reads."""
+        self._decoder_start = marian.prepare(model, self.tokenizer)
+        return model
+
+    def save_model(self, model: nn.Module, directory: Path) -> None:
+        """``model.save_pretrained`` + the tokenizer, so ``AutoModelForSeq2SeqLM`` and
+        ``AutoTokenizer.from_pretrained(directory)`` load the folder offline."""
+        marian.save(model, self.tokenizer, directory)
+
+    def load_model(self, directory: Path) -> nn.Module:
+        """Read a folder written by :meth:`save_model` (or any seq2seq checkpoint with its tokenizer);
+        the family then uses that folder's tokenizer."""
+        directory = Path(directory)
+        if not (directory / "config.json").is_file():
+            raise DataError(f"{directory}: not a saved model (no config.json)")
+        self._tokenizer = load_tokenizer(directory)
+        return self.prepare_model(marian.load_pretrained(directory, self.model_cfg, local_files_only=True))
+
+    # -- loss ------------------------------------------------------------------------------------
+    def loss(self, model: nn.Module, params: dict[str, Tensor], batch: dict[str, Tensor]) -> Tensor:
+        """Token-mean cross-entropy of the labels, with the model's tensors replaced by ``params``."""
+        return marian.token_cross_entropy(marian.forward(model, params, batch), batch["labels"])
+
+    def metrics(self, model: nn.Module, params: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, float]:
+        """Loss (nats per target token), perplexity, token accuracy and target token count."""
+        with torch.no_grad():
+            logits = marian.forward(model, params, batch)
+            labels = batch["labels"]
+            loss = marian.token_cross_entropy(logits, labels)
+            mask = labels != batching.IGNORE
+            correct = ((logits.argmax(-1) == labels) & mask).sum()
+        tokens = int(mask.sum())
+        return {
+            "loss": float(loss),
+            "ppl": math.exp(min(float(loss), 50.0)),
+            "accuracy": float(correct) / max(tokens, 1),
+            "tokens": float(tokens),
+        }
+
+    # -- translation and validation -----------------------------------------------------------
+    def translate(self, model: nn.Module, sources: list[str], batch_size: int = 32,
+                  num_beams: Optional[int] = None, max_new_tokens: Optional[int] = None) -> list[str]:
+        """Detokenized translations of ``sources`` (greedy or beam search through ``generate``),
+        batched by similar length for speed, returned in input order."""
+        t = self.task_cfg
+        encoded = self.encode([Pair(s, "x") for s in sources])
+        pad, start = self._ids()
+        return decoding.generate(model, self.tokenizer, [s for s, _ in encoded], pad, start, batch_size,
+                                 num_beams or t.num_beams, max_new_tokens or t.max_new_tokens)
+
+    @torch.no_grad()
+    def corpus_loss(self, model: nn.Module, pairs: list[Pair], max_tokens: int = 2000) -> float:
+        """Token-mean loss over all ``pairs`` (nats per target token)."""
+        device = next(model.parameters()).device
+        total, tokens = 0.0, 0
+        with marian.restored_train_mode(model, False):
+            for batch in self.token_batches(pairs, max_tokens):
+                batch = self.to_device(batch, device)
+                total += float(marian.token_cross_entropy(marian.forward(model, None, batch), batch["labels"], reduction="sum"))
+                tokens += self.token_count(batch)
+        return total / max(tokens, 1)
+
+    def finetune(self, model: nn.Module, pairs: list[Pair], steps: int, lr: float, max_tokens: int,
+                 adapt: list[str], seed: int = 0) -> nn.Module:
+        """Adam on the parameters matching ``adapt`` for ``steps`` batches of ``pairs`` (in place).
+
+        Batches come from seeded epochs over ``pairs``, so two checkpoints are fine-tuned on the same
+        data. The loop is :class:`~.training.TrainingLoop`, the one ``metanmt finetune`` runs too.
+        """
+        return train_updates(self, model, pairs, steps, lr, max_tokens, adapt, seed, key="task.dev_adapt")
+
+    def score(self, hypotheses: list[str], references: list[str]) -> dict[str, float]:
+        """sacreBLEU corpus BLEU and chrF (:func:`~.scoring.score`, default settings)."""
+        result = score(hypotheses, references)
+        return {"bleu": result["bleu"], "chrf": result["chrf"]}
+
+    def validate(self, model: nn.Module, engine: Any = None) -> dict[str, float]:
+        """Fine-tune a copy briefly on each dev language's fine-tuning set, then translate and score
+        its dev segments: ``dev_bleu``, ``dev_chrf`` (sacreBLEU), ``dev_loss`` (after fine-tuning),
+        ``dev_loss_zero_shot`` (before), per language and averaged; ``score`` is the average of
+        ``dev_metric`` (negated for loss), higher is better. The caller's model and torch RNG state
+        are left untouched, and the result depends only on the model (fixed data order and seed).
+        ``engine`` (the trainer) is accepted for the TaskFamily contract and not needed.
+        """
+        t = self.task_cfg
+        model = getattr(model, "module", model)
+        results: dict[str, list[float]] = {"dev_bleu": [], "dev_chrf": [], "dev_loss": [], "dev_loss_zero_shot": []}
+        out: dict[str, float] = {}
+        device = next(model.parameters()).device  # the copy stays where the caller keeps the model
+        # validation must not move the training RNG streams (exact resume and determinism)
+        cuda = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda), marian.restored_train_mode(model):
+            for lang in self.languages("dev"):
+                finetune_pairs, eval_pairs = self.dev_sets(lang)
+                torch.manual_seed(t.dev_seed)
+                tuned = copy.deepcopy(model)
+                zero_shot = self.corpus_loss(tuned, eval_pairs)
+                self.finetune(tuned, finetune_pairs, t.dev_finetune_steps, t.dev_finetune_lr, t.dev_finetune_tokens,
+                              t.dev_adapt, seed=t.dev_seed)
+                loss = self.corpus_loss(tuned, eval_pairs)
+                hypotheses = self.translate(tuned, [p.src for p in eval_pairs])
+                scores = self.score(hypotheses, [p.en for p in eval_pairs])
+                for key, value in (("dev_bleu", scores["bleu"]), ("dev_chrf", scores["chrf"]),
+                                   ("dev_loss", loss), ("dev_loss_zero_shot", zero_shot)):
+                    results[key].append(value)
+                    out[f"{key}/{lang}"] = value
+                del tuned
+        for key, values in results.items():
+            out[key] = float(np.mean(values))
+        metric = {"bleu": "dev_bleu", "chrf": "dev_chrf", "loss": "dev_loss"}[t.dev_metric]
+        out["score"] = -out[metric] if t.dev_metric == "loss" else out[metric]
+        return out
+
