@@ -84,6 +84,16 @@ RECIPES: dict[str, tuple[str, list[str], bool, str]] = {
                           False, "small_maml2_cold with the first-order approximation"),
     "small_multitask_cold": ("multitask", [*SMALL, "model.attn_implementation=eager"], False,
                              "small model, multi-task, 150 steps from scratch"),
+    # MetaNMT's mechanism (docs/language_embeddings.md): a per-language source table reset every episode
+    # + a ULR from corpus vectors; each with its multi-task control (same tables, resets and ULR)
+    "metanmt_lang_ulr": ("metanmt", [], False, "FOMAML 3 Adam 3e-4 steps + sio, language tables reset every episode + "
+                                               "ULR, the official inner loop's parameters, 400 steps from scratch"),
+    "multitask_lang_ulr": ("multitask_lang", [], False, "multi-task with the same tables, resets and ULR, 400 steps"),
+    "warm_metanmt_lang_ulr": ("metanmt", [*WARM_OPTIM, "model.language_embeddings.ulr.queries=shared"], True,
+                              "metanmt_lang_ulr from the multi-task warm start (fresh tables; ULR queries and keys "
+                              "from the warm start's subword embeddings)"),
+    "warm_multitask_lang_ulr": ("multitask_lang", [*WARM_OPTIM, "model.language_embeddings.ulr.queries=shared"], True,
+                                "control: warm_multitask with the same tables, resets and ULR"),
 }
 EXISTING = {"multitask_400": "multitask", "fomaml_400_naive": "fomaml"}  # already trained by bench/l10n_meta_train.py
 
@@ -128,11 +138,24 @@ def dev_check(name: str, run: Path, args: argparse.Namespace) -> dict:
     from metanmt.adaptation.recipe import FinetuneRecipe
     from metanmt.evaluation.compare import compare
 
-    recipe = FinetuneRecipe(adapt="all", lr=3e-4, max_tokens=1000, epochs=10, max_steps=150, seed=0)
+    recipe = FinetuneRecipe(adapt=args.dev_adapt, lr=3e-4, max_tokens=1000, epochs=10, max_steps=150, seed=0)
     report = compare([(name, str(run))], args.data_root, [args.dev_lang], ["0", args.dev_budget], seeds=1,
                      out=args.runs / "recipes" / "_dev" / name, recipe=recipe, scratch=False,
                      test_pattern="dev/{lang}.tsv.gz", num_beams=1, max_test_segments=args.dev_segments)
     return {r["budget"]: r for r in report["rows"]}
+
+
+def adapt_label(patterns: list[str] | None) -> str:
+    """The inner loop's parameters in words: all, emb+enc, fast (MetaNMT's inner loop) or the patterns."""
+    from metanmt.adaptation.recipe import ADAPT_PRESETS
+
+    if patterns in (None, ["*"]):
+        return "all"
+    if patterns == ADAPT_PRESETS["emb+enc"]:
+        return "emb+enc"
+    if patterns == ADAPT_PRESETS["fast"]:
+        return "fast"
+    return ",".join(patterns)
 
 
 def best_warm_recipe(rows: list[dict]) -> dict:
@@ -166,6 +189,9 @@ def main() -> int:
     parser.add_argument("--dev-budget", default="4k")
     parser.add_argument("--dev-segments", type=int, default=500)
     parser.add_argument("--warm-step", type=int, default=300)
+    parser.add_argument("--dev-adapt", default="all",
+                        help="what the dev fine-tune adapts (all, emb+enc, emb, lang, fast: metanmt.adaptation.recipe); "
+                             "other than all, the rows are named RECIPE@ft-ADAPT")
     parser.add_argument("--list", action="store_true", help="print the recipes and exit")
     parser.add_argument("--final", action="store_true", help="continue the best warm recipe to equal compute (see above)")
     args = parser.parse_args()
@@ -190,26 +216,29 @@ def main() -> int:
     if args.final:
         return continue_best(list(rows.values()), info["recipes"], args.runs)
     warm_dir = export_warm_start(args.runs, args.warm_step)
-    for name in args.only or list(RECIPES):
+    for recipe_name in args.only or list(RECIPES):
+        name = recipe_name if args.dev_adapt == "all" else f"{recipe_name}@ft-{args.dev_adapt}"
         if name in rows:
             continue
-        config, overrides, warm, text = RECIPES[name]
+        config, overrides, warm, text = RECIPES[recipe_name]
         started = time.perf_counter()
-        if name in EXISTING:
-            run, cmd = args.runs / EXISTING[name], ["bench/l10n_meta_train.py"]
+        if recipe_name in EXISTING:
+            run, cmd = args.runs / EXISTING[recipe_name], ["bench/l10n_meta_train.py"]
         else:
-            run, cmd = meta_train(name, args, warm_dir if warm else None)
+            run, cmd = meta_train(recipe_name, args, warm_dir if warm else None)
         state = meta_training_state(run)  # a warm start's compute included
         dev = dev_check(name, run, args)
         tuned, zero = dev[args.dev_budget], dev["0"]
         cfg = read_yaml(run / "metanmt.yaml")
         algo = cfg["algorithm"]
+        lang = (cfg.get("model") or {}).get("language_embeddings") or {}
         pairs, seconds = state["examples_seen"], state["seconds"]
         rows[name] = {
             "recipe": name, "algo": algo["name"] + ("+meta_sgd" if algo.get("meta_sgd") else "")
-            + ("+msl" if algo.get("multi_step_loss") else "") + ("+sio" if algo.get("support_in_outer") else ""),
+            + ("+msl" if algo.get("multi_step_loss") else "") + ("+sio" if algo.get("support_in_outer") else "")
+            + (f"+lang({lang.get('reset', 'every_episode')})" if lang.get("enabled") else "") + ("+ulr" if (lang.get("ulr") or {}).get("enabled") else ""),
             "inner_steps": 0 if algo["name"] == "multitask" else algo["inner_steps"],
-            "adapt": "-" if algo["name"] == "multitask" else ("all" if algo.get("adapt") in (None, ["*"]) else "emb+enc"),
+            "adapt": "-" if algo["name"] == "multitask" else adapt_label(algo.get("adapt")),
             "warm_start": f"multitask@{args.warm_step}" if warm else "none", "pairs_seen": pairs, "seconds": round(seconds, 1),
             "dev_bleu": round(tuned["bleu"], 2), "dev_chrf": round(tuned["chrf"], 2), "dev_nll": round(tuned["nll"], 4),
         }
@@ -226,7 +255,7 @@ def main() -> int:
                             f"{args.dev_segments} segments, greedy",
                      "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                      "torch": torch.__version__, "meta_train_processes": 2})
-        ordered = [rows[n] for n in RECIPES if n in rows]
+        ordered = [r for n in RECIPES for key, r in rows.items() if key.split("@")[0] == n]
         with csv_path.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS)
             writer.writeheader()

@@ -60,6 +60,7 @@ from ..data.corpus import Pair, read_pairs
 from ..engine import checkpoint as ckpt
 from ..errors import ConfigError, DataError, UserError
 from ..tasks.base import select_names
+from ..tasks.language_embeddings import set_language
 from ..tasks.translation.decoding import translate_batch
 from ..tasks.translation.scoring import score
 from ..tasks.translation.training import LoopPosition, TrainingLoop
@@ -144,9 +145,11 @@ class Finetuner:
 
     def __init__(self, family: Any, model: nn.Module, train_pairs: list[Pair], recipe: FinetuneRecipe,
                  output_dir: Path, dev_pairs: Optional[list[Pair]] = None, run_config: Optional[dict[str, Any]] = None,
-                 settings: Optional[dict[str, Any]] = None, device: str | torch.device = "cpu"):
+                 settings: Optional[dict[str, Any]] = None, device: str | torch.device = "cpu", lang: Optional[str] = None):
         if not train_pairs:
             raise DataError("fine-tuning data: no pairs")
+        if lang is not None:  # language embeddings: this language's table (a new language's starts at zero)
+            set_language(model, lang, family)
         self.family, self.model, self.recipe = family, model.to(device), recipe
         self.train_pairs = train_pairs
         self.dev_pairs = list(dev_pairs[: recipe.dev_segments]) if dev_pairs else []
@@ -341,12 +344,14 @@ class Finetuner:
 def finetune_run(source: str | Path | LoadedModel, train: str | Path, output_dir: str | Path, recipe: FinetuneRecipe,
                  dev: str | Path | None = None, budget_words: Optional[int] = None,
                  budget_order: Literal["prefix", "sample"] = "prefix", resume: bool = False, overwrite: bool = False,
-                 device: str | torch.device = "cpu") -> dict[str, Any]:
+                 device: str | torch.device = "cpu", lang: Optional[str] = None) -> dict[str, Any]:
     """Fine-tune ``source`` (a run folder, a saved model, or a :class:`LoadedModel`) on ``train``.
 
     ``budget_words`` keeps a reproducible prefix (or, ``budget_order="sample"``, a sample seeded by
     ``recipe.seed``) of ``train`` by English words. Returns the result dict, also written to
-    ``output_dir/finetune.json``, with ``budget`` (what was taken from the file) added.
+    ``output_dir/finetune.json``, with ``budget`` (what was taken from the file) added. ``lang`` (default:
+    the file name up to the first dot, as :func:`read_pairs` reads it) picks the language table when
+    the model has language embeddings.
     """
     loaded = source if isinstance(source, LoadedModel) else open_translation_model(source, device)
     pairs = read_pairs(train)
@@ -356,6 +361,7 @@ def finetune_run(source: str | Path | LoadedModel, train: str | Path, output_dir
     dev_pairs = read_pairs(dev) if dev else None
     settings = {"source": loaded.source, "train": str(Path(train).resolve()), "dev": str(Path(dev).resolve()) if dev else None,
                 "budget_words": budget_words, "budget_order": budget_order}
-    tuner = Finetuner(loaded.family, loaded.model, pairs, recipe, Path(output_dir), dev_pairs, loaded.run_config, settings, device)
+    tuner = Finetuner(loaded.family, loaded.model, pairs, recipe, Path(output_dir), dev_pairs, loaded.run_config, settings, device,
+                      lang=lang or Path(train).name.split(".")[0])
     result = tuner.run(resume=resume, overwrite=overwrite)
     return {**result, "budget": budget}

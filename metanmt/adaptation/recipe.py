@@ -20,7 +20,13 @@ ADAPT_PRESETS: dict[str, list[str]] = {
     "all": ["*"],
     # = TranslationFamily.EMBEDDINGS_AND_ENCODER (MetaNMT): source-side only, also on untied models
     "emb+enc": ["model.shared.*", "model.encoder.*"],
-    "emb": ["model.shared.*", "model.encoder.embed_tokens.*", "model.decoder.embed_tokens.*", "lm_head.*"],
+    "emb": ["model.shared.*", "model.encoder.embed_tokens.*", "model.decoder.embed_tokens.*", "lm_head.*",
+            "model.encoder.language_embeddings.*"],
+    # language embeddings (docs/language_embeddings.md): the language table only; and the official
+    # MetaNMT inner loop ("fast"): encoder layers, language table, ULR's A, decoder (not the ULR values)
+    "lang": ["model.encoder.language_embeddings.tables.*"],
+    "fast": ["model.encoder.layers.*", "model.encoder.language_embeddings.tables.*",
+             "model.encoder.language_embeddings.ulr.A", "model.decoder.*", "model.shared.*", "lm_head.*"],
 }
 
 

@@ -112,8 +112,12 @@ class InnerLoop:
         steps = self.steps if steps is None else steps
         batches = batch if isinstance(batch, list) else [batch]
         current = dict(params)
+        # an adapted tensor that is not a meta-parameter (a language table reset every episode) starts
+        # from the model's value as a fresh leaf: the meta-gradient does not reach it
+        model_tensors = dict(self.model.named_parameters())
+        current.update({n: model_tensors[n].detach().requires_grad_() for n in self.adapt_names if n not in params})
         if self.tasks:  # one copy per task: its gradient is that task's own gradient
-            current.update({n: params[n].expand(self.tasks, *params[n].shape) for n in self.adapt_names})
+            current.update({n: current[n].expand(self.tasks, *current[n].shape) for n in self.adapt_names})
         result = AdaptResult(params=current)
         adam_state: tuple[Params, Params] = ({}, {})
         for k in range(steps):
@@ -125,7 +129,8 @@ class InnerLoop:
                 current, adam_state, loss, initial = self._step(*args)
             result.support_losses.append(float(loss))
             if want:
-                result.initial_grads = {n: g.sum(0) if g.dim() == params[n].dim() + 1 else g for n, g in initial.items()}
+                result.initial_grads = {n: g.sum(0) if g.dim() == params[n].dim() + 1 else g
+                                        for n, g in initial.items() if n in params}
             if after_step is not None:
                 after_step(k, current)
         result.params = current

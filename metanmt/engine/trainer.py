@@ -202,14 +202,16 @@ class MetaTrainer:
             self.family.on_resume(self.output_dir)
         torch.manual_seed(cfg.train.seed)
         self.model = self.family.build_model().to(acc.device)
-        self.meta_names = trainable_names(self.model)
+        # tensors the inner loop adapts from a fresh start every episode are not meta-parameters
+        self.episode_only = self.family.episode_only_names(self.model)
+        self.meta_names = [n for n in trainable_names(self.model) if n not in self.episode_only]
         self.adapt_names = select_names(self.model, cfg.algorithm.adapt or self.family.default_adapt) if self.algorithm.uses_inner_loop else []
         self.learned_lrs = (
             LearnedLearningRates(self.model, self.adapt_names, cfg.algorithm.inner_lr).to(acc.device)
             if cfg.algorithm.meta_sgd
             else None
         )
-        tensors = [p for n, p in self.model.named_parameters() if p.requires_grad]
+        tensors = [p for n, p in self.model.named_parameters() if p.requires_grad and n not in self.episode_only]
         if self.learned_lrs is not None:
             tensors += list(self.learned_lrs.parameters())
         self.optimizer = make_optimizer(cfg, tensors)
@@ -227,7 +229,7 @@ class MetaTrainer:
 
     # -- one meta-step -------------------------------------------------------------------------
     def meta_params(self) -> dict[str, Tensor]:
-        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad and n not in self.episode_only}
 
     def inner_loop(self, steps: int | None = None, lr: float | None = None, tasks: int = 0) -> InnerLoop:
         a = self.cfg.algorithm
@@ -308,6 +310,7 @@ class MetaTrainer:
             targets[name].grad = grad
         grad_norm = _clip(targets.values(), self.cfg.optim.grad_clip)
         self.optimizer.step()
+        self.family.after_outer_step(self.model)  # e.g. zero the language tables reset every step
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.examples_seen += int(examples)

@@ -29,7 +29,8 @@ def add_recipe_flags(p: argparse.ArgumentParser) -> None:
     """The fine-tuning recipe (:class:`FinetuneRecipe`), identical for every init in ``compare``."""
     d = FinetuneRecipe()
     g = p.add_argument_group("fine-tuning recipe")
-    g.add_argument("--adapt", default=d.adapt, help="all | emb+enc (MetaNMT) | emb | comma-separated fnmatch patterns")
+    g.add_argument("--adapt", default=d.adapt, help="all | emb+enc (MetaNMT) | emb | lang (the language table) | fast (the official MetaNMT "
+                   "inner loop) | comma-separated fnmatch patterns")
     g.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (default %(default)s)")
     g.add_argument("--max-tokens", type=int, default=d.max_tokens, help="target tokens per batch (default %(default)s)")
     g.add_argument("--epochs", type=float, default=d.epochs,

@@ -68,6 +68,7 @@ from ..adaptation.loading import LoadedModel, open_translation_model, scratch_mo
 from ..data.corpus import fill_placeholders, read_pairs
 from ..engine.checkpoint import atomic_write_text, claim_directory, describe_changes
 from ..errors import DataError, UserError
+from ..tasks.language_embeddings import set_language
 from ..tasks.translation.batching import plan_batches
 from ..tasks.translation.decoding import translate_batch
 from ..tasks.translation.model import forward, restored_train_mode, token_cross_entropy
@@ -264,7 +265,7 @@ def evaluate_model(family: Any, model: nn.Module, pairs: list, num_beams: int) -
 
 def adaptation_curve(base: LoadedModel, train: list, recipe: FinetuneRecipe, points: list[int], work: Path,
                      test: list, num_beams: int, device: str = "cpu",
-                     at_zero: Optional[dict[str, float]] = None) -> dict[str, dict[str, float]]:
+                     at_zero: Optional[dict[str, float]] = None, lang: Optional[str] = None) -> dict[str, dict[str, float]]:
     """Test NLL, chrF and BLEU after each number of fine-tuning updates in ``points``: the project's
     fine-tuning loop (:class:`Finetuner`, the recipe with its seed) run for exactly ``max(points)``
     updates at the recipe's fixed learning rate, without a dev set (no early stopping), scored from
@@ -279,6 +280,8 @@ def adaptation_curve(base: LoadedModel, train: list, recipe: FinetuneRecipe, poi
 
     if 0 in points:
         if at_zero is None:
+            if lang is not None:
+                set_language(base.model, lang, base.family)  # as compare's zero-shot cell: a new language's table
             record(0, base.model)
         else:
             out["0"] = dict(at_zero)
@@ -286,7 +289,7 @@ def adaptation_curve(base: LoadedModel, train: list, recipe: FinetuneRecipe, poi
     if last > 0:
         curve_recipe = dataclasses.replace(recipe, min_steps=last, max_steps=last, eval_every=last, patience=0)
         tuner = Finetuner(base.family, copy.deepcopy(base.model), train, curve_recipe, work, None, base.run_config,
-                          {"adaptation_curve": points}, device)
+                          {"adaptation_curve": points}, device, lang=lang)
         wanted = set(points)
         tuner.after_update = lambda step: record(step, tuner.model) if step in wanted else None
         tuner.run(overwrite=True)  # a killed curve is cheap: it restarts
@@ -394,6 +397,7 @@ def compare(inits: list[tuple[str, str]], data_root: str | Path, langs: list[str
         if budget_words(budget) == 0:
             tuned_info: dict[str, Any] = {}
             model = base.model
+            set_language(model, lang, base.family)  # language embeddings: a new language's table is zero
         else:
             work = work_dir / name
             if work.exists() and not (work / FINETUNE_FILE).is_file():
@@ -404,7 +408,7 @@ def compare(inits: list[tuple[str, str]], data_root: str | Path, langs: list[str
             dev_pairs = pairs_of(_path(data_root, dev, lang=lang)) if dev else None
             cell_recipe = dataclasses.replace(recipe, seed=seed)
             tuner = Finetuner(base.family, copy.deepcopy(base.model), train, cell_recipe, work, dev_pairs,
-                              base.run_config, {"cell": name, "init": settings["inits"][init]}, device)
+                              base.run_config, {"cell": name, "init": settings["inits"][init]}, device, lang=lang)
             tuned_info = tuner.run(resume=True)
             model = tuner.model
             nominal = budget_words(budget)
@@ -424,7 +428,7 @@ def compare(inits: list[tuple[str, str]], data_root: str | Path, langs: list[str
             del model
             t_curve = time.perf_counter()
             row["curve"] = adaptation_curve(base, train, cell_recipe, curve, work_dir / f"{name}__curve", test, curve_beam,
-                                            device, curve_zero.get((init, lang)))
+                                            device, curve_zero.get((init, lang)), lang)
             curve_zero.setdefault((init, lang), row["curve"].get("0"))  # the init scores the same in every cell
             row["curve_seconds"] = time.perf_counter() - t_curve
         atomic_write_text(cells_dir / f"{name}.json", json.dumps(row, indent=2, ensure_ascii=False))

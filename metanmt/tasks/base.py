@@ -141,6 +141,15 @@ class TaskFamily(abc.ABC):
     def on_resume(self, directory: Path) -> None:
         """Adopt what a run directory holds besides the weights (a tokenizer) before ``build_model``."""
 
+    # -- tensors reset every episode (translation's language embeddings) ------------------------
+    def episode_only_names(self, model: nn.Module) -> set[str]:
+        """Names of trainable tensors the inner loop adapts from the model's (reset) value every
+        episode but the outer step never updates: left out of the meta-parameters. Default: none."""
+        return set()
+
+    def after_outer_step(self, model: nn.Module) -> None:
+        """Called after every outer update (e.g. to zero tables reset every step). Default: nothing."""
+
     # -- validation during meta-training -------------------------------------------------------
     def validate(self, model: nn.Module, engine: Any) -> dict[str, float] | None:
         """Optional: metrics on held-out tasks every ``train.eval_every`` steps.

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from ...data.corpus import Columns
+from ..language_embedding_config import LanguageEmbeddingConfig
 
 SPLITS = ("train", "dev", "test")
 
@@ -84,3 +85,5 @@ class TranslationModelConfig:
     # eager: second-order MAML needs it (sdpa on CPU has no double backward: docs/design.md, "Attention and double backward")
     attn_implementation: Literal["eager", "sdpa"] = "eager"
     dtype: Literal["float32", "float64"] = "float32"
+    # MetaNMT's per-language tables + universal lexical representation (docs/language_embeddings.md)
+    language_embeddings: LanguageEmbeddingConfig = field(default_factory=LanguageEmbeddingConfig)

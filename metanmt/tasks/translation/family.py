@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ...data.corpus import Corpus, Pair
 from ...data.vocab import BOS_ID, PAD_ID, cached_vocab, load_tokenizer
 from ...errors import ConfigError, DataError
+from .. import language_embeddings as lang_emb
 from ..base import Episode, TaskFamily, temperature_weights
 from . import batching, decoding, model as marian
 from .config import SPLITS, TranslationModelConfig, TranslationTaskConfig
@@ -247,7 +248,11 @@ class TranslationFamily(TaskFamily):
         query, _ = self._fill(pairs, order, pos, t.query_tokens)
         if not query:
             raise DataError(f"language {lang} ({split}): {len(pairs)} pairs are too few for disjoint support and query batches")
-        return Episode(task=lang, support=self.collate(support), query=self.collate(query))
+        support, query = self.collate(support), self.collate(query)
+        if self.model_cfg.language_embeddings.enabled:  # language-embeddings hook: the batches name their language
+            index = lang_emb.family_languages(self).index(lang)
+            support, query = lang_emb.tag_batch(support, index), lang_emb.tag_batch(query, index)
+        return Episode(task=lang, support=support, query=query)
 
     def merge_batches(self, first: dict[str, Tensor], second: dict[str, Tensor]) -> dict[str, Tensor]:
         """Concatenate two padded batches, padding both to the longer length."""
@@ -266,7 +271,9 @@ class TranslationFamily(TaskFamily):
             _ = self.tokenizer
         else:
             model = marian.build_marian(m, self.tokenizer, t.num_beams, t.max_new_tokens)
-        return self.prepare_model(model)
+        model = self.prepare_model(model)
+        lang_emb.build_for_family(self, model)  # language-embeddings hook (off unless configured)
+        return model
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """Ready a model built or loaded elsewhere for this family: :func:`~.model.prepare` (pad-row
@@ -286,7 +293,16 @@ class TranslationFamily(TaskFamily):
         if not (directory / "config.json").is_file():
             raise DataError(f"{directory}: not a saved model (no config.json)")
         self._tokenizer = load_tokenizer(directory)
-        return self.prepare_model(marian.load_pretrained(directory, self.model_cfg, local_files_only=True))
+        model = self.prepare_model(marian.load_pretrained(directory, self.model_cfg, local_files_only=True))
+        lang_emb.load_for_family(self, model, directory)  # language-embeddings hook: the tables saved beside it
+        return model
+
+    # -- language embeddings (metanmt/tasks/language_embeddings.py): the engine's two hooks ------
+    def episode_only_names(self, model: nn.Module) -> set[str]:
+        return lang_emb.episode_only_names(model)
+
+    def after_outer_step(self, model: nn.Module) -> None:
+        lang_emb.after_outer_step(model)
 
     # -- loss ------------------------------------------------------------------------------------
     def loss(self, model: nn.Module, params: dict[str, Tensor], batch: dict[str, Tensor]) -> Tensor:
@@ -366,6 +382,7 @@ class TranslationFamily(TaskFamily):
                 finetune_pairs, eval_pairs = self.dev_sets(lang)
                 torch.manual_seed(t.dev_seed)
                 tuned = copy.deepcopy(model)
+                lang_emb.set_language(tuned, lang, self)  # language-embeddings hook: a fresh zero table
                 zero_shot = self.corpus_loss(tuned, eval_pairs)
                 self.finetune(tuned, finetune_pairs, t.dev_finetune_steps, t.dev_finetune_lr, t.dev_finetune_tokens,
                               t.dev_adapt, seed=t.dev_seed)

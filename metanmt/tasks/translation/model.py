@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ...data.vocab import BOS_ID, EOS_ID, PAD_ID, check_special_ids, save_tokenizer
 from ...errors import DataError
+from .. import language_embeddings as lang_emb
 from .batching import IGNORE
 from .config import TranslationModelConfig
 
@@ -111,7 +112,7 @@ def save(model: nn.Module, tokenizer: Any, directory: Path) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model = getattr(model, "module", model)  # unwrap DDP if the caller did not
-    model.save_pretrained(str(directory))
+    lang_emb.save_pretrained(model, directory)  # save_pretrained + the language tables, if any
     save_tokenizer(tokenizer, directory)
 
 
@@ -124,10 +125,11 @@ def forward(model: nn.Module, params: Optional[dict[str, Tensor]], batch: dict[s
         "use_cache": False,
         "return_dict": True,
     }
-    if params is None:
-        return model(**inputs).logits
-    # tie_weights: one entry for model.shared.weight also replaces the tied decoder/output weights
-    return torch.func.functional_call(model, params, args=(), kwargs=inputs, tie_weights=True, strict=False).logits
+    with lang_emb.batch_language(model, batch):  # language-embeddings hook: the batch's lang_ids
+        if params is None:
+            return model(**inputs).logits
+        # tie_weights: one entry for model.shared.weight also replaces the tied decoder/output weights
+        return torch.func.functional_call(model, params, args=(), kwargs=inputs, tie_weights=True, strict=False).logits
 
 
 def token_cross_entropy(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
