@@ -49,6 +49,7 @@ What is different from a plain Seq2SeqTrainer, and what is refused (a ``ValueErr
   loss is the model's own (``labels``), with the Trainer's label smoothing when
   ``label_smoothing_factor`` is set.
 * Meta-SGD (learned inner rates) is not available here (the engine's CLI has it).
+* A training "sample" is an episode: ``train_samples_per_second`` counts episodes per second.
 * ``num_input_tokens_seen`` counts the source tokens of the episodes' batches (support and query,
   padding included with ``"all"``); ``total_flos`` estimates 6 x parameters x source tokens of every
   forward pass the inner and outer loops make.
@@ -283,6 +284,10 @@ class MetaSeq2SeqTrainer(Seq2SeqTrainer):
         stats = torch.tensor([loss_sum, count, source_tokens, float(tasks.forward_tokens - forward_before)],
                              dtype=torch.float64, device=a.device)
         return totals, stats
+
+    def get_total_train_batch_size(self, args: Any) -> int:
+        # a training "sample" is an episode: the Trainer's samples/s and totals count episodes
+        return int(getattr(args, "meta_batch_size", 1))
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
         return int(self._step_flos)
