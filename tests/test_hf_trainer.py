@@ -241,3 +241,41 @@ def test_unsupported_settings_fail_at_construction(tmp_path, tok, train_ds, over
     with pytest.raises(MetaArgumentsError, match=message):
         MetaSeq2SeqTrainer(model=tiny_model(tok), args=meta_args(tmp_path, **overrides), train_dataset=train_ds,
                            processing_class=tok)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tmp_path):
+    """DDP (2 gloo processes, meta-batch 3 split 2 + 1) gives the 1-process meta-gradients and weights."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.test_distributed import free_port
+
+    root = Path(__file__).resolve().parents[1]
+    script = str(root / "tests" / "hf_distributed_run.py")
+    algos = "maml,reptile"  # second order through the bypassed DDP wrapper; a contribution that is not a gradient
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    launcher = shutil.which("accelerate")
+    if launcher is None:
+        pytest.skip("the accelerate launcher is not on PATH")
+    results = {}
+    for processes in (1, 2):
+        out = tmp_path / str(processes)
+        out.mkdir()
+        cmd = [sys.executable, script] if processes == 1 else [
+            launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", "--main_process_port", str(free_port()), script]
+        proc = subprocess.run([*cmd, str(out), algos], env=env, capture_output=True, text=True, timeout=600, cwd=root)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        results[processes] = torch.load(out / "results.pt")
+    for algo in algos.split(","):
+        one, two = results[1][algo], results[2][algo]
+        assert (one["world_size"], two["world_size"]) == (1, 2), "accelerate did not start two processes"
+        for name, g in one["grads"].items():
+            assert torch.allclose(g, two["grads"][name], atol=1e-6, rtol=1e-4), (algo, name)
+        for name, p in one["params"].items():
+            assert torch.allclose(p, two["params"][name], atol=1e-6, rtol=1e-4), (algo, name)
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)

@@ -44,7 +44,7 @@ What is different from a plain Seq2SeqTrainer, and what is refused (a ``ValueErr
   per device (``torchrun`` / ``accelerate launch``). With several processes (DDP) each computes its
   share of the meta-batch and the meta-gradient is all-reduced once per step, as in the engine, for
   every algorithm (second-order MAML included: the DDP wrapper's hooks, which cannot do double
-  backward, are bypassed). This path is not covered by a multi-process test here; the engine's is.
+  backward, are bypassed; ``tests/test_hf_trainer.py`` checks 2 gloo processes against 1).
 * ``compute_loss_func`` and an overridden ``compute_loss`` are not used for training: the episodes'
   loss is the model's own (``labels``), with the Trainer's label smoothing when
   ``label_smoothing_factor`` is set.
