@@ -234,6 +234,7 @@ def test_a_task_too_small_for_an_episode_is_one_clear_error(tmp_path, tok, train
 @pytest.mark.parametrize("overrides, message", [
     ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps=2: not supported.*raise meta_batch_size"),
     ({"max_steps": -1}, "max_steps: set a positive number of meta-steps"),
+    ({"fp16": True}, "fp16: not supported.*use bf16"),
     ({"meta_algorithm": "nope"}, "meta_algorithm: unknown algorithm 'nope'"),
     ({"adapt": ["decoder.*"]}, "adapt: patterns \\['decoder.\\*'\\] match no trainable parameter"),
 ])
@@ -241,6 +242,22 @@ def test_unsupported_settings_fail_at_construction(tmp_path, tok, train_ds, over
     with pytest.raises(MetaArgumentsError, match=message):
         MetaSeq2SeqTrainer(model=tiny_model(tok), args=meta_args(tmp_path, **overrides), train_dataset=train_ds,
                            processing_class=tok)
+
+
+def test_bf16_runs_the_inner_loop_under_autocast(tmp_path, tok, train_ds):
+    trainer = MetaSeq2SeqTrainer(model=tiny_model(tok), args=meta_args(tmp_path, bf16=True, meta_algorithm="maml"),
+                                 train_dataset=train_ds, processing_class=tok)
+    seen = []
+    loss = trainer.tasks.loss
+
+    def spy(model, params, batch):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return loss(model, params, batch)
+
+    trainer.tasks.loss = spy
+    trainer.train()
+    assert seen and all(seen)
+    assert np.isfinite(trainer.state.log_history[0]["loss"])
 
 
 @pytest.mark.slow
