@@ -85,6 +85,7 @@ class DatasetTasks:
         if task_sampling not in ("uniform", "temperature"):
             raise ConfigError(f"task_sampling: {task_sampling!r}; allowed values: uniform, temperature")
         self.dataset = dataset
+        self._python_rows = dataset.with_format(None)  # lists for the collator, whatever format the user set
         self.task_column = task_column
         self.collator = collator
         self.model_columns = [c for c in model_columns if c in columns and c != task_column]
@@ -149,7 +150,7 @@ class DatasetTasks:
 
     def collate(self, rows: np.ndarray) -> dict[str, Tensor]:
         """The collator's batch of these dataset rows (model columns only), as a dict of tensors."""
-        batch = self.dataset[[int(r) for r in rows]]
+        batch = self._python_rows[[int(r) for r in rows]]
         features = [{c: batch[c][i] for c in self.model_columns} for i in range(len(rows))]
         return {k: v for k, v in self.collator(features).items() if isinstance(v, Tensor)}
 
