@@ -20,8 +20,19 @@ from metanmt.config import AlgorithmConfig
 from metanmt.data.vocab import BOS_ID, EOS_ID, PAD_ID, save_tokenizer, train_vocab
 from metanmt.engine.inner import InnerLoop, select_names
 from metanmt.engine.sampler import TaskSampler, episode_torch_seed
+from metanmt.errors import NonFiniteError
 from metanmt.hf import DatasetError, MetaArgumentsError, MetaSeq2SeqTrainer, MetaSeq2SeqTrainingArguments
 from metanmt.tasks.translation import TranslationFamily
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """The Trainer's Accelerator state is a process-wide singleton: a bf16 test must not leave it to the
+    next test (the engine's trainer asks for mixed_precision='no')."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
 
 WORDS = "the cat dog sees a red blue house big small runs jumps over under tree river bird green old new".split()
 LANGS = {"de": lambda w: w[::-1], "fr": lambda w: w + "e", "es": lambda w: "el" + w[:3]}
@@ -131,7 +142,7 @@ def test_first_meta_gradient_equals_the_engines(tmp_path, tok, train_ds, algo):
     for index, episode in episodes:
         torch.manual_seed(episode_torch_seed(0, 0, index))
         result = algorithm.task_gradient(inner, params, episode, {})
-        losses.append(result.loss)
+        losses.append(float(result.loss))
         for n, g in result.grads.items():
             expected[n] += g / len(episodes)
 
@@ -242,6 +253,18 @@ def test_unsupported_settings_fail_at_construction(tmp_path, tok, train_ds, over
     with pytest.raises(MetaArgumentsError, match=message):
         MetaSeq2SeqTrainer(model=tiny_model(tok), args=meta_args(tmp_path, **overrides), train_dataset=train_ds,
                            processing_class=tok)
+
+
+def test_a_non_finite_meta_gradient_stops_before_the_update(tmp_path, tok, train_ds):
+    model = tiny_model(tok)
+    with torch.no_grad():
+        model.model.shared.weight[5:] = float("nan")  # every real token embedding
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = MetaSeq2SeqTrainer(model=model, args=meta_args(tmp_path), train_dataset=train_ds, processing_class=tok)
+    with pytest.raises(NonFiniteError, match=r"meta-step 0: non-finite loss or meta-gradient on '(de|fr|es)' \(episode 0\)"):
+        trainer.train()
+    for name, p in model.named_parameters():
+        assert torch.equal(torch.nan_to_num(p), torch.nan_to_num(before[name])), name
 
 
 def test_bf16_runs_the_inner_loop_under_autocast(tmp_path, tok, train_ds):

@@ -231,12 +231,16 @@ class MetaSeq2SeqTrainer(Seq2SeqTrainer):
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         params = {n: p for n, p in module.named_parameters() if p.requires_grad}
-        totals, stats = self.local_contribution(module, params, step)
+        totals, stats, losses = self.local_contribution(module, params, step)
         names = list(totals)
         flat = torch.cat([totals[n].reshape(-1) for n in names] + [stats.to(totals[names[0]].dtype)])
         if self.accelerator.num_processes > 1:
             flat = self.accelerator.reduce(flat, reduction="sum")  # one all-reduce per meta-step, as in the engine
-        loss_sum, tasks, source_tokens, flos_tokens = (float(v) for v in flat[-4:])
+        if not bool(torch.isfinite(flat).all()):  # every process sees the same sum, so all of them stop here
+            bad = [f"{task!r} (episode {index})" for index, task, loss in losses if not math.isfinite(loss)]
+            raise NonFiniteError(f"meta-step {step}: non-finite loss or meta-gradient on "
+                                 f"{', '.join(bad) or 'a task of this meta-batch'}; no update was applied for this step")
+        loss_sum, loss_count, tasks, source_tokens, flos_tokens = (float(v) for v in flat[-5:])
         offset = 0
         for name in names:
             size = totals[name].numel()
@@ -246,19 +250,24 @@ class MetaSeq2SeqTrainer(Seq2SeqTrainer):
             param.grad = grad.to(param.dtype) if param.grad is None else param.grad + grad.to(param.dtype)
         self._step_source_tokens = int(source_tokens)
         self._step_flos = 6.0 * flos_tokens * _non_embedding_parameters(module)
-        return torch.tensor(loss_sum / tasks, device=self.args.device)
+        return torch.tensor(loss_sum / loss_count if loss_count else 0.0, device=self.args.device)
 
     def local_contribution(self, module: torch.nn.Module, params: dict[str, Tensor],
-                           step: int) -> tuple[dict[str, Tensor], Tensor]:
+                           step: int) -> tuple[dict[str, Tensor], Tensor, list[tuple[int, str, float]]]:
         """This process's share of meta-step ``step``: the sum of its episodes' contributions
-        (``Algorithm.task_gradient``) and ``[loss sum, episodes, source tokens, forward tokens]``."""
+        (``Algorithm.task_gradient``), ``[loss sum, losses, episodes, source tokens, forward tokens]`` and
+        ``(index, task, loss)`` of each episode that reports a loss."""
         a, tasks = self.args, self.tasks
         assert tasks is not None
         seed = a.seed if a.data_seed is None else a.data_seed
         sampler = TaskSampler(tasks, seed, a.meta_batch_size, a.process_index, a.world_size)
         inner = InnerLoop(tasks, module, self._adapt_names(module), a.inner_steps, a.inner_lr, a.inner_optimizer)
+        # every step reports its loss and inner-loop metrics: the Trainer averages the loss over all the
+        # steps of a logging window (engines that skip metric-only forward passes read this flag)
+        inner.log_metrics = True
         totals = {n: torch.zeros_like(p) for n, p in params.items()}
-        loss_sum = count = source_tokens = 0.0
+        losses: list[tuple[int, str, Tensor]] = []
+        source_tokens = count = 0
         forward_before = tasks.forward_tokens
         devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
         for index, episode in sampler.local_episodes(step):
@@ -268,22 +277,21 @@ class MetaSeq2SeqTrainer(Seq2SeqTrainer):
                 torch.manual_seed(episode_torch_seed(seed, step, index))
                 with self.accelerator.autocast():
                     result = self.algorithm.task_gradient(inner, params, episode, {})
-            if not (math.isfinite(result.loss) and all(bool(torch.isfinite(g).all()) for g in result.grads.values())):
-                raise NonFiniteError(f"meta-step {step}: non-finite loss or meta-gradient on task {episode.task!r} "
-                                     f"(episode {index}); no update was applied for this step")
             for name, grad in result.grads.items():
                 totals[name] += grad
-            loss_sum += result.loss
             count += 1
+            if result.loss is not None:  # an algorithm may leave it out (a plugin that only logs some steps)
+                losses.append((index, episode.task, torch.as_tensor(result.loss, dtype=torch.float64)))
             for name, value in result.metrics.items():
-                self._meta_logs.setdefault(name, []).append(float(value))
+                self._meta_logs.setdefault(name, []).append(value)
             for batch in (episode.support, episode.query):
                 mask = batch.get("attention_mask")
                 all_tokens = self.args.include_num_input_tokens_seen != "non_padding" or mask is None
-                source_tokens += float(batch["input_ids"].numel() if all_tokens else mask.sum())
-        stats = torch.tensor([loss_sum, count, source_tokens, float(tasks.forward_tokens - forward_before)],
+                source_tokens += int(batch["input_ids"].numel() if all_tokens else mask.sum())
+        values = torch.stack([loss.detach().cpu() for _, _, loss in losses]).tolist() if losses else []  # one host read
+        stats = torch.tensor([sum(values), len(values), count, source_tokens, tasks.forward_tokens - forward_before],
                              dtype=torch.float64, device=a.device)
-        return totals, stats
+        return totals, stats, [(i, t, v) for (i, t, _), v in zip(losses, values)]
 
     def get_total_train_batch_size(self, args: Any) -> int:
         # a training "sample" is an episode: the Trainer's samples/s and totals count episodes
@@ -301,8 +309,11 @@ class MetaSeq2SeqTrainer(Seq2SeqTrainer):
         """Training logs also carry the algorithm's per-episode metrics (e.g. ``support_loss``,
         ``query_loss``), averaged over this process's episodes since the last log."""
         if "loss" in logs and self._meta_logs:
-            for name, values in self._meta_logs.items():
-                logs[name] = round(sum(values) / len(values), 4)
+            means = {name: float(torch.stack([torch.as_tensor(v, dtype=torch.float64).cpu() for v in values]).mean())
+                     for name, values in self._meta_logs.items()}
+            if "query_loss_before" in means and "query_loss_after" in means:
+                means["inner_gain"] = means["query_loss_before"] - means["query_loss_after"]
+            logs.update({name: round(value, 4) for name, value in means.items()})
             self._meta_logs = {}
         super().log(logs, start_time)
 
