@@ -28,9 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..engine.sampler import temperature_weights
 from ..errors import ConfigError, DataError
-from ..tasks.base import Episode, TaskFamily
+from ..tasks.base import Episode, TaskFamily, temperature_weights
 
 IGNORE = -100  # the label value that transformers' losses ignore (padding)
 

@@ -206,9 +206,9 @@ class MetaSeq2SeqTrainer(Seq2SeqTrainer):
         if not self.algorithm.uses_inner_loop:
             return []
         try:
-            return select_names(module, list(self.args.adapt))
+            return select_names(module, list(self.args.adapt), key="adapt")
         except ConfigError as exc:
-            raise MetaArgumentsError(str(exc).replace("algorithm.adapt", "adapt")) from None
+            raise MetaArgumentsError(str(exc)) from None
 
     # -- the Trainer's hooks ------------------------------------------------------------------------------
     def get_train_dataloader(self) -> DataLoader:
