@@ -1,65 +1,167 @@
-"""Train MAML and the pretraining baseline on sinusoids to convergence; write the MSE table.
+"""Meta-train sinusoid recipes (MAML, pretraining, multi-step MAML, Meta-SGD); write the MSE table and figure.
 
-    python bench/sinusoid.py                       # paper settings: 70K meta-steps each
-    python bench/sinusoid.py --steps 20000 --set algorithm.meta_sgd=true
+    OMP_NUM_THREADS=1 python bench/sinusoid.py --recipe maml              # the paper: 70K meta-steps
+    OMP_NUM_THREADS=1 python bench/sinusoid.py --recipe pretrain
+    OMP_NUM_THREADS=1 python bench/sinusoid.py --recipe maml_multistep    # aimed at both 5-shot targets
+    OMP_NUM_THREADS=1 python bench/sinusoid.py --recipe metasgd_multistep
+    python bench/sinusoid.py                                              # every recipe, one after another
 
-Writes bench/results/sinusoid.json:
-{"maml": {"5": {"1": mse, "5": mse, "10": mse}, "10": {...}, "20": {...}}, "pretrain": {...},
- "config": {...}, "seconds": t}
+Recipes (each a shipped config; ``--steps`` / ``--set`` override all selected ones):
+
+* ``maml`` -- ``configs/sinusoid_maml.yaml``: the paper's MAML (K=10, one inner step, alpha=0.01).
+* ``pretrain`` -- ``configs/sinusoid_pretrain.yaml``: the paper's pretraining baseline.
+* ``maml_multistep`` -- ``configs/sinusoid_maml_multistep.yaml``: 5 inner steps, multi-step loss, K=5.
+* ``metasgd_multistep`` -- ``configs/sinusoid_metasgd_multistep.yaml``: Meta-SGD whose rates are
+  learned over the 10 steps they are applied for (multi-step loss), K=5.
+
+Every recipe trains in its own run directory ``RUNS/<recipe>`` (``--runs``, default
+``~/runs/bench-sinusoid``, outside the checkout) and resumes from its latest checkpoint when
+rerun; a finished run is only re-evaluated. Each recipe is evaluated on the same 600 held-out
+sines: MSE after 1 / 5 / 10 SGD steps from K = 5 / 10 / 20 points (the run's evaluation rate, or
+its learned rates), mean and the half-width of the 95% interval
+(:func:`metanmt.evaluation.few_shot.mean_ci95`). The results file is updated per recipe, so
+recipes can be run by separate commands (or ``--only``) into one file::
+
+    {"maml": {"5": {"1": mse, "5": mse, "10": mse}, "10": {...}, "20": {...}},
+     "maml_ci95": {...}, "pretrain": {...}, "pretrain_ci95": {...}, "maml_multistep": {...}, ...,
+     "meta_steps": {"maml": 70000, ...}, "tables": {"maml": "| K-shot | ... markdown ..."},
+     "config": {"maml": {"config": ..., "overrides": [...], "meta_steps": n, "train_seconds": t, ...}},
+     "interval": "...", "seconds": total train seconds of the recipes in the file}
+
+``train_seconds`` is the trainer's own count, accumulated over resumes. When the ``maml`` and
+``pretrain`` runs both exist, the paper's figure (fits after 0 / 1 / 10 steps on one held-out
+sine, MAML vs pretraining) is redrawn with ``metanmt plot-sinusoid`` (``--figure``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
+from metanmt.cli import main as metanmt_main
 from metanmt.config import load_config
-from metanmt.engine.checkpoint import latest_checkpoint
+from metanmt.engine.checkpoint import CONFIG_FILE, latest_checkpoint
 from metanmt.engine.run import load_run
 from metanmt.engine.trainer import MetaTrainer
+from metanmt.errors import UserError
 from metanmt.evaluation.sinusoid import evaluate_sinusoid, format_sinusoid
 
 ROOT = Path(__file__).resolve().parents[1]
+RECIPES = {
+    "maml": "configs/sinusoid_maml.yaml",
+    "pretrain": "configs/sinusoid_pretrain.yaml",
+    "maml_multistep": "configs/sinusoid_maml_multistep.yaml",
+    "metasgd_multistep": "configs/sinusoid_metasgd_multistep.yaml",
+}
+SHOTS, STEPS = [5, 10, 20], [1, 5, 10]
+INTERVAL = "mean ± half-width of the 95% Student t interval over the held-out sines"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=70000)
-    parser.add_argument("--episodes", type=int, default=600)
-    parser.add_argument("--set", action="append", default=[], help="override for the MAML run")
-    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-sinusoid")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sinusoid.json")
-    parser.add_argument("--only", choices=["maml", "pretrain"], help="train and evaluate one of the two")
-    args = parser.parse_args()
+def fail(message: str) -> None:
+    """Bad input: one line, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
-    started = time.perf_counter()
-    result: dict = {"config": {}}
-    for name, config, extra in [
-        ("maml", "configs/sinusoid_maml.yaml", args.set),
-        ("pretrain", "configs/sinusoid_pretrain.yaml", []),
-    ]:
-        if args.only and name != args.only:
-            continue
-        sets = [f"train.steps={args.steps}", "train.trackers=[]", *extra]
+
+def train(cfg, run_dir: Path) -> None:
+    has_ckpt = latest_checkpoint(run_dir) is not None
+    # a run directory without a checkpoint (killed before the first save) holds nothing to resume
+    overwrite = not has_ckpt and (run_dir / CONFIG_FILE).exists()
+    trainer = MetaTrainer(cfg, run_dir, resume=has_ckpt, overwrite=overwrite)
+    if has_ckpt:
+        print(f"resuming {run_dir} at meta-step {trainer.state.step}", flush=True)
+    trainer.train()
+
+
+def read_results(path: Path) -> dict:
+    """The results file so far (other recipes' entries are kept); empty if there is none."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        fail(f"{path}: line {exc.lineno}: not JSON ({exc.msg}); move it away or fix it")
+    if not isinstance(data, dict):
+        fail(f"{path}: expected a JSON object of sinusoid results")
+    return data
+
+
+def run_recipe(name: str, args: argparse.Namespace, result: dict) -> None:
+    config = RECIPES[name]
+    sets = [*([f"train.steps={args.steps}"] if args.steps is not None else []), "train.trackers=[]", *args.set]
+    try:
         cfg = load_config(ROOT / config, sets)
-        out = args.runs / name
-        t0 = time.perf_counter()
-        MetaTrainer(cfg, out, resume=latest_checkpoint(out) is not None).train()
-        train_seconds = time.perf_counter() - t0
-        table = evaluate_sinusoid(load_run(out), shots=[5, 10, 20], steps=[1, 5, 10], episodes=args.episodes)
-        result[name] = {k: {s: v for s, v in row.items() if s != "0"} for k, row in table["mse"].items()}
-        # half-widths of the 95% Student t interval over n = eval_episodes sines
-        result[f"{name}_ci95"] = {k: {s: v for s, v in row.items() if s != "0"} for k, row in table["ci95"].items()}
-        result["config"][name] = {"config": config, "overrides": sets, "train_seconds": round(train_seconds, 1),
-                                  "eval_inner_lr": table["inner_lr"], "eval_episodes": args.episodes,
-                                  "interval": "95% Student t, n = eval_episodes"}
-        print(f"{name} (trained {train_seconds:.0f} s)\n{format_sinusoid(table)}", flush=True)
-    result["seconds"] = round(time.perf_counter() - started, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    except UserError as exc:
+        fail(f"recipe {name}: {exc}")
+    run_dir = args.runs.expanduser() / name
+    train(cfg, run_dir)
+    state = json.loads((latest_checkpoint(run_dir) / "trainer_state.json").read_text())
+    t0 = time.perf_counter()
+    table = evaluate_sinusoid(load_run(run_dir), shots=SHOTS, steps=STEPS, episodes=args.episodes)
+    eval_seconds = time.perf_counter() - t0
+    mse = {k: {s: v for s, v in row.items() if s != "0"} for k, row in table["mse"].items()}
+    ci95 = {k: {s: v for s, v in row.items() if s != "0"} for k, row in table["ci95"].items()}
+    result[name], result[f"{name}_ci95"] = mse, ci95
+    result.setdefault("meta_steps", {})[name] = int(state["step"])
+    result.setdefault("tables", {})[name] = format_sinusoid({"mse": mse, "ci95": ci95})
+    result.setdefault("config", {})[name] = {
+        "config": config,
+        "overrides": sets,
+        "meta_steps": int(state["step"]),
+        "train_seconds": round(float(state["seconds"]), 1),
+        "eval_seconds": round(eval_seconds, 1),
+        "eval_inner_lr": table["inner_lr"],
+        "eval_episodes": args.episodes,
+        "train_shots": cfg.task.get("shots"),
+        "inner_steps": cfg.algorithm.inner_steps,
+        "multi_step_loss": cfg.algorithm.multi_step_loss,
+        "meta_sgd": cfg.algorithm.meta_sgd,
+        "run_dir": str(args.runs / name),
+    }
+    print(f"{name}: {state['step']} meta-steps, {state['seconds']:.0f} s of training\n{format_sinusoid(table)}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", action="append", choices=list(RECIPES),
+                        help="recipe to train and evaluate (repeatable; default: all)")
+    parser.add_argument("--only", choices=list(RECIPES), help="the same as one --recipe")
+    parser.add_argument("--steps", type=int, help="meta-steps (default: the config's, the paper's 70K)")
+    parser.add_argument("--episodes", type=int, default=600, help="held-out sines per K")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every selected recipe (repeatable)")
+    parser.add_argument("--runs", type=Path, default=Path.home() / "runs" / "bench-sinusoid",
+                        help="run directories: RUNS/<recipe> (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sinusoid.json")
+    parser.add_argument("--figure", type=Path, default=ROOT / "bench" / "results" / "sinusoid.png",
+                        help="MAML vs pretraining figure, redrawn when both runs exist")
+    parser.add_argument("--no-figure", action="store_true")
+    args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        fail(f"--steps: must be at least 1, got {args.steps}")
+    if args.episodes < 2:
+        fail(f"--episodes: must be at least 2 (an interval needs two sines), got {args.episodes}")
+    recipes = list(dict.fromkeys([*(args.recipe or []), *([args.only] if args.only else [])])) or list(RECIPES)
+    result = read_results(args.out)  # checked before any training: a bad file fails fast
+
+    for name in recipes:
+        run_recipe(name, args, result)
+        result["interval"] = INTERVAL
+        result["seconds"] = round(sum(c.get("train_seconds", 0.0) for c in result.get("config", {}).values()), 1)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_name(f".{args.out.name}.tmp")
+        # NaN (a diverged adaptation) is written as JSON's NaN literal, as json.loads reads it back
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(args.out)
+        print(f"wrote {args.out} ({name})", flush=True)
+
+    runs = [args.runs.expanduser() / n for n in ("maml", "pretrain")]
+    if not args.no_figure and all(latest_checkpoint(r) is not None for r in runs):
+        if metanmt_main(["plot-sinusoid", *map(str, runs), "--out", str(args.figure)]) != 0:
+            fail("plot-sinusoid failed (see above)")
 
 
 if __name__ == "__main__":

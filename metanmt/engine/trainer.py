@@ -318,8 +318,12 @@ class MetaTrainer:
         return {"loss": loss_sum / good, "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
 
     # -- the loop --------------------------------------------------------------------------------
-    def train(self) -> dict[str, Any]:
+    def train(self, until: int | None = None) -> dict[str, Any]:
+        """Meta-train to ``train.steps``; ``until`` stops (and checkpoints) earlier, at that step, so a
+        caller can score the model in between and call ``train`` again (the schedule stays the one of
+        ``train.steps``)."""
         acc, cfg = self.accelerator, self.cfg
+        stop = cfg.train.steps if until is None else min(until, cfg.train.steps)
         if cfg.train.trackers:
             acc.init_trackers("metanmt", config=_tracker_config(cfg))
         bar = tqdm(
@@ -331,7 +335,7 @@ class MetaTrainer:
         )
         last: dict[str, float] = {}
         started = time.perf_counter() - self.state.seconds
-        while self.state.step < cfg.train.steps:
+        while self.state.step < stop:
             step = self.state.step
             last = self.meta_step(step)
             self.state.step = step + 1
@@ -346,7 +350,7 @@ class MetaTrainer:
                 self._append_history("train", record)
             if cfg.train.eval_every and self.state.step % cfg.train.eval_every == 0:
                 self.validate()
-            if self.state.step % max(1, cfg.train.save_every) == 0 or self.state.step == cfg.train.steps:
+            if self.state.step % max(1, cfg.train.save_every) == 0 or self.state.step in (cfg.train.steps, stop):
                 self.save()
         bar.close()
         if cfg.train.trackers:
