@@ -25,8 +25,9 @@ recipes can be run by separate commands (or ``--only``) into one file::
     {"maml": {"5": {"1": mse, "5": mse, "10": mse}, "10": {...}, "20": {...}},
      "maml_ci95": {...}, "pretrain": {...}, "pretrain_ci95": {...}, "maml_multistep": {...}, ...,
      "meta_steps": {"maml": 70000, ...}, "tables": {"maml": "| K-shot | ... markdown ..."},
-     "config": {"maml": {"config": ..., "overrides": [...], "meta_steps": n, "train_seconds": t, ...}},
-     "interval": "...", "seconds": total train seconds of the recipes in the file}
+     "config": {"maml": {"config": ..., "overrides": [...], "meta_steps": n, "train_seconds": t,
+                         "interval": "...", ...}},
+     "seconds": total train seconds of the recipes in the file}
 
 ``train_seconds`` is the trainer's own count, accumulated over resumes. When the ``maml`` and
 ``pretrain`` runs both exist, the paper's figure (fits after 0 / 1 / 10 steps on one held-out
@@ -37,13 +38,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 from metanmt.cli import main as metanmt_main
 from metanmt.config import load_config
-from metanmt.engine.checkpoint import CONFIG_FILE, latest_checkpoint
+from metanmt.engine.checkpoint import CONFIG_FILE, latest_checkpoint, load_run_config
 from metanmt.engine.run import load_run
 from metanmt.engine.trainer import MetaTrainer
 from metanmt.errors import UserError
@@ -89,7 +91,8 @@ def read_results(path: Path) -> dict:
     return data
 
 
-def run_recipe(name: str, args: argparse.Namespace, result: dict) -> None:
+def run_recipe(name: str, args: argparse.Namespace) -> dict:
+    """Train (or resume) one recipe and evaluate it; its entries of the results file."""
     config = RECIPES[name]
     sets = [*([f"train.steps={args.steps}"] if args.steps is not None else []), "train.trackers=[]", *args.set]
     try:
@@ -104,24 +107,56 @@ def run_recipe(name: str, args: argparse.Namespace, result: dict) -> None:
     eval_seconds = time.perf_counter() - t0
     mse = {k: {s: v for s, v in row.items() if s != "0"} for k, row in table["mse"].items()}
     ci95 = {k: {s: v for s, v in row.items() if s != "0"} for k, row in table["ci95"].items()}
-    result[name], result[f"{name}_ci95"] = mse, ci95
-    result.setdefault("meta_steps", {})[name] = int(state["step"])
-    result.setdefault("tables", {})[name] = format_sinusoid({"mse": mse, "ci95": ci95})
-    result.setdefault("config", {})[name] = {
-        "config": config,
-        "overrides": sets,
-        "meta_steps": int(state["step"]),
-        "train_seconds": round(float(state["seconds"]), 1),
-        "eval_seconds": round(eval_seconds, 1),
-        "eval_inner_lr": table["inner_lr"],
-        "eval_episodes": args.episodes,
-        "train_shots": cfg.task.get("shots"),
-        "inner_steps": cfg.algorithm.inner_steps,
-        "multi_step_loss": cfg.algorithm.multi_step_loss,
-        "meta_sgd": cfg.algorithm.meta_sgd,
-        "run_dir": str(args.runs / name),
-    }
     print(f"{name}: {state['step']} meta-steps, {state['seconds']:.0f} s of training\n{format_sinusoid(table)}", flush=True)
+    return {
+        name: mse,
+        f"{name}_ci95": ci95,
+        "meta_steps": {name: int(state["step"])},
+        "tables": {name: format_sinusoid({"mse": mse, "ci95": ci95})},
+        "config": {
+            name: {
+                "config": config,
+                "overrides": sets,
+                "meta_steps": int(state["step"]),
+                "train_seconds": round(float(state["seconds"]), 1),
+                "eval_seconds": round(eval_seconds, 1),
+                "eval_inner_lr": table["inner_lr"],
+                "eval_episodes": args.episodes,
+                "interval": INTERVAL,
+                "train_shots": cfg.task.get("shots"),
+                "inner_steps": cfg.algorithm.inner_steps,
+                "multi_step_loss": cfg.algorithm.multi_step_loss,
+                "meta_sgd": cfg.algorithm.meta_sgd,
+                "run_dir": str(args.runs / name),
+            }
+        },
+    }
+
+
+def write_results(path: Path, entries: dict) -> None:
+    """Merge one recipe's entries into the file as it is NOW (another recipe may be running in a
+    separate process and have written its own since this one started), atomically."""
+    result = read_results(path)
+    for key, value in entries.items():
+        if key in ("meta_steps", "tables", "config"):
+            result.setdefault(key, {}).update(value)
+        else:
+            result[key] = value
+    result["seconds"] = round(sum(c.get("train_seconds", 0.0) for c in result.get("config", {}).values()), 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # NaN (a diverged adaptation) is written as JSON's NaN literal, which json.loads reads back
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def finished(run_dir: Path) -> bool:
+    """The run has reached its config's ``train.steps``."""
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return False
+    step = json.loads((latest / "trainer_state.json").read_text())["step"]
+    return step >= load_run_config(run_dir).train.steps
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -137,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="run directories: RUNS/<recipe> (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sinusoid.json")
     parser.add_argument("--figure", type=Path, default=ROOT / "bench" / "results" / "sinusoid.png",
-                        help="MAML vs pretraining figure, redrawn when both runs exist")
+                        help="MAML vs pretraining figure, redrawn when both runs are finished")
     parser.add_argument("--no-figure", action="store_true")
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 1:
@@ -145,21 +180,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.episodes < 2:
         fail(f"--episodes: must be at least 2 (an interval needs two sines), got {args.episodes}")
     recipes = list(dict.fromkeys([*(args.recipe or []), *([args.only] if args.only else [])])) or list(RECIPES)
-    result = read_results(args.out)  # checked before any training: a bad file fails fast
+    read_results(args.out)  # checked before any training: a bad file fails fast
 
     for name in recipes:
-        run_recipe(name, args, result)
-        result["interval"] = INTERVAL
-        result["seconds"] = round(sum(c.get("train_seconds", 0.0) for c in result.get("config", {}).values()), 1)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_name(f".{args.out.name}.tmp")
-        # NaN (a diverged adaptation) is written as JSON's NaN literal, as json.loads reads it back
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(args.out)
+        write_results(args.out, run_recipe(name, args))
         print(f"wrote {args.out} ({name})", flush=True)
 
+    # the figure once both runs are finished (drawn by whichever command finishes second)
     runs = [args.runs.expanduser() / n for n in ("maml", "pretrain")]
-    if not args.no_figure and all(latest_checkpoint(r) is not None for r in runs):
+    if not args.no_figure and all(finished(r) for r in runs):
         if metanmt_main(["plot-sinusoid", *map(str, runs), "--out", str(args.figure)]) != 0:
             fail("plot-sinusoid failed (see above)")
 
