@@ -38,10 +38,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 from pathlib import Path
+
+from scipy import stats
 
 from metanmt.cli import main as metanmt_main
 from metanmt.config import load_config
@@ -49,6 +52,7 @@ from metanmt.engine.checkpoint import CONFIG_FILE, latest_checkpoint, load_run_c
 from metanmt.engine.run import load_run
 from metanmt.engine.trainer import MetaTrainer
 from metanmt.errors import UserError
+from metanmt.evaluation.few_shot import mean_ci95
 from metanmt.evaluation.sinusoid import evaluate_sinusoid, format_sinusoid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +63,15 @@ RECIPES = {
     "metasgd_multistep": "configs/sinusoid_metasgd_multistep.yaml",
 }
 SHOTS, STEPS = [5, 10, 20], [1, 5, 10]
-INTERVAL = "mean ± half-width of the 95% Student t interval over the held-out sines"
+
+
+def interval_name() -> str:
+    """What :func:`metanmt.evaluation.few_shot.mean_ci95` (the project's one interval) computes,
+    read off two values (s = 0.707, n = 2), so the results file names it correctly."""
+    half = mean_ci95([0.0, 1.0])[1]
+    t_half = float(stats.t.ppf(0.975, 1)) * math.sqrt(0.5) / math.sqrt(2)
+    kind = "Student t" if math.isclose(half, t_half, rel_tol=1e-6) else "normal-approximation (1.96 s/sqrt(n))"
+    return f"mean ± half-width of the 95% {kind} interval over the held-out sines"
 
 
 def fail(message: str) -> None:
@@ -122,7 +134,7 @@ def run_recipe(name: str, args: argparse.Namespace) -> dict:
                 "eval_seconds": round(eval_seconds, 1),
                 "eval_inner_lr": table["inner_lr"],
                 "eval_episodes": args.episodes,
-                "interval": INTERVAL,
+                "interval": interval_name(),
                 "train_shots": cfg.task.get("shots"),
                 "inner_steps": cfg.algorithm.inner_steps,
                 "multi_step_loss": cfg.algorithm.multi_step_loss,

@@ -38,7 +38,7 @@ def test_sinusoid_recipes_write_results_and_resume(tmp_path: Path, capsys: pytes
         assert all(math.isfinite(v) and v >= 0 for row in result[r].values() for v in row.values())
         assert set(result[f"{r}_ci95"]) == {"5", "10", "20"}
         assert result["config"][r]["meta_steps"] == 3 and result["config"][r]["train_seconds"] > 0
-        assert result["tables"][r].startswith("| K-shot |")
+        assert result["tables"][r].startswith("| K-shot |") and "95%" in result["config"][r]["interval"]
         assert (runs / r / "checkpoints").is_dir()
     assert result["config"]["metasgd_multistep"]["eval_inner_lr"] == "learned"
     assert result["config"]["maml_multistep"]["inner_steps"] == 5 and result["config"]["maml_multistep"]["multi_step_loss"]

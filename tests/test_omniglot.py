@@ -671,15 +671,14 @@ def test_shift_augments_training_episodes_only_and_is_seeded(omni_root: Path) ->
 
 
 # -- transductive vs non-transductive evaluation ------------------------------------------------------------
-def tiny_run(omni_root: Path, tmp_path: Path, **model):
+def tiny_run(omni_root: Path, tmp_path: Path, ways: int = 3):
     from metanmt.config import load_config
     from metanmt.engine.run import Run
     from metanmt.engine.trainer import build_family
 
     suite = Path(__file__).resolve().parents[1] / "tasks" / "omniglot_small1.yaml"
-    sets = [f"suite={suite}", f"data.root={omni_root}", "task.ways=3", "task.shots=1", "task.query=2",
-            "model.hidden=4", "model.blocks=2", "algorithm.inner_lr=0.4", "algorithm.eval_inner_steps=2",
-            *[f"model.{k}={v}" for k, v in model.items()]]
+    sets = [f"suite={suite}", f"data.root={omni_root}", f"task.ways={ways}", "task.shots=1", "task.query=2",
+            "model.hidden=4", "model.blocks=2", "algorithm.inner_lr=0.4", "algorithm.eval_inner_steps=2"]
     cfg = load_config(None, sets)
     fam = build_family(cfg)
     torch.manual_seed(0)
@@ -727,3 +726,16 @@ def test_official_runs_under_both_protocols_and_eval_selection(omni_root: Path, 
     tied = [g for g in sel["grid"] if g["error_pct"] == best]
     assert sel["chosen"] == min(tied, key=lambda g: (g["inner_steps"], g["inner_lr"]))
     assert select_eval_settings(run, steps=[2, 1], lrs=[0.4, 0.1], episodes=3, seed=7) == sel  # same episodes
+
+
+
+@needs_shared
+def test_real_official_runs_under_both_protocols(tmp_path: Path) -> None:
+    """A few seconds: an untrained 20-way net on the 20 real runs, transductive and not."""
+    from metanmt.evaluation.omniglot import evaluate_official_runs
+
+    run = tiny_run(SHARED, tmp_path, ways=20)
+    for policy, transductive in (("batch", True), ("running_reset", False)):
+        result = evaluate_official_runs(run, None, steps=1, bn_policy=policy)
+        assert len(result["per_run_error_pct"]) == 20 and result["transductive"] is transductive
+        assert 0.0 <= result["official_runs_error_pct"] <= 100.0
