@@ -182,18 +182,24 @@ def direct_loss(family_name: str, family: Any, module: Any, batch: dict) -> Any:
     return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
 
 
-def measure(impl: str, family_name: str, algo: str, variant: str, steps: int, warmup: int, grad_file: Path) -> dict:
-    import torch
-
+def build_trainer(family_name: str, algo: str, variant: str) -> Any:
+    """The benchmark's ``MetaTrainer`` (model, optimizer, sampler) for one case, in a scratch directory."""
     from metanmt import registry
-    from metanmt.engine.sampler import TaskSampler
-    from metanmt.engine.trainer import MetaTrainer, peak_rss_mb
+    from metanmt.engine.trainer import MetaTrainer
 
     for name, cls in synthetic_families().items():
         registry.register("metanmt.task_families", f"bench-{name}", cls)
-    cfg = run_config(family_name, algo if impl == "metanmt" else "maml", variant)
-    work = tempfile.mkdtemp(prefix="meta_step_")
-    trainer = MetaTrainer(cfg, Path(work) / "run")  # the model, optimizer and sampler every impl uses
+    return MetaTrainer(run_config(family_name, algo, variant), Path(tempfile.mkdtemp(prefix="meta_step_")) / "run")
+
+
+def measure(impl: str, family_name: str, algo: str, variant: str, steps: int, warmup: int, grad_file: Path) -> dict:
+    import torch
+
+    from metanmt.engine.sampler import TaskSampler
+    from metanmt.engine.trainer import peak_rss_mb
+
+    trainer = build_trainer(family_name, algo if impl == "metanmt" else "maml", variant)  # what every impl uses
+    cfg = trainer.cfg
     model, family, optimizer = trainer.model, trainer.family, trainer.optimizer
     params = [p for p in model.parameters() if p.requires_grad]
     lr = cfg.algorithm.inner_lr
@@ -279,6 +285,60 @@ def measure(impl: str, family_name: str, algo: str, variant: str, steps: int, wa
             "timed_steps": steps, "threads": torch.get_num_threads()}
 
 
+# ops that are the engine's bookkeeping rather than the model's arithmetic (zero-filled dicts, the
+# flatten-and-copy, finiteness checks, host reads); their shares are listed beside the top five
+BOOKKEEPING_OPS = ("aten::zeros_like", "aten::zero_", "aten::fill_", "aten::cat", "aten::isfinite", "aten::all",
+                   "aten::_local_scalar_dense", "aten::item", "aten::_foreach_add_", "aten::div")
+
+
+def profile_case(family_name: str, algo: str, variant: str, steps: int, warmup: int) -> dict:
+    """Where one ``MetaTrainer.meta_step`` spends its time: torch.profiler's self CPU time per op and
+    cProfile's self time per Python function, over ``steps`` meta-steps after ``warmup``.
+
+    Shares of the total, not timings: they stay meaningful on a busy machine, where wall-clock
+    time does not. Profiling itself adds overhead to every op call, which inflates small ops."""
+    import cProfile
+    import pstats
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    trainer = build_trainer(family_name, algo, variant)
+    for step in range(warmup):
+        trainer.meta_step(step)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for step in range(warmup, warmup + steps):
+            trainer.meta_step(step)
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    ops = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for step in range(warmup + steps, warmup + 2 * steps):
+        trainer.meta_step(step)
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (calls, primitive calls, tottime, cumtime, callers)
+    py_total = sum(v[2] for v in stats.values())
+    functions = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)
+
+    def where(key: tuple) -> str:
+        file, line, name = key
+        return name if file == "~" else f"{Path(file).name}:{line}({name})"
+
+    by_op = {e.key: e for e in events}
+    return {
+        "family": family_name, "algo": algo, "variant": variant, "profiled_steps": steps, "warmup": warmup,
+        "threads": torch.get_num_threads(),
+        "top5_ops": [{"op": e.key, "share": round(e.self_cpu_time_total / total, 4),
+                      "calls_per_step": e.count // steps} for e in ops[:5]],
+        "bookkeeping_ops": {name: {"share": round(by_op[name].self_cpu_time_total / total, 4),
+                                   "calls_per_step": by_op[name].count // steps}
+                            for name in BOOKKEEPING_OPS if name in by_op},
+        "top5_python": [{"function": where(k), "share": round(v[2] / py_total, 4), "calls_per_step": v[0] // steps}
+                        for k, v in functions[:5]],
+    }
+
+
 def declare_torchvision_ops() -> None:
     """learn2learn imports torchvision, whose only wheel here is a CUDA build: its compiled ops do not
     load beside the CPU torch, and its import then fails registering fake kernels for two operators
@@ -326,6 +386,9 @@ def cpu_name() -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", nargs=4, metavar=("IMPL", "FAMILY", "ALGO", "VARIANT"))
+    parser.add_argument("--profile", nargs=3, metavar=("FAMILY", "ALGO", "VARIANT"),
+                        help="profile metanmt's meta-step on one case and print one JSON line (no timing)")
+    parser.add_argument("--profile-steps", type=int, default=2)
     parser.add_argument("--family", choices=["omniglot", "translation"], action="append")
     parser.add_argument("--algo", choices=["maml", "fomaml", "reptile", "multitask", "plain"], action="append")
     parser.add_argument("--impl", choices=["metanmt", "learn2learn", "higher", "plain"], action="append")
@@ -337,6 +400,13 @@ def main() -> int:
     args = parser.parse_args()
 
     declare_torchvision_ops()  # before anything imports transformers or learn2learn
+    if args.profile:  # a child process: one profile, one JSON line on stdout
+        import torch
+
+        torch.set_num_threads(args.threads)
+        row = profile_case(*args.profile, steps=args.profile_steps, warmup=1)
+        print("PROFILE " + json.dumps(row), flush=True)
+        return 0
     if args.case:  # a child process: one case, one JSON line on stdout
         import torch
 
