@@ -124,7 +124,7 @@ def make_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer) -> torch.op
     """The outer learning-rate schedule, stepped once per meta-step.
 
     Without warmup, constant / linear / cosine are transformers' schedules (``get_scheduler``, the
-    same factors; tests/test_trainer.py compares every step with the formulas). Warmup and
+    same factors; tests/test_meta_step.py compares every step with the formulas). Warmup and
     inverse_sqrt stay written here because no library has these two schedules: transformers' warmup
     factor is ``step / warmup`` (0 on the first step, a step that updates nothing) where this one is
     ``(step + 1) / warmup``, and its inverse_sqrt decays as ``sqrt(warmup / step)`` where this one
@@ -216,8 +216,8 @@ class _Tally:
     Python sums they replace) until ``write`` puts them into the buffer's statistics."""
 
     def __init__(self, device: torch.device):
-        self.device = device
-        self.sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in ("loss", *LOGGED_METRICS)}
+        wide = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        self.sums = {k: torch.zeros((), dtype=wide, device=device) for k in ("loss", *LOGGED_METRICS)}
         self.counts = dict.fromkeys(("loss_tasks", "good", "examples", "tokens", *(f"{m}_tasks" for m in LOGGED_METRICS)), 0)
         self.bad: list[str] = []
 
