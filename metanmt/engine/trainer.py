@@ -205,6 +205,15 @@ class MetaGradientBuffer:
         for name, t in targets.items():
             self.grads[name] = self.flat[offset : offset + t.numel()].view_as(t)
             offset += t.numel()
+        self.layout = self._layout(targets)
+
+    @staticmethod
+    def _layout(targets: dict[str, Tensor]) -> list[tuple[str, torch.Size, torch.dtype, torch.device]]:
+        return [(name, t.shape, t.dtype, t.device) for name, t in targets.items()]
+
+    def fits(self, targets: dict[str, Tensor]) -> bool:
+        """Whether the buffer still has one view per target (a family may add parameters after the start)."""
+        return self._layout(targets) == self.layout
 
     def add(self, grads: dict[str, Tensor]) -> None:
         names = list(grads)
@@ -375,6 +384,9 @@ class MetaTrainer:
         episodes = [(index, Episode(e.task, family.to_device(e.support, device), family.to_device(e.query, device)),
                      _episode_size(family, e))
                     for index, e in self.sampler.local_episodes(step)]
+        targets = self.targets()
+        if not self.buffer.fits(targets):
+            self.buffer = MetaGradientBuffer(targets)
         tally = self._run_tasks(step, episodes, log, check=False)
         if not bool(torch.isfinite(self.buffer.gradient.sum() + tally.sums["loss"])):
             tally = self._run_tasks(step, episodes, log, check=True)
