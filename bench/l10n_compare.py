@@ -21,6 +21,29 @@ meta-training steps, pairs, tokens and seconds are read from its run folder and 
 get more done than one two-thread process), all writing their cells into the same ``--out``;
 a last invocation over every language then finds all cells finished and writes the report.
 At the l10n configs' model size (d_model 256, 3+3 layers) one update on ~1,000 target tokens takes about 1 s on 2 CPU cores.
+
+The reduced one-command reproduction, for other languages of a corpus in the same format::
+
+    python bench/l10n_compare.py --quick --data-root PATH --langs fi tr [--minutes 20]
+
+trains both inits from the shipped configs for ``--minutes`` of training time each, then runs the
+comparison with fewer cells (budgets 0 1k 4k, 2 seeds, one scratch seed, the adaptation curve;
+any ``metanmt compare`` flag given here replaces the quick default). The inits:
+
+- **multi**: ``configs/l10n_multitask.yaml`` for ``S`` steps;
+- **meta**: the shipped meta recipe, ``configs/l10n_meta_warm.yaml`` warm-started from the
+  multi-task run at step ``W = 0.75 S`` (the shipped 300-of-400 split), then meta-trained for the
+  remaining quarter of the minutes. Both stages count in compare's compute table.
+
+The warm start is the multi run itself: it is trained to ``W``, its model is copied (with its
+trainer state, so its compute is counted) to ``RUNS/multi_at_W``, and it is then resumed to ``S``
+(``train.steps`` may change on resume), so the shared first ``W`` steps are trained once: about
+1.25 x ``--minutes`` of training in all. Minutes become steps through a measured rate, not a
+wall-clock stop (the trainer counts steps, and a step count keeps equal-compute accounting and
+resuming exact): each config first runs ``--calibration-steps`` steps into its real run folder,
+the seconds per step its trainer state records set the step count, and the run is resumed to it.
+Validation is off in the timed part (``train.eval_every=0``). ``--dry-run`` prints the plan
+(``--seconds-per-step MULTI META`` skips the calibration); a rerun of the command resumes.
 """
 
 from __future__ import annotations
@@ -29,6 +52,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -38,17 +62,163 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "l10n_compare"
 
 
+QUICK_DEFAULTS = {"--budgets": ["0", "1k", "4k"], "--seeds": ["2"], "--scratch-seeds": ["1"], "--curve": ["0", "10", "30", "100"],
+                  "--beam": ["1"], "--epochs": ["10"], "--max-steps": ["100"], "--adapt": ["all"]}
+WARM_FRACTION = 0.75  # configs/l10n_meta_warm.yaml: 300 multi-task steps of 400, then the meta stage
+
+
+def steps_for(minutes: float, seconds_per_step: float) -> int:
+    """Training steps that fill ``minutes`` at the measured rate (at least one)."""
+    if seconds_per_step <= 0:
+        raise ValueError(f"seconds per step must be positive, got {seconds_per_step}")
+    return max(1, int(minutes * 60 // seconds_per_step))
+
+
+def quick_plan(minutes: float, multi_rate: float, meta_rate: float, calibration: int) -> dict[str, int]:
+    """Step counts of the quick reproduction: multi ``S`` steps, meta warm-started at ``W`` and
+    meta-trained ``T`` steps in the remaining time (none of them below the calibration steps)."""
+    total = max(calibration, steps_for(minutes, multi_rate))
+    warm = max(calibration, round(WARM_FRACTION * total))
+    meta = max(calibration, steps_for(minutes * (1 - WARM_FRACTION), meta_rate))
+    return {"multi_steps": total, "warm_steps": warm, "meta_steps": meta}
+
+
+def _state(run: Path) -> dict:
+    from metanmt.engine.checkpoint import latest_checkpoint
+
+    checkpoint = latest_checkpoint(run)
+    return json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")) if checkpoint else {}
+
+
+def _train(config: str, out: Path, steps: int, args: argparse.Namespace, extra: list[str], dry: bool) -> list[str]:
+    from l10n_meta_train import metanmt_command  # bench/ is on sys.path when this file runs as a script
+
+    cmd = [*metanmt_command(args.processes), "meta-train", str(ROOT / "configs" / config), "--output-dir", str(out),
+           "--set", f"data.root={args.data_root}", "--set", f"train.steps={steps}", "--set", "train.eval_every=0",
+           *extra, *[x for s in args.set for x in ("--set", s)]]
+    if (out / "metanmt.yaml").is_file():
+        cmd.append("--resume")
+        if not dry and _state(out).get("step", 0) >= steps:
+            return cmd  # trained (a rerun, or the calibration already reached it)
+    print("+", " ".join(cmd), flush=True)
+    if not dry:
+        env = {**os.environ, "OMP_NUM_THREADS": "1" if args.processes > 1 else os.environ.get("OMP_NUM_THREADS", "2")}
+        subprocess.run(cmd, env=env, check=True, cwd=ROOT)
+    return cmd
+
+
+def _rate(config: str, out: Path, args: argparse.Namespace, extra: list[str], given: float | None) -> float:
+    """Seconds per step of ``config``: given, or measured by its first ``--calibration-steps`` steps."""
+    if given:
+        return given
+    if _state(out).get("step", 0) < args.calibration_steps:
+        _train(config, out, args.calibration_steps, args, extra, False)
+    state = _state(out)
+    return float(state["seconds"]) / max(1, int(state["step"]))
+
+
+def _snapshot(run: Path, dest: Path) -> None:
+    """The run's exported model (a save_pretrained folder with its tokenizer) and its trainer state,
+    so the warm start's compute is counted by compare."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for item in run.iterdir():
+        if item.is_file() and item.name != "metanmt.yaml":
+            shutil.copy2(item, dest / item.name)
+    (dest / "trainer_state.json").write_text(json.dumps(_state(run), indent=2), encoding="utf-8")
+
+
+def quick(args: argparse.Namespace) -> tuple[list[str], dict]:
+    """Train both inits (see the module docstring); returns the --init flags and the plan. The plan
+    (rates and step counts) is kept in RUNS/quick_plan.json, so a rerun resumes to the same steps."""
+    runs = args.runs
+    multi, meta = runs / "multi", runs / "meta"
+    plan_file = runs / "quick_plan.json"
+    plan = json.loads(plan_file.read_text(encoding="utf-8")) if plan_file.is_file() else {}
+    if plan and plan.get("minutes") != args.minutes:
+        raise SystemExit(f"{plan_file}: planned for {plan.get('minutes')} minutes, not {args.minutes}; "
+                         "give the same --minutes or another --runs")
+    given = args.seconds_per_step or [None, None]
+
+    def keep() -> None:
+        if not args.dry_run:
+            runs.mkdir(parents=True, exist_ok=True)
+            plan_file.write_text(json.dumps(plan, indent=2), encoding="utf-8")
+
+    if "multi_steps" not in plan:
+        rate = _rate("l10n_multitask.yaml", multi, args, [], given[0])
+        plan = {"minutes": args.minutes, "calibration_steps": args.calibration_steps, "multi_seconds_per_step": rate,
+                **quick_plan(args.minutes, rate, given[1] or rate, args.calibration_steps)}
+        plan.pop("meta_steps")  # set by the meta stage's own rate
+        keep()
+    warm = runs / f"multi_at_{plan['warm_steps']}"
+    if not (warm / "trainer_state.json").is_file():
+        if _state(multi).get("step", 0) > plan["warm_steps"]:
+            raise SystemExit(f"{multi} is already past step {plan['warm_steps']} and {warm} is missing; "
+                             "remove the runs folder or give another --runs")
+        _train("l10n_multitask.yaml", multi, plan["warm_steps"], args, [], args.dry_run)
+        if not args.dry_run:
+            _snapshot(multi, warm)
+    pretrained = ["--set", f"model.pretrained={warm}"]
+    if "meta_steps" not in plan:
+        rate = given[1] if args.dry_run else _rate("l10n_meta_warm.yaml", meta, args, pretrained, given[1])
+        plan.update(meta_seconds_per_step=rate,
+                    meta_steps=max(args.calibration_steps, steps_for(args.minutes * (1 - WARM_FRACTION), rate)))
+        keep()
+    _train("l10n_meta_warm.yaml", meta, plan["meta_steps"], args, pretrained, args.dry_run)
+    _train("l10n_multitask.yaml", multi, plan["multi_steps"], args, [], args.dry_run)
+    return ["--init", f"meta={meta}", "--init", f"multi={multi}"], plan
+
+
+def with_quick_defaults(flags: list[str]) -> list[str]:
+    """The quick comparison's flags: the defaults above unless the command line gives the flag."""
+    given = {f for f in flags if f.startswith("--")}
+    return [*flags, *(x for flag, values in QUICK_DEFAULTS.items() if flag not in given for x in (flag, *values))]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--init", action="append", required=True, metavar="NAME=PATH")
+    parser.add_argument("--init", action="append", metavar="NAME=PATH")
+    parser.add_argument("--quick", action="store_true", help="train both inits for --minutes each, then a reduced comparison")
+    parser.add_argument("--minutes", type=float, default=20.0, help="--quick: training minutes per init (default %(default)s)")
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "quick", help="--quick: where the inits are trained")
+    parser.add_argument("--calibration-steps", type=int, default=10, help="--quick: steps that measure the rate")
+    parser.add_argument("--seconds-per-step", type=float, nargs=2, metavar=("MULTI", "META"),
+                        help="--quick: known rates instead of measuring them")
+    parser.add_argument("--processes", type=int, default=1, help="--quick: meta-train processes (accelerate launch if > 1)")
+    parser.add_argument("--set", action="append", default=[], help="--quick: config override for every training run")
+    parser.add_argument("--dry-run", action="store_true", help="--quick: print the plan and commands, run nothing")
     parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data" / "l10n")
     parser.add_argument("--langs", nargs="+", default=["lv", "fi", "tr", "ko"])
-    parser.add_argument("--budgets", nargs="+", default=["0", "4k", "16k", "40k"])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--out", type=Path, help=f"default {OUT.relative_to(ROOT)} ({OUT.name}_quick with --quick)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="run the languages in N processes of one thread each, then write the report from all cells")
-    args, recipe_flags = parser.parse_known_args()  # anything else is a recipe flag of `metanmt compare`
+    args, recipe_flags = parser.parse_known_args()  # anything else is a flag of `metanmt compare`
+    if args.quick == bool(args.init):
+        parser.error("give --init NAME=PATH (at least one) or --quick (which trains the inits), not both")
+    if args.minutes <= 0 or args.calibration_steps < 1:
+        parser.error("--minutes must be positive and --calibration-steps at least 1")
+    if args.dry_run and args.quick and not args.seconds_per_step:
+        parser.error("--dry-run measures nothing: give --seconds-per-step MULTI META")
+    args.data_root = args.data_root.resolve()
+    args.out = args.out or (OUT.with_name(OUT.name + "_quick") if args.quick else OUT)
+    defaults = {"--budgets": ["0", "4k", "16k", "40k"], "--seeds": ["3"]}
+    flags = with_quick_defaults(recipe_flags) if args.quick else \
+        [*recipe_flags, *(x for k, v in defaults.items() if k not in recipe_flags for x in (k, *v))]
+
+    started = time.perf_counter()
+    plan: dict = {}
+    if args.quick:
+        init_flags, plan = quick(args)
+        print(json.dumps(plan), flush=True)
+    else:
+        init_flags = [x for spec in args.init for x in ("--init", spec)]
+    command = ["compare", *init_flags, "--data-root", str(args.data_root), "--langs", *args.langs, "--out", str(args.out),
+               *flags]
+    if args.dry_run:
+        print("+ metanmt " + " ".join(command))
+        return 0
 
     import sacrebleu
     import torch
@@ -56,10 +226,6 @@ def main() -> int:
 
     from metanmt.cli import main as cli
 
-    command = ["compare", *(x for spec in args.init for x in ("--init", spec)), "--data-root", str(args.data_root),
-               "--langs", *args.langs, "--budgets", *args.budgets, "--seeds", str(args.seeds), "--out", str(args.out),
-               *recipe_flags]
-    started = time.perf_counter()
     if args.jobs > 1:
         # each job runs the cells of its languages into the same --out (cells are separate files);
         # the final invocation below finds every cell finished and writes the full report
@@ -83,6 +249,8 @@ def main() -> int:
             "python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
             "sacrebleu": sacrebleu.__version__, "wall_seconds_this_invocation": time.perf_counter() - started,
         }
+        if plan:
+            info["quick"] = plan
         (args.out / "hardware.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     return status
 

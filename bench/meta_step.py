@@ -2,6 +2,7 @@
 
     python bench/meta_step.py                       # every case below, each in its own process
     python bench/meta_step.py --case metanmt omniglot maml loop     # one case, prints one JSON row
+    python bench/meta_step.py --profile translation fomaml loop     # where one meta-step's time goes
 
 Settings (installing the peers: bench/README.md, "Meta-step speed and memory"):
 
@@ -22,7 +23,16 @@ pairs), the unit for the overhead ratio.
 Before timing, every implementation's meta-gradient at step 0 (same initial weights, same episodes)
 is compared with metanmt's per-task loop: ``max_grad_diff`` is the largest absolute difference.
 Then the median of ``--steps`` (default 20) steps after ``--warmup`` (3). Peak memory is the
-process's own peak RSS (VmHWM; each case runs in a fresh process). Writes ``bench/results/meta_step.json``.
+process's own peak RSS (VmHWM; each case runs in a fresh process). The timed steps are steps that do
+not log (``train.log_every`` is beyond the run), i.e. the training hot path. Every metanmt row gets
+``meta_step_cost_in_plain_steps`` (the plain step's steps/s over its own).
+
+Then, unless ``--no-profile``, one profile per metanmt case (``PROFILE_CASES``, each in a fresh
+process; see ``profile_case``): the ``profile`` entry of the results holds, per family/algorithm,
+"after" (measured in this run) and "before" (the engine before its hot path was cut down, as recorded
+in ``bench/results/meta_step_profile.json`` with how it was measured; that code path has no switch
+here, so it is not re-measured). Profiles are shares of the step's time, not timings.
+Writes ``bench/results/meta_step.json``.
 """
 
 from __future__ import annotations
@@ -46,6 +56,9 @@ from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "meta_step.json"
+# the recorded profiles of the meta-step: "before" = the engine before its hot path was cut down (no switch
+# back to that code path is kept, so it cannot be re-measured here), "after" = this code; see profile_case
+PROFILES = ROOT / "bench" / "results" / "meta_step_profile.json"
 SEED = 0
 
 # (impl, family, algo, variant): variant is metanmt's execution option (loop, vmap, +checkpoint) and,
@@ -78,6 +91,8 @@ CASES = [
     ("higher", "translation", "maml", "-"),
     ("higher", "translation", "fomaml", "-"),
 ]
+# the metanmt cases whose meta-step is profiled (shares of the time, not timings)
+PROFILE_CASES = [(f, a, v) for i, f, a, v in CASES if i == "metanmt" and "steps5" not in v and "checkpoint" not in v]
 
 SETTINGS = {
     "omniglot": {"meta_batch": 32, "inner_lr": 0.4, "ways": 5, "shots": 1, "query": 1},
@@ -182,18 +197,24 @@ def direct_loss(family_name: str, family: Any, module: Any, batch: dict) -> Any:
     return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
 
 
-def measure(impl: str, family_name: str, algo: str, variant: str, steps: int, warmup: int, grad_file: Path) -> dict:
-    import torch
-
+def build_trainer(family_name: str, algo: str, variant: str) -> Any:
+    """The benchmark's ``MetaTrainer`` (model, optimizer, sampler) for one case, in a scratch directory."""
     from metanmt import registry
-    from metanmt.engine.sampler import TaskSampler
-    from metanmt.engine.trainer import MetaTrainer, peak_rss_mb
+    from metanmt.engine.trainer import MetaTrainer
 
     for name, cls in synthetic_families().items():
         registry.register("metanmt.task_families", f"bench-{name}", cls)
-    cfg = run_config(family_name, algo if impl == "metanmt" else "maml", variant)
-    work = tempfile.mkdtemp(prefix="meta_step_")
-    trainer = MetaTrainer(cfg, Path(work) / "run")  # the model, optimizer and sampler every impl uses
+    return MetaTrainer(run_config(family_name, algo, variant), Path(tempfile.mkdtemp(prefix="meta_step_")) / "run")
+
+
+def measure(impl: str, family_name: str, algo: str, variant: str, steps: int, warmup: int, grad_file: Path) -> dict:
+    import torch
+
+    from metanmt.engine.sampler import TaskSampler
+    from metanmt.engine.trainer import peak_rss_mb
+
+    trainer = build_trainer(family_name, algo if impl == "metanmt" else "maml", variant)  # what every impl uses
+    cfg = trainer.cfg
     model, family, optimizer = trainer.model, trainer.family, trainer.optimizer
     params = [p for p in model.parameters() if p.requires_grad]
     lr = cfg.algorithm.inner_lr
@@ -279,6 +300,67 @@ def measure(impl: str, family_name: str, algo: str, variant: str, steps: int, wa
             "timed_steps": steps, "threads": torch.get_num_threads()}
 
 
+# top-level ops of the engine's bookkeeping rather than the model's arithmetic (zero-filled dicts,
+# the flatten-and-copy, finiteness checks, accumulation, host reads); listed with their inclusive share
+BOOKKEEPING_OPS = ("aten::zeros_like", "aten::zero_", "aten::cat", "aten::isfinite", "aten::all", "aten::add_",
+                   "aten::_foreach_add_", "aten::div", "aten::div_", "aten::item", "aten::sum")
+
+
+def profile_case(family_name: str, algo: str, variant: str, steps: int, warmup: int) -> dict:
+    """Where one ``MetaTrainer.meta_step`` (a step that does not log) spends its time, over ``steps``
+    meta-steps after ``warmup``: torch.profiler's self CPU time per op (top five), the inclusive time
+    of the bookkeeping ops, and cProfile's self time per Python function (top five) and cumulative
+    time of the engine's own functions.
+
+    Shares of the total, not timings: they stay meaningful on a busy machine, where wall-clock
+    time does not. Profiling adds a fixed overhead to every call, which inflates small ops."""
+    import cProfile
+    import pstats
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    trainer = build_trainer(family_name, algo, variant)
+    for step in range(warmup):
+        trainer.meta_step(step)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for step in range(warmup, warmup + steps):
+            trainer.meta_step(step)
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0 or e.cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    ops = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for step in range(warmup + steps, warmup + 2 * steps):
+        trainer.meta_step(step)
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (calls, primitive calls, tottime, cumtime, callers)
+    step_key = next(k for k in stats if k[2] == "meta_step")
+    py_total = stats[step_key][3]
+    functions = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)
+    engine = sorted(((k, v) for k, v in stats.items() if "/metanmt/engine/" in k[0] and k != step_key),
+                    key=lambda kv: kv[1][3], reverse=True)
+
+    def where(key: tuple) -> str:
+        file, line, name = key
+        return name if file == "~" else f"{Path(file).parent.name}/{Path(file).name}:{line}({name})"
+
+    by_op = {e.key: e for e in events}
+    return {
+        "family": family_name, "algo": algo, "variant": variant, "profiled_steps": steps, "warmup": warmup,
+        "threads": torch.get_num_threads(),
+        "top5_ops_self": [{"op": e.key, "share": round(e.self_cpu_time_total / total, 4),
+                           "calls_per_step": e.count // steps} for e in ops[:5]],
+        "bookkeeping_ops_inclusive": {name: {"share": round(by_op[name].cpu_time_total / total, 4),
+                                             "calls_per_step": by_op[name].count // steps}
+                                      for name in BOOKKEEPING_OPS if name in by_op},
+        "top5_python_self": [{"function": where(k), "share": round(v[2] / py_total, 4), "calls_per_step": v[0] // steps}
+                             for k, v in functions[:5]],
+        "engine_functions_cumulative": [{"function": where(k), "share": round(v[3] / py_total, 4),
+                                         "calls_per_step": v[0] // steps} for k, v in engine[:8]],
+    }
+
+
 def declare_torchvision_ops() -> None:
     """learn2learn imports torchvision, whose only wheel here is a CUDA build: its compiled ops do not
     load beside the CPU torch, and its import then fails registering fake kernels for two operators
@@ -323,9 +405,34 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def run_profiles(cases: list[tuple[str, str, str]], threads: int, steps: int) -> list[dict]:
+    """One profile per case, each in a fresh process: "after" measured now, "before" as recorded in PROFILES."""
+    recorded = json.loads(PROFILES.read_text(encoding="utf-8")) if PROFILES.is_file() else {}
+    before = {(e["family"], e["algo"], e["variant"]): e for e in recorded.get("before", {}).get("entries", [])}
+    out = []
+    for family, algo, variant in cases:
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        proc = subprocess.run([sys.executable, __file__, "--profile", family, algo, variant, "--threads", str(threads),
+                               "--profile-steps", str(steps)], capture_output=True, text=True, env=env, cwd=ROOT)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("PROFILE ")]
+        after = json.loads(lines[-1][8:]) if proc.returncode == 0 and lines else {
+            "error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
+        entry = {"family": family, "algo": algo, "variant": variant, "after": after}
+        if (family, algo, variant) in before:
+            entry["before"] = {**before[(family, algo, variant)], "measured": recorded["before"]["measured"]}
+        out.append(entry)
+        top = ", ".join(f"{o['op']} {o['share']:.1%}" for o in after.get("top5_ops_self", []))
+        print(f"profile {family:>11} {algo:>9} {variant:>6}: {top or after.get('error')}", flush=True)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", nargs=4, metavar=("IMPL", "FAMILY", "ALGO", "VARIANT"))
+    parser.add_argument("--profile", nargs=3, metavar=("FAMILY", "ALGO", "VARIANT"),
+                        help="profile metanmt's meta-step on one case and print one JSON line (no timing)")
+    parser.add_argument("--profile-steps", type=int, default=2)
+    parser.add_argument("--no-profile", action="store_true", help="skip the profiles after the timed cases")
     parser.add_argument("--family", choices=["omniglot", "translation"], action="append")
     parser.add_argument("--algo", choices=["maml", "fomaml", "reptile", "multitask", "plain"], action="append")
     parser.add_argument("--impl", choices=["metanmt", "learn2learn", "higher", "plain"], action="append")
@@ -337,6 +444,13 @@ def main() -> int:
     args = parser.parse_args()
 
     declare_torchvision_ops()  # before anything imports transformers or learn2learn
+    if args.profile:  # a child process: one profile, one JSON line on stdout
+        import torch
+
+        torch.set_num_threads(args.threads)
+        row = profile_case(*args.profile, steps=args.profile_steps, warmup=1)
+        print("PROFILE " + json.dumps(row), flush=True)
+        return 0
     if args.case:  # a child process: one case, one JSON line on stdout
         import torch
 
@@ -389,6 +503,11 @@ def main() -> int:
         return next((r for r in rows if (r["impl"], r["family"], r["algo"], r["variant"]) == (impl, family, algo, variant)
                      and "steps_per_s" in r), None)
 
+    for row in rows:  # every metanmt row, reptile and multitask included, in units of a plain step
+        plain = find("plain", row["family"], "plain")
+        if row["impl"] == "metanmt" and "steps_per_s" in row and plain:
+            row["meta_step_cost_in_plain_steps"] = plain["steps_per_s"] / row["steps_per_s"]
+
     ratios = []
     for family in ("omniglot", "translation"):
         plain = find("plain", family, "plain")
@@ -418,7 +537,11 @@ def main() -> int:
                 if len(entry) > 6 or steps == 1:
                     ratios.append(entry)
                     print(json.dumps(entry))
-    result = {"rows": rows, "ratios": ratios, "settings": SETTINGS, "steps": args.steps, "warmup": args.warmup,
+    profiles = [] if args.no_profile else run_profiles(
+        [c for c in PROFILE_CASES if (not args.family or c[0] in args.family) and (not args.algo or c[1] in args.algo)
+         and (not args.impl or "metanmt" in args.impl)], args.threads, args.profile_steps)
+    result = {"rows": rows, "ratios": ratios, "profile": profiles, "settings": SETTINGS, "steps": args.steps,
+              "warmup": args.warmup,
               "hardware": {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "threads": args.threads,
                            "machine": platform.machine()}, "versions": info}
     if args.out.exists() and (args.family or args.algo or args.impl):  # a partial run updates its rows only

@@ -1,6 +1,7 @@
 """Print the README's result tables from committed benchmark results (so the README quotes files, not memory).
 
-    python bench/readme_tables.py compare      # bench/results/l10n_compare/results.csv
+    python bench/readme_tables.py compare      # bench/results/l10n_compare/results.csv (mean ± 95% t interval, n, p)
+    python bench/readme_tables.py curve        # its adaptation curve columns (nll_at_K)
     python bench/readme_tables.py meta_step    # bench/results/meta_step.json
     python bench/readme_tables.py recipes      # bench/results/meta_recipes.csv
 """
@@ -17,32 +18,62 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _compare_rows() -> list[dict[str, str]]:
+    with open(ROOT / "bench" / "results" / "l10n_compare" / "results.csv", newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _p(row: dict[str, str], metric: str) -> str:
+    """`` (p=0.012*)``: the Holm-corrected p of the row's cell against the reference, * below 0.05."""
+    value = row.get(f"p_{metric}", "")
+    return "" if value in ("", None) else f" (p={float(value):.2g}{'*' if float(value) < 0.05 else ''})"
+
+
 def compare_table() -> None:
+    """Mean ± 95% Student t interval over the n seeds of each cell; the meta − multi gap with the
+    Holm-corrected p-values of the paired tests stored in results.csv."""
     from metanmt.evaluation.compare import format_mean_ci, summarize
 
-    with open(ROOT / "bench" / "results" / "l10n_compare" / "results.csv", newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+    rows = _compare_rows()
     table = summarize(rows)
     inits = list(dict.fromkeys(r["init"] for r in rows))
-    print("| lang | budget | " + " | ".join(f"{i} BLEU / chrF / NLL" for i in inits) + " | meta − multi BLEU / chrF / NLL |")
-    print("|---|---|" + "---|" * (len(inits) + 1))
+    print("| lang | budget | " + " | ".join(f"{i} BLEU / chrF / NLL" for i in inits) + " | n (" + " / ".join(inits)
+          + ") | meta − multi BLEU / chrF / NLL (Holm p) |")
+    print("|---|---|" + "---|" * (len(inits) + 2))
     for lang in dict.fromkeys(r["lang"] for r in rows):
         for budget in dict.fromkeys(r["budget"] for r in rows if r["lang"] == lang):
-            cells = []
+            cells, ns = [], []
             for init in inits:
                 m = table.get((init, lang, budget))
-                if not m:
-                    cells.append("–")
-                    continue
-                n = len(m["bleu"])
-                cells.append(f"{format_mean_ci(m['bleu'])} / {format_mean_ci(m['chrf'], 1)} / {format_mean_ci(m['nll'])}"
-                             + (f" (n={n})" if n != 3 and budget != "0" else ""))
+                ns.append(str(len(m["bleu"])) if m else "0")
+                cells.append("–" if not m else
+                             f"{format_mean_ci(m['bleu'])} / {format_mean_ci(m['chrf'], 1)} / {format_mean_ci(m['nll'])}")
             gap = "–"
             meta, multi = table.get(("meta", lang, budget)), table.get(("multi", lang, budget))
             if meta and multi:
                 d = {k: float(np.mean(meta[k]) - np.mean(multi[k])) for k in ("bleu", "chrf", "nll")}
-                gap = f"{d['bleu']:+.2f} / {d['chrf']:+.1f} / {d['nll']:+.2f}"
-            print(f"| {lang} | {budget} | " + " | ".join(cells) + f" | {gap} |")
+                first = next(r for r in rows if (r["init"], r["lang"], r["budget"]) == ("meta", lang, budget))
+                gap = (f"{d['bleu']:+.2f}{_p(first, 'bleu')} / {d['chrf']:+.1f}{_p(first, 'chrf')} / "
+                       f"{d['nll']:+.2f}{_p(first, 'nll')}")
+            print(f"| {lang} | {budget} | " + " | ".join(cells) + f" | {' / '.join(ns)} | {gap} |")
+
+
+def curve_table() -> None:
+    """The adaptation curve: test NLL after K fine-tuning updates, mean ± 95% t interval over n seeds."""
+    from metanmt.evaluation.compare import format_mean_ci, summarize
+
+    rows = _compare_rows()
+    points = sorted(int(k[len("nll_at_"):]) for k in (rows[0] if rows else {}) if k.startswith("nll_at_"))
+    if not points:
+        print("results.csv has no adaptation curve (nll_at_K) columns")
+        return
+    table = summarize(rows)
+    print("| lang | budget | init | n | " + " | ".join(f"NLL at {k}" for k in points) + " |")
+    print("|---|---|---|---|" + "---|" * len(points))
+    for (init, lang, budget), m in table.items():
+        if points and f"nll_at_{points[-1]}" in m:
+            print(f"| {lang} | {budget} | {init} | {len(m[f'nll_at_{points[-1]}'])} | "
+                  + " | ".join(format_mean_ci(m.get(f"nll_at_{k}", []), 3) for k in points) + " |")
 
 
 def meta_step_table() -> None:
@@ -84,4 +115,4 @@ def recipes_table() -> None:
 
 
 if __name__ == "__main__":
-    {"compare": compare_table, "meta_step": meta_step_table, "recipes": recipes_table}[sys.argv[1]]()
+    {"compare": compare_table, "curve": curve_table, "meta_step": meta_step_table, "recipes": recipes_table}[sys.argv[1]]()

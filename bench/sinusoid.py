@@ -1,63 +1,208 @@
-"""Train MAML and the pretraining baseline on sinusoids to convergence; write the MSE table.
+"""Meta-train sinusoid recipes (MAML, pretraining, multi-step MAML, Meta-SGD); write the MSE table and figure.
 
-    python bench/sinusoid.py                       # paper settings: 70K meta-steps each
-    python bench/sinusoid.py --steps 20000 --set algorithm.meta_sgd=true
+    OMP_NUM_THREADS=1 python bench/sinusoid.py --recipe maml              # the paper: 70K meta-steps
+    OMP_NUM_THREADS=1 python bench/sinusoid.py --recipe pretrain
+    OMP_NUM_THREADS=1 python bench/sinusoid.py --recipe maml_multistep    # aimed at both 5-shot targets
+    OMP_NUM_THREADS=1 python bench/sinusoid.py --recipe metasgd_multistep
+    python bench/sinusoid.py                                              # every recipe, one after another
 
-Writes bench/results/sinusoid.json:
-{"maml": {"5": {"1": mse, "5": mse, "10": mse}, "10": {...}, "20": {...}}, "pretrain": {...},
- "config": {...}, "seconds": t}
+Recipes (each a shipped config; ``--steps`` / ``--set`` override all selected ones):
+
+* ``maml`` -- ``configs/sinusoid_maml.yaml``: the paper's MAML (K=10, one inner step, alpha=0.01).
+* ``pretrain`` -- ``configs/sinusoid_pretrain.yaml``: the paper's pretraining baseline.
+* ``maml_multistep`` -- ``configs/sinusoid_maml_multistep.yaml``: 5 inner steps, multi-step loss, K=5.
+* ``metasgd_multistep`` -- ``configs/sinusoid_metasgd_multistep.yaml``: Meta-SGD whose rates are
+  learned over the 10 steps they are applied for (multi-step loss), K=5.
+
+Every recipe trains in its own run directory ``RUNS/<recipe>`` (``--runs``, default
+``~/runs/bench-sinusoid``, outside the checkout) and resumes from its latest checkpoint when
+rerun; a finished run is only re-evaluated. Each recipe is evaluated on the same 600 held-out
+sines: MSE after 1 / 5 / 10 SGD steps from K = 5 / 10 / 20 points (the run's evaluation rate, or
+its learned rates), mean and the half-width of the 95% interval
+(:func:`metanmt.evaluation.few_shot.mean_ci95`). The results file is updated per recipe, so
+recipes can be run by separate commands (or ``--only``) into one file::
+
+    {"maml": {"5": {"1": mse, "5": mse, "10": mse}, "10": {...}, "20": {...}},
+     "maml_ci95": {...}, "pretrain": {...}, "pretrain_ci95": {...}, "maml_multistep": {...}, ...,
+     "meta_steps": {"maml": 70000, ...}, "tables": {"maml": "| K-shot | ... markdown ..."},
+     "config": {"maml": {"config": ..., "overrides": [...], "meta_steps": n, "train_seconds": t,
+                         "interval": "...", ...}},
+     "seconds": total train seconds of the recipes in the file}
+
+``train_seconds`` is the trainer's own count, accumulated over resumes. When the ``maml`` and
+``pretrain`` runs both exist, the paper's figure (fits after 0 / 1 / 10 steps on one held-out
+sine, MAML vs pretraining) is redrawn with ``metanmt plot-sinusoid`` (``--figure``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import sys
 import time
 from pathlib import Path
 
+from scipy import stats
+
+from metanmt.cli import main as metanmt_main
 from metanmt.config import load_config
-from metanmt.engine.checkpoint import latest_checkpoint
+from metanmt.engine.checkpoint import CONFIG_FILE, latest_checkpoint, load_run_config
 from metanmt.engine.run import load_run
 from metanmt.engine.trainer import MetaTrainer
+from metanmt.errors import UserError
+from metanmt.evaluation.few_shot import mean_ci95
 from metanmt.evaluation.sinusoid import evaluate_sinusoid, format_sinusoid
 
 ROOT = Path(__file__).resolve().parents[1]
+RECIPES = {
+    "maml": "configs/sinusoid_maml.yaml",
+    "pretrain": "configs/sinusoid_pretrain.yaml",
+    "maml_multistep": "configs/sinusoid_maml_multistep.yaml",
+    "metasgd_multistep": "configs/sinusoid_metasgd_multistep.yaml",
+}
+SHOTS, STEPS = [5, 10, 20], [1, 5, 10]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=70000)
-    parser.add_argument("--episodes", type=int, default=600)
-    parser.add_argument("--set", action="append", default=[], help="override for the MAML run")
-    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-sinusoid")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sinusoid.json")
-    parser.add_argument("--only", choices=["maml", "pretrain"], help="train and evaluate one of the two")
-    args = parser.parse_args()
+def interval_name() -> str:
+    """What :func:`metanmt.evaluation.few_shot.mean_ci95` (the project's one interval) computes,
+    read off two values (s = 0.707, n = 2), so the results file names it correctly."""
+    half = mean_ci95([0.0, 1.0])[1]
+    t_half = float(stats.t.ppf(0.975, 1)) * math.sqrt(0.5) / math.sqrt(2)
+    kind = "Student t" if math.isclose(half, t_half, rel_tol=1e-6) else "normal-approximation (1.96 s/sqrt(n))"
+    return f"mean ± half-width of the 95% {kind} interval over the held-out sines"
 
-    started = time.perf_counter()
-    result: dict = {"config": {}}
-    for name, config, extra in [
-        ("maml", "configs/sinusoid_maml.yaml", args.set),
-        ("pretrain", "configs/sinusoid_pretrain.yaml", []),
-    ]:
-        if args.only and name != args.only:
-            continue
-        sets = [f"train.steps={args.steps}", "train.trackers=[]", *extra]
+
+def fail(message: str) -> None:
+    """Bad input: one line, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def train(cfg, run_dir: Path) -> None:
+    has_ckpt = latest_checkpoint(run_dir) is not None
+    # a run directory without a checkpoint (killed before the first save) holds nothing to resume
+    overwrite = not has_ckpt and (run_dir / CONFIG_FILE).exists()
+    trainer = MetaTrainer(cfg, run_dir, resume=has_ckpt, overwrite=overwrite)
+    if has_ckpt:
+        print(f"resuming {run_dir} at meta-step {trainer.state.step}", flush=True)
+    trainer.train()
+
+
+def read_results(path: Path) -> dict:
+    """The results file so far (other recipes' entries are kept); empty if there is none."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        fail(f"{path}: line {exc.lineno}: not JSON ({exc.msg}); move it away or fix it")
+    if not isinstance(data, dict):
+        fail(f"{path}: expected a JSON object of sinusoid results")
+    return data
+
+
+def run_recipe(name: str, args: argparse.Namespace) -> dict:
+    """Train (or resume) one recipe and evaluate it; its entries of the results file."""
+    config = RECIPES[name]
+    sets = [*([f"train.steps={args.steps}"] if args.steps is not None else []), "train.trackers=[]", *args.set]
+    try:
         cfg = load_config(ROOT / config, sets)
-        out = args.runs / name
-        t0 = time.perf_counter()
-        MetaTrainer(cfg, out, resume=latest_checkpoint(out) is not None).train()
-        train_seconds = time.perf_counter() - t0
-        table = evaluate_sinusoid(load_run(out), shots=[5, 10, 20], steps=[1, 5, 10], episodes=args.episodes)
-        result[name] = {k: {s: v for s, v in row.items() if s != "0"} for k, row in table["mse"].items()}
-        result[f"{name}_ci95"] = {k: {s: v for s, v in row.items() if s != "0"} for k, row in table["ci95"].items()}
-        result["config"][name] = {"config": config, "overrides": sets, "train_seconds": round(train_seconds, 1),
-                                  "eval_inner_lr": table["inner_lr"], "eval_episodes": args.episodes}
-        print(f"{name} (trained {train_seconds:.0f} s)\n{format_sinusoid(table)}", flush=True)
-    result["seconds"] = round(time.perf_counter() - started, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    except UserError as exc:
+        fail(f"recipe {name}: {exc}")
+    run_dir = args.runs.expanduser() / name
+    train(cfg, run_dir)
+    state = json.loads((latest_checkpoint(run_dir) / "trainer_state.json").read_text())
+    t0 = time.perf_counter()
+    table = evaluate_sinusoid(load_run(run_dir), shots=SHOTS, steps=STEPS, episodes=args.episodes)
+    eval_seconds = time.perf_counter() - t0
+    mse = {k: {s: v for s, v in row.items() if s != "0"} for k, row in table["mse"].items()}
+    ci95 = {k: {s: v for s, v in row.items() if s != "0"} for k, row in table["ci95"].items()}
+    print(f"{name}: {state['step']} meta-steps, {state['seconds']:.0f} s of training\n{format_sinusoid(table)}", flush=True)
+    return {
+        name: mse,
+        f"{name}_ci95": ci95,
+        "meta_steps": {name: int(state["step"])},
+        "tables": {name: format_sinusoid({"mse": mse, "ci95": ci95})},
+        "config": {
+            name: {
+                "config": config,
+                "overrides": sets,
+                "meta_steps": int(state["step"]),
+                "train_seconds": round(float(state["seconds"]), 1),
+                "eval_seconds": round(eval_seconds, 1),
+                "eval_inner_lr": table["inner_lr"],
+                "eval_episodes": args.episodes,
+                "interval": interval_name(),
+                "train_shots": cfg.task.get("shots"),
+                "inner_steps": cfg.algorithm.inner_steps,
+                "multi_step_loss": cfg.algorithm.multi_step_loss,
+                "meta_sgd": cfg.algorithm.meta_sgd,
+                "run_dir": str(args.runs / name),
+            }
+        },
+    }
+
+
+def write_results(path: Path, entries: dict) -> None:
+    """Merge one recipe's entries into the file as it is NOW (another recipe may be running in a
+    separate process and have written its own since this one started), atomically."""
+    result = read_results(path)
+    for key, value in entries.items():
+        if key in ("meta_steps", "tables", "config"):
+            result.setdefault(key, {}).update(value)
+        else:
+            result[key] = value
+    result["seconds"] = round(sum(c.get("train_seconds", 0.0) for c in result.get("config", {}).values()), 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # NaN (a diverged adaptation) is written as JSON's NaN literal, which json.loads reads back
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def finished(run_dir: Path) -> bool:
+    """The run has reached its config's ``train.steps``."""
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return False
+    step = json.loads((latest / "trainer_state.json").read_text())["step"]
+    return step >= load_run_config(run_dir).train.steps
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", action="append", choices=list(RECIPES),
+                        help="recipe to train and evaluate (repeatable; default: all)")
+    parser.add_argument("--only", choices=list(RECIPES), help="the same as one --recipe")
+    parser.add_argument("--steps", type=int, help="meta-steps (default: the config's, the paper's 70K)")
+    parser.add_argument("--episodes", type=int, default=600, help="held-out sines per K")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every selected recipe (repeatable)")
+    parser.add_argument("--runs", type=Path, default=Path.home() / "runs" / "bench-sinusoid",
+                        help="run directories: RUNS/<recipe> (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sinusoid.json")
+    parser.add_argument("--figure", type=Path, default=ROOT / "bench" / "results" / "sinusoid.png",
+                        help="MAML vs pretraining figure, redrawn when both runs are finished")
+    parser.add_argument("--no-figure", action="store_true")
+    args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        fail(f"--steps: must be at least 1, got {args.steps}")
+    if args.episodes < 2:
+        fail(f"--episodes: must be at least 2 (an interval needs two sines), got {args.episodes}")
+    recipes = list(dict.fromkeys([*(args.recipe or []), *([args.only] if args.only else [])])) or list(RECIPES)
+    read_results(args.out)  # checked before any training: a bad file fails fast
+
+    for name in recipes:
+        write_results(args.out, run_recipe(name, args))
+        print(f"wrote {args.out} ({name})", flush=True)
+
+    # the figure once both runs are finished (drawn by whichever command finishes second)
+    runs = [args.runs.expanduser() / n for n in ("maml", "pretrain")]
+    if not args.no_figure and all(finished(r) for r in runs):
+        if metanmt_main(["plot-sinusoid", *map(str, runs), "--out", str(args.figure)]) != 0:
+            fail("plot-sinusoid failed (see above)")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ PNG written; finished cells reused; missing and incomplete budgets noted, not fa
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,8 @@ def test_compare_writes_the_report_and_reuses_finished_cells(setup: tuple[Path, 
     args = ["compare", "--init", f"meta={meta}", "--init", f"multi={multi}", "--data-root", str(root),
             "--langs", "xa", "xb", "--budgets", "0", "100", "300", "--seeds", "2", "--out", str(out),
             "--beam", "2", "--max-test-segments", "6", "--lr", "0.003", "--max-tokens", "60", "--epochs", "1",
-            "--max-steps", "3", "--dev", "dev/xa.tsv.gz", "--dev-segments", "4", "--dev-metric", "loss"]
+            "--max-steps", "3", "--curve", "0", "2", "--dev", "dev/xa.tsv.gz", "--dev-segments", "4",
+            "--dev-metric", "loss"]
     assert main(args) == 0
 
     with open(out / "results.csv", newline="", encoding="utf-8") as f:
@@ -53,9 +55,40 @@ def test_compare_writes_the_report_and_reuses_finished_cells(setup: tuple[Path, 
         assert r["init_steps"] == ("" if r["init"] == "scratch" else "2")  # meta-training compute of the init
     md = (out / "results.md").read_text(encoding="utf-8")
     assert "| xb | 100 | meta |" in md and "±" in md and "NLL" in md
-    assert "no fine-tuning file" in md and "whole pool" in md and "meta minus each other init" in md
+    assert "no fine-tuning file" in md and "whole pool" in md and "Each init minus multi" in md
+    assert "Student t" in md and "Holm" in md and "paired bootstrap" in md and "permutation" in md
     assert (out / "bleu_vs_budget.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "adaptation_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out / "work").exists() or not any((out / "work").iterdir())
+
+    # significance against the reference (multi by default), n, and the adaptation curve
+    assert list(rows[0])[-8:] == ["n_seeds", "p_bleu", "p_chrf", "p_nll", "nll_at_0", "nll_at_2", "chrf_at_0", "chrf_at_2"]
+    for r in rows:
+        assert int(r["n_seeds"]) == (1 if r["budget"] == "0" else 2)
+        tested = r["init"] != "multi" and not (r["init"] == "scratch" and r["budget"] == "0")
+        for key in ("p_bleu", "p_chrf", "p_nll"):
+            assert (r[key] != "") == tested, (r["init"], r["budget"], key)
+            assert not tested or 0.0 < float(r[key]) <= 1.0
+        assert (r["nll_at_2"] != "") == (r["budget"] != "0")
+    tuned = [r for r in rows if r["budget"] == "100" and r["lang"] == "xa"]
+    for init in ("meta", "multi"):  # the curve starts at the init itself: the zero-shot NLL, every seed
+        at0 = {r["nll_at_0"] for r in tuned if r["init"] == init}
+        zero = next(r for r in rows if r["init"] == init and r["lang"] == "xa" and r["budget"] == "0")
+        assert len(at0) == 1 and float(at0.pop()) == pytest.approx(float(zero["nll"]), abs=2e-4)
+    assert all(float(r["nll_at_2"]) < float(r["nll_at_0"]) for r in tuned)  # two updates on the data help
+    cell = json.loads((out / "cells" / "meta__xb__100__s1.json").read_text(encoding="utf-8"))
+    assert len(cell["hyps"]) == len(cell["sentence_nll"]) == len(cell["sentence_tokens"]) == 6
+    assert sum(cell["sentence_nll"]) / sum(cell["sentence_tokens"]) == pytest.approx(cell["nll"])
+    assert set(cell["curve"]) == {"0", "2"}
+
+    # the report is recomputed from the stored cells alone, byte for byte (p-values included)
+    first_csv, first_md = (out / "results.csv").read_bytes(), (out / "results.md").read_bytes()
+    monkeypatch.setattr("metanmt.evaluation.compare.translate_batch",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("translated again")))
+    (out / "results.csv").unlink()
+    assert main(args + ["--report-only"]) == 0
+    assert (out / "results.csv").read_bytes() == first_csv and (out / "results.md").read_bytes() == first_md
+    monkeypatch.undo()
 
     # --report-only rewrites the report from the finished cells and runs nothing
     (out / "results.md").unlink()
@@ -82,7 +115,7 @@ def test_an_interrupted_cell_restarts_cleanly(setup: tuple[Path, Path, Path], tm
     out = tmp_path / "report"
     kw = dict(inits=[("multi", str(multi))], data_root=root, langs=["xb"], budgets=["100"], seeds=1, out=out,
               recipe=recipe(max_steps=4, eval_every=2, dev_metric="loss"), scratch=False, dev="dev/xa.tsv.gz",
-              num_beams=1, max_test_segments=4)
+              num_beams=1, max_test_segments=4, curve=[])
     original = Finetuner.run
 
     def killed_run(self: Finetuner, resume: bool = False, overwrite: bool = False):
@@ -146,3 +179,112 @@ def test_a_warm_started_init_counts_the_warm_start_compute(setup: tuple[Path, Pa
     (warm / "metanmt.yaml").write_text((warm / "metanmt.yaml").read_text().replace(str(multi), str(tmp_path / "gone")))
     state = meta_training_state(warm)
     assert state["step"] == own["step"] and "missing" in state["warm_start"]
+
+
+SHARED_L10N = next((p for p in (Path(__file__).resolve().parents[1].parent / "shared" / "data" / "l10n",
+                                Path(__file__).resolve().parents[2].parent / "shared" / "data" / "l10n") if p.is_dir()), None)
+
+
+def _lines(path: Path) -> list[str]:
+    import gzip
+
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return f.read().splitlines()
+
+
+def test_a_budget_without_a_file_is_the_prefix_of_the_next_file(setup: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """``1k`` is the first 1,000 English words of the 4k file; here ``50`` is cut from the ``100``
+    file, which is itself the prefix of the ``300`` file (nested budgets), and trained on."""
+    from metanmt.adaptation.finetune import english_words, take_budget
+    from metanmt.data.corpus import read_pairs
+    from metanmt.evaluation.compare import plan_cells
+
+    root, multi, _ = setup
+    plan = plan_cells(["multi"], set(), root, ["xb"], ["50", "100", "300"], 1, "finetune/{lang}.{budget}.tsv.gz")
+    assert plan.cuts == {("xb", "50"): 50} and plan.files[("xb", "50")].name == "xb.100.tsv.gz"
+    assert any("first 50 English words of xb.100.tsv.gz" in n for n in plan.notes)
+    # the files are nested prefixes, and the cut is the prefix it claims
+    f100, f300 = _lines(root / "finetune" / "xb.100.tsv.gz"), _lines(root / "finetune" / "xb.300.tsv.gz")
+    assert f300[: len(f100)] == f100
+    pairs = read_pairs(root / "finetune" / "xb.100.tsv.gz")
+    cut, info = take_budget(pairs, 50, "prefix")
+    assert cut == pairs[: len(cut)] and english_words(cut) >= 50 > english_words(cut[:-1])
+    assert cut == take_budget(read_pairs(root / "finetune" / "xb.300.tsv.gz"), 50, "prefix")[0]
+    # no larger file: skipped as before
+    assert plan_cells(["multi"], set(), root, ["xa"], ["400"], 1, "finetune/{lang}.{budget}.tsv.gz").cuts == {}
+
+    # (the larger budget is looked for among the requested ones and 4k 16k 40k pool)
+    result = compare([("multi", str(multi))], root, ["xb"], ["50", "100"], 1, tmp_path / "r", recipe(max_steps=2),
+                     scratch=False, num_beams=1, max_test_segments=4, curve=[])
+    row = next(r for r in result["rows"] if r["budget"] == "50")
+    assert row["pairs"] == len(cut) and row["words"] == english_words(cut)
+    assert row["note"] == "first 50 English words of xb.100.tsv.gz"
+
+
+@pytest.mark.skipif(SHARED_L10N is None, reason="the shared l10n data is not beside the checkout")
+def test_the_shared_budget_files_are_nested_prefixes_and_1k_is_the_4k_prefix() -> None:
+    from metanmt.adaptation.finetune import english_words, take_budget
+    from metanmt.data.corpus import read_pairs
+    from metanmt.evaluation.compare import plan_cells
+
+    assert SHARED_L10N is not None
+    for lang in ("lv", "fi", "tr", "ko"):
+        files = [_lines(SHARED_L10N / "finetune" / f"{lang}.{b}.tsv.gz") for b in ("4k", "16k", "40k", "pool")]
+        for small, large in zip(files, files[1:]):
+            assert large[: len(small)] == small, lang
+        four = read_pairs(SHARED_L10N / "finetune" / f"{lang}.4k.tsv.gz")
+        cut, _ = take_budget(four, 1000, "prefix")
+        assert cut == four[: len(cut)] and english_words(cut) >= 1000 > english_words(cut[:-1])
+    plan = plan_cells(["multi"], set(), SHARED_L10N, ["fi"], ["0", "1k", "4k"], 1, "finetune/{lang}.{budget}.tsv.gz")
+    assert plan.cuts == {("fi", "1k"): 1000} and plan.files[("fi", "1k")].name == "fi.4k.tsv.gz"
+
+
+def _bench_compare(monkeypatch: pytest.MonkeyPatch):
+    import importlib.util
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location("bench_l10n_compare", bench / "l10n_compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_reproduction_plans_minutes_as_steps(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    """``bench/l10n_compare.py --quick``: minutes -> steps through the measured rate; the meta init
+    is warm-started from the multi run at 3/4 of its steps; the comparison gets the quick defaults
+    unless a flag is given. (The whole pipeline on a tiny corpus takes minutes, so the test plans.)"""
+    bench = _bench_compare(monkeypatch)
+    assert bench.steps_for(20, 2.0) == 600 and bench.steps_for(0.001, 5.0) == 1
+    assert bench.quick_plan(20, 2.0, 4.0, 10) == {"multi_steps": 600, "warm_steps": 450, "meta_steps": 75}
+    assert bench.quick_plan(0.01, 2.0, 4.0, 10) == {"multi_steps": 10, "warm_steps": 10, "meta_steps": 10}
+    flags = bench.with_quick_defaults(["--seeds", "1", "--lr", "1e-4"])
+    assert flags[:4] == ["--seeds", "1", "--lr", "1e-4"] and flags.count("--seeds") == 1
+    assert flags[flags.index("--budgets") + 1: flags.index("--budgets") + 4] == ["0", "1k", "4k"]
+    assert "--curve" in flags and "--scratch-seeds" in flags
+
+    runs = tmp_path / "runs"
+    argv = ["l10n_compare.py", "--quick", "--data-root", str(tmp_path), "--langs", "fi", "tr", "--minutes", "20",
+            "--seconds-per-step", "2.0", "4.0", "--runs", str(runs), "--dry-run", "--seeds", "1"]
+    monkeypatch.setattr("sys.argv", argv)
+    assert bench.main() == 0
+    out = capsys.readouterr().out
+    commands = [line for line in out.splitlines() if line.startswith("+ ")]
+    assert len(commands) == 4 and not runs.exists()  # a dry run trains and writes nothing
+    assert "l10n_multitask.yaml" in commands[0] and "train.steps=450" in commands[0]
+    assert "l10n_meta_warm.yaml" in commands[1] and "train.steps=75" in commands[1]
+    assert f"model.pretrained={runs / 'multi_at_450'}" in commands[1]
+    assert "l10n_multitask.yaml" in commands[2] and "train.steps=600" in commands[2]
+    assert all("train.eval_every=0" in c for c in commands[:3])
+    assert commands[3].startswith("+ metanmt compare --init meta=") and "--seeds 1" in commands[3]
+    assert "--budgets 0 1k 4k" in commands[3] and "--curve 0 10 30 100" in commands[3]
+
+    rates = argv.index("--seconds-per-step")
+    no_rates = argv[:rates] + argv[rates + 3:]  # a dry run measures nothing
+    for bad in (no_rates, [*argv[:2], "--init", "a=b", *argv[2:]]):  # and --quick trains its own inits
+        assert "--dry-run" in bad
+        monkeypatch.setattr("sys.argv", bad)
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main()
+        assert exit_info.value.code == 2

@@ -622,3 +622,120 @@ def test_cli_trains_and_evaluates_omniglot(omni_root: Path, tmp_path: Path, caps
     runs = json.loads(capsys.readouterr().out)
     assert len(runs["per_run_error_pct"]) == 2 and "accuracy" not in runs
     assert runs["official_runs_error_pct"] == pytest.approx(sum(runs["per_run_error_pct"]) / 2)
+
+
+# -- small-shift augmentation ---------------------------------------------------------------------------
+def test_random_shift_moves_each_image_within_range() -> None:
+    from metanmt.tasks.omniglot import random_shift
+
+    images = torch.zeros(6, 1, 12, 12)
+    images[:, 0, 4:8, 5:7] = torch.rand(6, 4, 2) + 0.5  # a blob away from the border: nothing is cut off
+    out = random_shift(images, 2, np.random.default_rng(0))
+    assert out.shape == images.shape and out.dtype == images.dtype
+    moved = 0
+    for i in range(6):
+        matches = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                   if torch.equal(out[i], torch.roll(images[i], (dy, dx), dims=(-2, -1)))]
+        assert len(matches) == 1, i  # exactly one translation within +-2 px explains the image
+        moved += matches[0] != (0, 0)
+    assert moved >= 3
+    torch.testing.assert_close(out.sum(dim=(1, 2, 3)), images.sum(dim=(1, 2, 3)))
+    # a shift pushes content out rather than wrapping it round
+    edge = torch.zeros(1, 1, 5, 5)
+    edge[0, 0, :, 0] = 1.0
+    outs = [random_shift(edge, 1, np.random.default_rng(s)) for s in range(30)]
+    assert any(float(o.sum()) < 5.0 for o in outs) and all(float(o[0, 0, :, -1].sum()) == 0.0 for o in outs)
+    assert random_shift(images, 0, np.random.default_rng(0)) is images
+
+
+def test_shift_augments_training_episodes_only_and_is_seeded(omni_root: Path) -> None:
+    plain, shifted = family(omni_root), family(omni_root, shift=2)
+    a = shifted.sample_episode(np.random.default_rng([5, 0, 0]))
+    b = shifted.sample_episode(np.random.default_rng([5, 0, 0]))
+    ref = plain.sample_episode(np.random.default_rng([5, 0, 0]))
+    assert a.task == ref.task  # the shift draws after the plan: the same classes and images
+    for key in ("support", "query"):
+        x, y, r = getattr(a, key), getattr(b, key), getattr(ref, key)
+        assert torch.equal(x["images"], y["images"]) and torch.equal(x["labels"], r["labels"])
+        assert x["images"].shape == r["images"].shape == (6, 1, 28, 28)
+    assert not torch.equal(a.support["images"], ref.support["images"])
+    other = shifted.sample_episode(np.random.default_rng([5, 0, 1]))
+    assert not torch.equal(other.support["images"], a.support["images"])
+    t1 = shifted.sample_episode(np.random.default_rng(3), split="test")
+    t0 = plain.sample_episode(np.random.default_rng(3), split="test")
+    assert torch.equal(t1.support["images"], t0.support["images"])  # evaluation images are never shifted
+    with pytest.raises(ConfigError, match="task.shift"):
+        family(omni_root, shift=-1)
+    with pytest.raises(ConfigError, match="task.shift"):
+        family(omni_root, shift=28)
+
+
+# -- transductive vs non-transductive evaluation ------------------------------------------------------------
+def tiny_run(omni_root: Path, tmp_path: Path, ways: int = 3):
+    from metanmt.config import load_config
+    from metanmt.engine.run import Run
+    from metanmt.engine.trainer import build_family
+
+    suite = Path(__file__).resolve().parents[1] / "tasks" / "omniglot_small1.yaml"
+    sets = [f"suite={suite}", f"data.root={omni_root}", f"task.ways={ways}", "task.shots=1", "task.query=2",
+            "model.hidden=4", "model.blocks=2", "algorithm.inner_lr=0.4", "algorithm.eval_inner_steps=2"]
+    cfg = load_config(None, sets)
+    fam = build_family(cfg)
+    torch.manual_seed(0)
+    return Run(directory=tmp_path, cfg=cfg, family=fam, model=fam.build_model().eval(), learned_lrs=None)
+
+
+def test_support_statistics_make_each_query_prediction_independent(omni_root: Path, tmp_path: Path) -> None:
+    from metanmt.evaluation.omniglot import adapted_logits, with_bn_policy
+
+    run = tiny_run(omni_root, tmp_path)
+    assert run.family.model_cfg.bn_policy == "batch"
+    ep = run.family.sample_episode(np.random.default_rng(1), split="test")
+    sx, sy, qx = ep.support["images"], ep.support["labels"], ep.query["images"]
+    noise = torch.rand_like(qx)
+    noise[0] = qx[0]  # image 0 kept, every other query image replaced
+    perm = torch.cat([torch.tensor([0]), torch.arange(qx.shape[0] - 1, 0, -1)])  # image 0 first, the rest reversed
+
+    support_only = with_bn_policy(run, "running_reset")
+    assert support_only.family.model_cfg.bn_policy == "running_reset" and run.family.model_cfg.bn_policy == "batch"
+    for name, p in support_only.model.named_parameters():
+        assert torch.equal(p, dict(run.model.named_parameters())[name])
+    base = adapted_logits(support_only, sx, sy, qx)
+    torch.testing.assert_close(adapted_logits(support_only, sx, sy, noise)[0], base[0])
+    torch.testing.assert_close(adapted_logits(support_only, sx, sy, qx[perm]), base[perm])
+    torch.testing.assert_close(adapted_logits(support_only, sx, sy, qx[:1]), base[:1])  # alone == in the batch
+
+    trans = adapted_logits(run, sx, sy, qx)
+    assert not torch.allclose(adapted_logits(run, sx, sy, noise)[0], trans[0], atol=1e-4)  # transductive: it may depend
+    with pytest.raises(ValueError, match="bn policy"):
+        with_bn_policy(run, "running")
+
+
+def test_official_runs_under_both_protocols_and_eval_selection(omni_root: Path, tmp_path: Path) -> None:
+    from metanmt.evaluation.omniglot import evaluate_official_runs, select_eval_settings
+
+    make_runs(omni_root, n_runs=2, n_classes=3)
+    run = tiny_run(omni_root, tmp_path)
+    t = evaluate_official_runs(run, None)
+    n = evaluate_official_runs(run, None, bn_policy="running_reset")
+    assert t["transductive"] and not n["transductive"] and "support set only" in n["protocol"]
+    assert len(n["per_run_error_pct"]) == 2 and 0 <= n["official_runs_error_pct"] <= 100
+    sel = select_eval_settings(run, steps=[2, 1], lrs=[0.4, 0.1], episodes=3, seed=7)
+    assert len(sel["grid"]) == 4 and sel["split"] == "test"
+    best = min(g["error_pct"] for g in sel["grid"])
+    tied = [g for g in sel["grid"] if g["error_pct"] == best]
+    assert sel["chosen"] == min(tied, key=lambda g: (g["inner_steps"], g["inner_lr"]))
+    assert select_eval_settings(run, steps=[2, 1], lrs=[0.4, 0.1], episodes=3, seed=7) == sel  # same episodes
+
+
+
+@needs_shared
+def test_real_official_runs_under_both_protocols(tmp_path: Path) -> None:
+    """A few seconds: an untrained 20-way net on the 20 real runs, transductive and not."""
+    from metanmt.evaluation.omniglot import evaluate_official_runs
+
+    run = tiny_run(SHARED, tmp_path, ways=20)
+    for policy, transductive in (("batch", True), ("running_reset", False)):
+        result = evaluate_official_runs(run, None, steps=1, bn_policy=policy)
+        assert len(result["per_run_error_pct"]) == 20 and result["transductive"] is transductive
+        assert 0.0 <= result["official_runs_error_pct"] <= 100.0

@@ -26,7 +26,8 @@ def test_episodes_follow_the_paper_ranges_and_are_reproducible():
 
 def test_mean_ci95():
     mean, half = mean_ci95([1.0, 2.0, 3.0, 4.0])
-    assert mean == 2.5 and half == pytest.approx(1.96 * np.std([1, 2, 3, 4], ddof=1) / 2)
+    # Student t with 3 degrees of freedom (3.182), not the normal 1.96: the interval says n
+    assert mean == 2.5 and half == pytest.approx(3.182446 * np.std([1, 2, 3, 4], ddof=1) / 2, rel=1e-6)
 
 
 def test_cli_trains_evaluates_and_plots(tmp_path, capsys):

@@ -177,7 +177,8 @@ class Finetuner:
             "dev_pairs": len(self.dev_pairs),
             "dev_digest": pairs_digest(self.dev_pairs),
         }
-        self.after_update: Optional[Callable[[int], None]] = None  # test hook: called after each update
+        # called with the update count after each update (compare's adaptation curve; tests)
+        self.after_update: Optional[Callable[[int], None]] = None
 
     # -- output folder ---------------------------------------------------------------------------
     def _prepare_output(self, resume: bool, overwrite: bool) -> Optional[dict[str, Any]]:

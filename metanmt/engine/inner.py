@@ -16,6 +16,10 @@ Two execution options leave every gradient unchanged (tests/test_fast_paths.py):
   so all tasks of a meta-batch run as one batched computation.
 * ``checkpoint=True``: each second-order inner step is recomputed during the backward pass
   instead of kept (``torch.utils.checkpoint``), so memory no longer grows with the inner steps.
+
+``log_metrics`` tells the algorithms whether to compute what is only logged and costs an extra
+forward pass (the query loss before adaptation); the trainer sets it on logging steps only.
+The losses the inner loop computes anyway stay tensors (no host read inside the loop).
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ def full_state(model: nn.Module, params: Params) -> Params:
 @dataclass
 class AdaptResult:
     params: Params  # the full dict: adapted tensors replaced, everything else as given
-    support_losses: list[float] = field(default_factory=list)  # loss before each inner step
+    support_losses: list[Tensor] = field(default_factory=list)  # loss before each inner step (detached, 0-dim)
     initial_grads: Optional[Params] = None  # d(support loss at the init)/d(every meta-parameter), detached
 
 
@@ -53,7 +57,9 @@ class InnerLoop:
     """Functional SGD or Adam on the tensors named in ``adapt_names``.
 
     ``lr`` is a float, or a dict name -> tensor of learned per-parameter rates (Meta-SGD), which are
-    then differentiated like everything else.
+    then differentiated like everything else. ``log_metrics=False`` lets an algorithm skip the
+    forward passes that only feed logged metrics (see :func:`metric_forward`); gradients do not
+    depend on it.
     """
 
     def __init__(
@@ -68,6 +74,7 @@ class InnerLoop:
         adam_eps: float = 1e-8,
         tasks: int = 0,
         checkpoint: bool = False,
+        log_metrics: bool = True,
     ):
         if steps < 0:
             raise ConfigError(f"algorithm.inner_steps: must be >= 0, got {steps}")
@@ -83,6 +90,7 @@ class InnerLoop:
         self.adam_eps = adam_eps
         self.tasks = tasks  # 0: one task; T > 0: batches and adapted tensors are stacked over T tasks
         self.checkpoint = checkpoint
+        self.log_metrics = log_metrics
         self._param_dims = {n: p.dim() for n, p in model.named_parameters()}
 
     def loss(self, params: Params, batch: Any) -> Tensor:
@@ -127,7 +135,7 @@ class InnerLoop:
                 current, adam_state, loss, initial = recompute_in_backward(self._step, *args, use_reentrant=False)
             else:
                 current, adam_state, loss, initial = self._step(*args)
-            result.support_losses.append(float(loss))
+            result.support_losses.append(loss)
             if want:
                 result.initial_grads = {n: g.sum(0) if g.dim() == params[n].dim() + 1 else g
                                         for n, g in initial.items() if n in params}
@@ -165,3 +173,14 @@ class InnerLoop:
         v_hat = v[name] / (1 - beta2 ** (k + 1))
         # eps inside the sqrt keeps the second derivative finite where a gradient is exactly zero
         return m_hat / torch.sqrt(v_hat + self.adam_eps**2)
+
+
+def metric_forward(inner: InnerLoop, params: Params, batch: Any) -> Tensor:
+    """``inner.loss(params, batch)`` for logging only: no autograd graph, and the RNG left as it was.
+
+    The forward pass draws dropout masks like any other; restoring the RNG state afterwards keeps
+    every later draw (and so every gradient) the same whether or not a step logs.
+    """
+    devices = list({t.device for t in params.values() if t.device.type == "cuda"})
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        return inner.loss(params, batch)

@@ -1,17 +1,27 @@
 """The outer loop: meta-train a model's initialization with any algorithm on any task family.
 
-One meta-step, the whole story::
+One meta-step, the whole story, in three parts (``MetaTrainer.meta_step``)::
 
+    # 1. this process's contribution (_local_contribution)
     for index, episode in sampler.local_episodes(step):          # this process's share of the tasks
         result = algorithm.task_gradient(inner, params, episode, learned_lrs)
-        total += result.grads
-    total = accelerator.reduce(total, "sum") / meta_batch_size    # one all-reduce per outer step
-    param.grad = total; optimizer.step(); scheduler.step()
+        buffer.grads += result.grads                               # straight into preallocated storage
+    # 2. the all-reduce: one per outer step, of the gradient and the step's counts together
+    all_reduce(buffer.flat)
+    # 3. the update (_update): non-finite policy, mean over the good tasks, outer optimizer
+    param.grad = buffer.grads / good; optimizer.step(); scheduler.step()
 
 DDP is not used on purpose: its hooks do not support double backward, and the explicit reduce is
 all a meta-step needs. With ``train.task_batching: vmap`` the loop over tasks becomes one
 task-batched call of the same ``task_gradient`` (``InnerLoop(tasks=T)``), which returns the sum
-of the tasks' contributions. Use::
+of the tasks' contributions.
+
+What the hot path does not do (each was a measured cost; bench/meta_step.py --profile): no dict of
+zero gradients per task or step, no flatten-and-copy of the gradients (``MetaGradientBuffer``'s
+views are the ``.grad`` the optimizer reads), no finiteness check per tensor and task (one check of
+the step's sum; only a non-finite sum recomputes the step task by task to name and drop the bad
+ones), no host read of a loss per task (losses stay tensors until the step's one read of its
+counts), and no forward pass that only feeds a log line on a step that does not log. Use::
 
     trainer = MetaTrainer(load_config("configs/sinusoid_maml.yaml"), "runs/sine")
     trainer.train()
@@ -37,12 +47,14 @@ from accelerate.utils import ProjectConfiguration
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+from transformers import get_scheduler
 
 from .. import registry
 from ..config import RunConfig
 from ..errors import ConfigError, NonFiniteError, UserError
 from ..tasks.base import Episode, TaskFamily
 from . import checkpoint as ckpt
+from .algorithms.base import LOGGED_METRICS, TaskResult
 from .inner import InnerLoop, select_names, trainable_names
 from .sampler import TaskSampler, episode_torch_seed
 
@@ -110,8 +122,19 @@ def make_optimizer(cfg: RunConfig, params: list[Tensor]) -> torch.optim.Optimize
 
 
 def make_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    """The outer learning-rate schedule, stepped once per meta-step.
+
+    Without warmup, constant / linear / cosine are transformers' schedules (``get_scheduler``, the
+    same factors; tests/test_meta_step.py compares every step with the formulas). Warmup and
+    inverse_sqrt stay written here because no library has these two schedules: transformers' warmup
+    factor is ``step / warmup`` (0 on the first step, a step that updates nothing) where this one is
+    ``(step + 1) / warmup``, and its inverse_sqrt decays as ``sqrt(warmup / step)`` where this one
+    uses ``step + 1``; switching would change every run with warmup.
+    """
     o, total = cfg.optim, max(1, cfg.train.steps)
     warmup = max(0, o.warmup_steps)
+    if not warmup and o.schedule in ("constant", "linear", "cosine"):
+        return get_scheduler(o.schedule, optimizer, num_warmup_steps=0, num_training_steps=total)
 
     def factor(step: int) -> float:
         if warmup and step < warmup:
@@ -141,18 +164,16 @@ def check_task_batching(cfg: RunConfig, family: TaskFamily, algorithm: Any) -> N
                               "use loop")
 
 
-def _finite(result: Any) -> bool:
-    return math.isfinite(result.loss) and all(bool(torch.isfinite(g).all()) for g in result.grads.values())
+def _finite(result: TaskResult) -> bool:
+    """One task's (or vmap group's) loss and every gradient entry finite: the checked path only."""
+    if result.loss is not None and not bool(torch.isfinite(torch.as_tensor(result.loss))):
+        return False
+    return all(bool(torch.isfinite(g).all()) for g in result.grads.values())
 
 
-def _accumulate(totals: dict[str, Tensor], result: Any, loss_sum: float, good: float, tasks: int) -> tuple[float, float]:
-    for name, grad in result.grads.items():
-        totals[name] += grad
-    return loss_sum + result.loss, good + tasks
-
-
-def _add_sizes(family: TaskFamily, episode: Episode, examples: float, tokens: float) -> tuple[float, float]:
-    """The counters plus this episode's examples and tokens (support and query)."""
+def _episode_size(family: TaskFamily, episode: Episode) -> tuple[int, int]:
+    """An episode's examples and tokens (support and query), counted on the host before it moves."""
+    examples = tokens = 0
     for batch in (episode.support, episode.query):
         examples += family.batch_size(batch)
         tokens += _token_count(family, batch)
@@ -170,6 +191,79 @@ def check_run_inputs(cfg: RunConfig, output_dir: Path) -> None:
     refuse_overlap(output_dir, paths([("data.root", cfg.data.root), ("suite", cfg.suite)]), "--output-dir", inside_ok=True)
     refuse_overlap(output_dir, paths([("model.pretrained", cfg.model.get("pretrained")), ("task.vocab", cfg.task.get("vocab"))]),
                    "--output-dir")
+
+
+class MetaGradientBuffer:
+    """Preallocated storage of one meta-step: every meta-tensor's gradient in one flat tensor.
+
+    ``grads[name]`` are views of ``flat``: tasks add their contributions into them in place, the
+    all-reduce runs on ``flat`` as it is, and after the division by the number of good tasks the
+    views are handed to the optimizer as the ``.grad`` of their tensors. ``flat`` ends with the
+    step's statistics (``STATS``), so the same all-reduce sums them over processes.
+    """
+
+    STATS = ("loss", "loss_tasks", "good", "examples", "tokens", "bad",
+             *(f"{m}{suffix}" for m in LOGGED_METRICS for suffix in ("", "_tasks")))
+
+    def __init__(self, targets: dict[str, Tensor]):
+        tensors = list(targets.values())
+        dtype = tensors[0].dtype
+        for t in tensors[1:]:
+            dtype = torch.promote_types(dtype, t.dtype)
+        size = sum(t.numel() for t in tensors)
+        self.flat = torch.zeros(size + len(self.STATS), dtype=dtype, device=tensors[0].device)
+        self.gradient = self.flat[:size]
+        self.stats = self.flat[size:]
+        self.grads: dict[str, Tensor] = {}
+        offset = 0
+        for name, t in targets.items():
+            self.grads[name] = self.flat[offset : offset + t.numel()].view_as(t)
+            offset += t.numel()
+        self.layout = self._layout(targets)
+
+    @staticmethod
+    def _layout(targets: dict[str, Tensor]) -> list[tuple[str, torch.Size, torch.dtype, torch.device]]:
+        return [(name, t.shape, t.dtype, t.device) for name, t in targets.items()]
+
+    def fits(self, targets: dict[str, Tensor]) -> bool:
+        """Whether the buffer still has one view per target (a family may add parameters after the start)."""
+        return self._layout(targets) == self.layout
+
+    def add(self, grads: dict[str, Tensor]) -> None:
+        names = list(grads)
+        torch._foreach_add_([self.grads[n] for n in names], [grads[n] for n in names])
+
+
+class _Tally:
+    """This process's counts of one meta-step. Losses and metrics stay tensors (float64, as the
+    Python sums they replace) until ``write`` puts them into the buffer's statistics."""
+
+    def __init__(self, device: torch.device):
+        wide = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        self.sums = {k: torch.zeros((), dtype=wide, device=device) for k in ("loss", *LOGGED_METRICS)}
+        self.counts = dict.fromkeys(("loss_tasks", "good", "examples", "tokens", *(f"{m}_tasks" for m in LOGGED_METRICS)), 0)
+        self.bad: list[str] = []
+
+    def add(self, result: TaskResult, tasks: int, sizes: list[tuple[int, int]]) -> None:
+        if result.loss is not None:
+            self.sums["loss"] += result.loss
+            self.counts["loss_tasks"] += tasks
+        for name in LOGGED_METRICS:
+            if name in result.metrics:
+                self.sums[name] += result.metrics[name]
+                self.counts[f"{name}_tasks"] += tasks
+        self.counts["good"] += tasks
+        for examples, tokens in sizes:
+            self.counts["examples"] += examples
+            self.counts["tokens"] += tokens
+
+    def write(self, stats: Tensor) -> None:
+        counts = {**self.counts, "bad": len(self.bad)}
+        for i, key in enumerate(MetaGradientBuffer.STATS):
+            if key in self.sums:
+                stats[i].copy_(self.sums[key])  # stays on the device: no host read
+            else:
+                stats[i] = counts[key]
 
 
 def make_accelerator(cfg: RunConfig, output_dir: Path) -> Accelerator:
@@ -234,6 +328,7 @@ class MetaTrainer:
             tensors += list(self.learned_lrs.parameters())
         self.optimizer = make_optimizer(cfg, tensors)
         self.scheduler = make_scheduler(cfg, self.optimizer)
+        self.buffer = MetaGradientBuffer(self.targets())
         self.state = TrainState()
         self.sampler = TaskSampler(
             self.family, cfg.train.seed, cfg.train.meta_batch_size, acc.process_index, acc.num_processes
@@ -265,66 +360,109 @@ class MetaTrainer:
     def meta_params(self) -> dict[str, Tensor]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad and n not in self.episode_only}
 
-    def inner_loop(self, steps: int | None = None, lr: float | None = None, tasks: int = 0) -> InnerLoop:
+    def targets(self) -> dict[str, Tensor]:
+        """Every tensor the outer step updates: the meta-parameters and the Meta-SGD rates (``inner_lr:``)."""
+        learned = self.learned_lrs.as_dict() if self.learned_lrs is not None else {}
+        return {**self.meta_params(), **{f"inner_lr:{n}": t for n, t in learned.items()}}
+
+    def inner_loop(self, steps: int | None = None, lr: float | None = None, tasks: int = 0,
+                   log_metrics: bool = True) -> InnerLoop:
         a = self.cfg.algorithm
         rate: float | dict[str, Tensor] = a.inner_lr if lr is None else lr
         if self.learned_lrs is not None and lr is None:
             rate = self.learned_lrs.as_dict()
         return InnerLoop(
             self.family, self.model, self.adapt_names, a.inner_steps if steps is None else steps, rate, a.inner_optimizer,
-            tasks=tasks, checkpoint=self.cfg.train.checkpoint_inner,
+            tasks=tasks, checkpoint=self.cfg.train.checkpoint_inner, log_metrics=log_metrics,
         )
 
-    def _task_groups(self, episodes: list[tuple[int, Episode]]) -> list[list[tuple[int, Episode]]]:
+    def is_log_step(self, completed: int) -> bool:
+        """Whether the step after which ``completed`` steps are done writes a log record."""
+        return completed % max(1, self.cfg.train.log_every) == 0 or completed == self.cfg.train.steps
+
+    def _task_groups(self, episodes: list[Any]) -> list[list[Any]]:
         """Which of this process's tasks run together: all (or ``tasks_per_vmap``) with vmap, else one each."""
         if self.cfg.train.task_batching != "vmap":
             return [[item] for item in episodes]
         size = self.cfg.train.tasks_per_vmap or len(episodes) or 1
         return [episodes[i : i + size] for i in range(0, len(episodes), size)]
 
-    def meta_step(self, step: int) -> dict[str, float]:
-        """Compute this step's meta-gradient over all processes and apply the outer update."""
-        acc, family = self.accelerator, self.family
+    def meta_step(self, step: int, log: bool | None = None) -> dict[str, float]:
+        """Compute this step's meta-gradient over all processes and apply the outer update.
+
+        Three parts: this process's contribution, the all-reduce, the update. ``log`` (default: whether
+        ``train.log_every`` logs after this step) adds the gradient norm and the inner loop's per-task
+        metrics, averaged over the meta-batch, to the returned record: ``support_loss``,
+        ``query_loss_before``, ``query_loss_after`` and ``inner_gain`` (before - after). The query
+        loss before adaptation costs one forward pass per task without a graph, so only logging
+        steps pay for it; gradients and RNG streams are the same either way.
+        """
+        if log is None:
+            log = self.is_log_step(step + 1)
         self.model.train()
+        bad_tasks = self._local_contribution(step, log)
+        if self.accelerator.num_processes > 1:
+            # in place on the preallocated buffer: accelerate's reduce() would clone it first
+            torch.distributed.all_reduce(self.buffer.flat)
+        return self._update(step, bad_tasks, log)
+
+    def _local_contribution(self, step: int, log: bool) -> list[str]:
+        """Sum this process's task contributions and counts into ``self.buffer``; return the bad tasks.
+
+        Every task is added without a check, then the sum is checked once: a sum is finite only if
+        every term was. A non-finite sum recomputes the step's tasks (same per-episode RNG seeds, so
+        the same results) with a check per vmap group and per task, which names the bad tasks and
+        leaves them out: the guarantees of a check per task, paid only on a step that needs it.
+        """
+        family, device = self.family, self.accelerator.device
+        episodes = [(index, Episode(e.task, family.to_device(e.support, device), family.to_device(e.query, device)),
+                     _episode_size(family, e))
+                    for index, e in self.sampler.local_episodes(step)]
+        targets = self.targets()
+        if not self.buffer.fits(targets):
+            self.buffer = MetaGradientBuffer(targets)
+        tally = self._run_tasks(step, episodes, log, check=False)
+        if not bool(torch.isfinite(self.buffer.gradient.sum() + tally.sums["loss"])):
+            tally = self._run_tasks(step, episodes, log, check=True)
+        tally.write(self.buffer.stats)
+        return tally.bad
+
+    def _run_tasks(self, step: int, episodes: list[tuple[int, Episode, tuple[int, int]]], log: bool,
+                   check: bool) -> _Tally:
+        acc, family, seed = self.accelerator, self.family, self.cfg.train.seed
         params = self.meta_params()
         learned = self.learned_lrs.as_dict() if self.learned_lrs is not None else {}
-        targets = {**params, **{f"inner_lr:{n}": t for n, t in learned.items()}}
-        inner = self.inner_loop()
-        totals = {n: torch.zeros_like(t) for n, t in targets.items()}
-        loss_sum = examples = tokens = good = 0.0
-        bad_tasks: list[str] = []
-        episodes = [(index, Episode(episode.task, family.to_device(episode.support, acc.device),
-                                    family.to_device(episode.query, acc.device)))
-                    for index, episode in self.sampler.local_episodes(step)]
+        inner = self.inner_loop(log_metrics=log)
+        tally = _Tally(acc.device)
+        self.buffer.flat.zero_()
         for group in self._task_groups(episodes):
             if len(group) > 1:  # the vmap fast path: the group's summed contribution in one computation
-                stacked = Episode("+".join(e.task for _, e in group), family.stack_batches([e.support for _, e in group]),
-                                  family.stack_batches([e.query for _, e in group]))
-                torch.manual_seed(episode_torch_seed(self.cfg.train.seed, step, group[0][0]))
+                stacked = Episode("+".join(e.task for _, e, _ in group), family.stack_batches([e.support for _, e, _ in group]),
+                                  family.stack_batches([e.query for _, e, _ in group]))
+                torch.manual_seed(episode_torch_seed(seed, step, group[0][0]))
                 with acc.autocast():
-                    result = self.algorithm.task_gradient(self.inner_loop(tasks=len(group)), params, stacked, learned)
-                if _finite(result):
-                    loss_sum, good = _accumulate(totals, result, loss_sum, good, len(group))
-                    for _, episode in group:
-                        examples, tokens = _add_sizes(family, episode, examples, tokens)
+                    result = self.algorithm.task_gradient(self.inner_loop(tasks=len(group), log_metrics=log), params,
+                                                          stacked, learned)
+                if not check or _finite(result):
+                    self.buffer.add(result.grads)
+                    tally.add(result, len(group), [size for _, _, size in group])
                     continue
                 # non-finite: redo the group task by task, which names (and may skip) the bad ones
-            for index, episode in group:
-                torch.manual_seed(episode_torch_seed(self.cfg.train.seed, step, index))
+            for index, episode, size in group:
+                torch.manual_seed(episode_torch_seed(seed, step, index))
                 with acc.autocast():
                     result = self.algorithm.task_gradient(inner, params, episode, learned)
-                if not _finite(result):
-                    bad_tasks.append(f"{episode.task} (episode {index})")
+                if check and not _finite(result):
+                    tally.bad.append(f"{episode.task} (episode {index})")
                     continue
-                loss_sum, good = _accumulate(totals, result, loss_sum, good, 1)
-                examples, tokens = _add_sizes(family, episode, examples, tokens)
-        names = list(totals)
-        flat = torch.cat([totals[n].reshape(-1) for n in names])
-        stats = torch.tensor([loss_sum, good, examples, tokens, len(bad_tasks)], dtype=flat.dtype, device=flat.device)
-        flat = torch.cat([flat, stats.to(flat.dtype)])
-        if acc.num_processes > 1:
-            flat = acc.reduce(flat, reduction="sum")
-        loss_sum, good, examples, tokens, n_bad = (float(v) for v in flat[-5:])
+                self.buffer.add(result.grads)
+                tally.add(result, 1, [size])
+        return tally
+
+    def _update(self, step: int, bad_tasks: list[str], log: bool) -> dict[str, float]:
+        """The non-finite policy, then the mean contribution of the good tasks as the outer gradient."""
+        stats = dict(zip(MetaGradientBuffer.STATS, self.buffer.stats.tolist()))  # the step's one host read
+        n_bad, good = stats["bad"], stats["good"]
         if n_bad and self.cfg.train.on_nonfinite == "stop":
             last = ckpt.latest_checkpoint(self.output_dir)
             where = ", ".join(bad_tasks) if bad_tasks else "a task on another process"
@@ -336,24 +474,37 @@ class MetaTrainer:
         self.state.skipped_tasks += int(n_bad)
         if good == 0:
             raise NonFiniteError(f"step {step}: every task of the meta-batch was non-finite; no weights were written")
-        offset = 0
-        for name in names:
-            size = totals[name].numel()
-            grad = flat[offset : offset + size].view_as(totals[name]) / good
-            offset += size
-            targets[name].grad = grad
-        grad_norm = _clip(targets.values(), self.cfg.optim.grad_clip)
+        self.buffer.gradient.div_(good)
+        targets = self.targets()
+        for name, tensor in targets.items():
+            tensor.grad = self.buffer.grads[name]
+        grad_norm = _clip(list(targets.values()), self.cfg.optim.grad_clip, need_norm=log)
         self.optimizer.step()
         self.family.after_outer_step(self.model)  # e.g. zero the language tables reset every step
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.state.examples_seen += int(examples)
-        self.state.tokens_seen += int(tokens)
-        return {"loss": loss_sum / good, "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
+        self.state.examples_seen += int(stats["examples"])
+        self.state.tokens_seen += int(stats["tokens"])
+        record: dict[str, float] = {}
+        if stats["loss_tasks"]:
+            record["loss"] = stats["loss"] / stats["loss_tasks"]
+        if log:
+            record["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
+            for name in LOGGED_METRICS:
+                if stats[f"{name}_tasks"]:
+                    record[name] = stats[name] / stats[f"{name}_tasks"]
+            if "query_loss_before" in record and "query_loss_after" in record:
+                record["inner_gain"] = record["query_loss_before"] - record["query_loss_after"]
+        record["lr"] = self.scheduler.get_last_lr()[0]
+        return record
 
     # -- the loop --------------------------------------------------------------------------------
-    def train(self) -> dict[str, Any]:
+    def train(self, until: int | None = None) -> dict[str, Any]:
+        """Meta-train to ``train.steps``; ``until`` stops (and checkpoints) earlier, at that step, so a
+        caller can score the model in between and call ``train`` again (the schedule stays the one of
+        ``train.steps``)."""
         acc, cfg = self.accelerator, self.cfg
+        stop = cfg.train.steps if until is None else min(until, cfg.train.steps)
         if cfg.train.trackers:
             acc.init_trackers("metanmt", config=_tracker_config(cfg))
         bar = tqdm(
@@ -365,40 +516,42 @@ class MetaTrainer:
         )
         last: dict[str, float] = {}
         started = time.perf_counter() - self.state.seconds
-        if self.state.step >= cfg.train.steps and acc.is_main_process:
+        if self.state.step >= stop and acc.is_main_process:
             log.info("%s: already at step %d of train.steps=%d; nothing to train (raise train.steps to continue)",
-                     self.output_dir, self.state.step, cfg.train.steps)
+                     self.output_dir, self.state.step, stop)
+        finished = stop == cfg.train.steps
         try:
             with self._undo_on_failure():
-                last = self._loop(bar, started)
-            examples = self.show_examples() if cfg.train.show_examples else None
+                last = self._loop(bar, started, stop)
+            examples = self.show_examples() if cfg.train.show_examples and finished else None
         finally:
             bar.close()
-            if acc.is_main_process:
+            if acc.is_main_process and finished:
                 ckpt.release_directory(self.output_dir)
         if cfg.train.trackers:
             acc.end_training()
         return {**last, **self.state.state_dict(), **({"examples": examples} if examples else {})}
 
-    def _loop(self, bar: Any, started: float) -> dict[str, float]:
+    def _loop(self, bar: Any, started: float, stop: int) -> dict[str, float]:
         acc, cfg = self.accelerator, self.cfg
         last: dict[str, float] = {}
-        while self.state.step < cfg.train.steps:
+        while self.state.step < stop:
             step = self.state.step
-            last = self.meta_step(step)
+            last = self.meta_step(step)  # logs (and computes the logged metrics) when is_log_step(step + 1)
             self.state.step = step + 1
             self.state.seconds = time.perf_counter() - started
             self.state.peak_rss_mb = max(self.state.peak_rss_mb, peak_rss_mb())
             bar.update(1)
-            if self.state.step % max(1, cfg.train.log_every) == 0 or self.state.step == cfg.train.steps:
-                bar.set_postfix(loss=f"{last['loss']:.4f}")
+            if self.is_log_step(self.state.step):
+                if "loss" in last:
+                    bar.set_postfix(loss=f"{last['loss']:.4f}")
                 record = {**last, "examples_seen": self.state.examples_seen, "tokens_seen": self.state.tokens_seen,
                           "seconds": round(self.state.seconds, 3)}
                 acc.log({f"train/{k}": v for k, v in record.items()}, step=self.state.step)
                 self._append_history("train", record)
             if cfg.train.eval_every and self.state.step % cfg.train.eval_every == 0:
                 self.validate()
-            if self.state.step % max(1, cfg.train.save_every) == 0 or self.state.step == cfg.train.steps:
+            if self.state.step % max(1, cfg.train.save_every) == 0 or self.state.step in (cfg.train.steps, stop):
                 self.save()
         return last
 
@@ -536,13 +689,17 @@ def _token_count(family: TaskFamily, batch: Any) -> int:
     return int(family.token_count(batch))
 
 
-def _clip(tensors: Any, max_norm: float | None) -> float:
+def _clip(tensors: Any, max_norm: float | None, need_norm: bool = True) -> Tensor | None:
+    """Clip the gradients' total norm to ``max_norm`` and return the norm before clipping (a tensor,
+    read by the caller only when it logs). Without clipping the norm is computed only if ``need_norm``."""
     grads = [t.grad for t in tensors if t.grad is not None]
     if not grads:
-        return 0.0
+        return None
     if not max_norm:  # None or 0: no clipping (clip_grad_norm_ with 0 would zero every gradient)
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
-    return float(torch.nn.utils.clip_grad_norm_([t for t in tensors if t.grad is not None], max_norm))
+        if not need_norm:
+            return None
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    return torch.nn.utils.clip_grad_norm_([t for t in tensors if t.grad is not None], max_norm)
 
 
 def _tracker_config(cfg: RunConfig) -> dict[str, Any]:

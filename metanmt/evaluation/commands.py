@@ -94,6 +94,8 @@ def _compare(args: argparse.Namespace) -> int:
         scratch_seeds=args.scratch_seeds, dev=args.dev, report_only=args.report_only,
         test_pattern=args.test_pattern, finetune_pattern=args.finetune_pattern, num_beams=args.beam,
         max_test_segments=args.max_test_segments, keep_models=args.keep_models, overwrite=args.overwrite,
+        curve=args.curve, curve_beam=args.curve_beam, reference=args.reference, paired_test=args.paired_test,
+        paired_samples=args.paired_samples,
     )
     done = f"report of the {len(summary['rows'])} finished cells" if args.report_only else \
         f"{summary['ran']} cells run, {summary['skipped']} reused; report"
@@ -153,5 +155,13 @@ def add_translation_commands(sub: Any) -> None:
     p.add_argument("--scratch-seed", type=at_least(0), default=0, help="initialization seed of the from-scratch row")
     p.add_argument("--keep-models", action="store_true", help="keep each cell's fine-tuned model in OUT/work/")
     p.add_argument("--overwrite", action="store_true", help="discard OUT's finished cells")
+    p.add_argument("--curve", type=int, nargs="*", default=[0, 10, 30, 100], metavar="K",
+                   help="adaptation curve: test NLL and chrF after K fine-tuning updates (fixed lr, no early "
+                        "stopping); no values = no curve (default %(default)s)")
+    p.add_argument("--curve-beam", type=int, default=1, help="beam of the curve's test decoding (default %(default)s)")
+    p.add_argument("--reference", help="the init the others are tested against (default: multi if given, else the first)")
+    p.add_argument("--paired-test", choices=["bs", "ar"], default="bs",
+                   help="sacreBLEU's paired bootstrap (bs) or approximate randomization (ar) for BLEU/chrF")
+    p.add_argument("--paired-samples", type=int, default=0, help="resamples of the paired test (0: sacreBLEU's default)")
     add_recipe_flags(p)
     p.set_defaults(func=_compare)

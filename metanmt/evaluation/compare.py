@@ -14,16 +14,32 @@ or ``metanmt compare --init meta=runs/meta --init multi=runs/multi --data-root D
 --budgets 0 4k 16k 40k --seeds 3 --out report/``. It writes:
 
 - ``report/cells/<init>__<lang>__<budget>__s<seed>.json``: one finished cell each, written atomically;
-  a second run skips these (resumable). An interrupted cell's fine-tune lives in
+  a second run skips these (resumable). Each holds the cell's metrics, its test hypotheses
+  (``hyps``), per-sentence test NLL (``sentence_nll``, nats summed over the sentence's
+  ``sentence_tokens``) and its adaptation curve, so ``--report-only`` recomputes every number,
+  p-values included, without translating again. An interrupted cell's fine-tune lives in
   ``report/work/<cell>/`` and resumes from its last checkpoint.
 - ``report/results.csv``: ``init,lang,budget,seed,bleu,chrf,steps,seconds`` (``seconds`` is the
   cell's wall time: fine-tune + test decoding), then ``nll`` (test, nats/token), the data and
-  compute of the fine-tune, and the meta-training compute of the init (``init_*``, from its run's
-  ``checkpoints/*/trainer_state.json``) for equal-compute accounting.
-- ``report/results.md``: language x budget x init, BLEU / chrF / NLL mean ± 95% CI over seeds, the
-  gaps between the first init and the others, the inits' training compute, and notes (skipped
-  budgets: a missing file, or a budget the pool could not fill that repeats a smaller one).
-- ``report/bleu_vs_budget.png``: one panel per language, BLEU against budget, one line per init.
+  compute of the fine-tune, the meta-training compute of the init (``init_*``, from its run's
+  ``checkpoints/*/trainer_state.json``) for equal-compute accounting, ``n_seeds``, ``p_bleu``,
+  ``p_chrf``, ``p_nll`` (paired tests against the reference init, Holm-corrected over the
+  report: :mod:`.statistics`), and the adaptation curve ``nll_at_K``, ``chrf_at_K``.
+- ``report/results.md``: language x budget x init, BLEU / chrF / NLL mean ± 95% Student t interval
+  over seeds with n, the gaps of every init to the reference with p-values (``*`` = significant),
+  the adaptation curve, the inits' training compute, and notes (skipped budgets: a missing file,
+  or a budget the pool could not fill that repeats a smaller one; budgets cut from a larger file).
+- ``report/bleu_vs_budget.png``: one panel per language, BLEU against budget, one line per init;
+  ``report/adaptation_curve.png``: test NLL against fine-tuning updates per language and budget.
+
+A budget without a file of its own (``1k``) is the first that many English words of the smallest
+larger budget file (``4k``): the shared budget files are nested prefixes.
+
+The adaptation curve (``--curve``, default 0 10 30 100 updates; ``curve`` in Python, default none): MAML optimizes the quality after a
+few updates, which a fine-tune run to convergence can hide, so each fine-tuned cell also runs the
+fine-tuning loop for exactly ``max(curve)`` updates (fixed learning rate, no early stopping) and
+scores the test set after each of those update counts. It costs ``max(curve)`` more updates and
+one decoding of the test set per point (greedy by default, ``curve_beam``).
 
 ``report/compare.json`` holds the settings; rerunning with a different recipe refuses (the finished
 cells would no longer be comparable) unless ``overwrite``.
@@ -41,11 +57,13 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
+import torch
+from torch import nn
 
-from ..adaptation.finetune import FINETUNE_FILE, FinetuneRecipe, Finetuner
+from ..adaptation.finetune import FINETUNE_FILE, FinetuneRecipe, Finetuner, take_budget
 from ..adaptation.loading import LoadedModel, open_translation_model, scratch_model
 from ..data.corpus import fill_placeholders, read_pairs
 from ..engine.checkpoint import (CONFIG_FILE, atomic_write_text, claim_directory, describe_changes, release_directory,
@@ -53,8 +71,12 @@ from ..engine.checkpoint import (CONFIG_FILE, atomic_write_text, claim_directory
 from ..files import refuse_overlap
 from ..errors import DataError, UserError
 from ..tasks.language_embeddings import set_language
+from ..tasks.translation.batching import plan_batches
+from ..tasks.translation.decoding import translate_batch
+from ..tasks.translation.model import forward, restored_train_mode, token_cross_entropy
 from .few_shot import mean_ci95
-from .translate import evaluate_translation
+from .scoring import score
+from .statistics import DEFAULT_SAMPLES, NLL_RESAMPLES, TESTS, holm, paired_mt_test, paired_nll_test, t_interval
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +84,9 @@ REQUIRED_COLUMNS = ["init", "lang", "budget", "seed", "bleu", "chrf", "steps", "
 EXTRA_COLUMNS = ["nll", "pairs", "words", "train_tokens", "pairs_seen", "tokens_seen", "best_step", "stopped",
                  "finetune_seconds", "eval_seconds", "test_segments", "num_beams", "init_steps", "init_pairs",
                  "init_tokens", "init_seconds", "init_warm_start_steps", "init_warm_start_pairs", "note"]
+SIGNIFICANCE_COLUMNS = ["n_seeds", "p_bleu", "p_chrf", "p_nll"]
+CURVE = (0, 10, 30, 100)  # fine-tuning updates after which the adaptation curve scores the test set
+ALPHA = 0.05  # results.md marks gaps whose Holm-corrected p is below this
 RANDOM = "random"  # --init NAME=random: a from-scratch row under that name
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
@@ -114,6 +139,24 @@ class Plan:
     files: dict[tuple[str, str], Path]  # (lang, budget) -> fine-tuning file
     notes: list[str]
     row_notes: dict[tuple[str, str], str] = dataclasses.field(default_factory=dict)  # -> the CSV's note
+    cuts: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)  # -> English words cut from the file
+
+
+#: budgets that may hold a file to cut a smaller budget from (with the requested ones)
+STANDARD_BUDGETS = ("4k", "16k", "40k", "pool")
+
+
+def _cut_source(data_root: Path, finetune_pattern: str, lang: str, words: int, budgets: list[str]) -> Optional[tuple[str, Path]]:
+    """The smallest budget file larger than ``words`` (a budget without a file of its own is its
+    first ``words`` English words: the shared budget files are nested prefixes)."""
+    candidates = []
+    for budget in dict.fromkeys([*budgets, *STANDARD_BUDGETS]):
+        size = budget_words(budget)
+        size = math.inf if size is None else size
+        path = _path(data_root, finetune_pattern, lang=lang, budget=budget)
+        if size > words and path.is_file():
+            candidates.append((size, budget, path))
+    return min(candidates)[1:] if candidates else None
 
 
 def plan_cells(init_names: list[str], scratch_names: set[str], data_root: Path, langs: list[str], budgets: list[str],
@@ -124,6 +167,7 @@ def plan_cells(init_names: list[str], scratch_names: set[str], data_root: Path, 
     files: dict[tuple[str, str], Path] = {}
     notes: list[str] = []
     row_notes: dict[tuple[str, str], str] = {}
+    cuts: dict[tuple[str, str], int] = {}
     usable: dict[str, list[str]] = {}
     for lang in langs:
         usable[lang] = []
@@ -133,8 +177,17 @@ def plan_cells(init_names: list[str], scratch_names: set[str], data_root: Path, 
                 usable[lang].append(budget)
                 continue
             path = _path(data_root, finetune_pattern, lang=lang, budget=budget)
+            nominal = budget_words(budget)
             if not path.is_file():
-                notes.append(f"{lang} {budget}: skipped, no fine-tuning file {path}")
+                source = _cut_source(data_root, finetune_pattern, lang, nominal, budgets) if nominal else None
+                if source is None:
+                    notes.append(f"{lang} {budget}: skipped, no fine-tuning file {path}")
+                    continue
+                cuts[(lang, budget)] = nominal
+                files[(lang, budget)] = source[1]
+                usable[lang].append(budget)
+                notes.append(f"{lang} {budget}: the first {nominal:,} English words of {source[1].name} (no file of "
+                             f"its own; the budget files are nested prefixes)")
                 continue
             info = split.get(lang, {}).get(budget, {})
             if info.get("complete") is False:
@@ -160,7 +213,7 @@ def plan_cells(init_names: list[str], scratch_names: set[str], data_root: Path, 
                     cells.append((init, lang, budget, seed))
     if any(budget_words(b) == 0 for b in budgets):
         notes.append("budget 0 is zero-shot: no fine-tuning, deterministic decoding, one row per init and language")
-    return Plan(cells, files, notes, row_notes)
+    return Plan(cells, files, notes, row_notes, cuts)
 
 
 def _cell_row(init: str, lang: str, budget: str, seed: int, evaluation: dict[str, Any], tuned: dict[str, Any],
@@ -183,14 +236,94 @@ def _cell_row(init: str, lang: str, budget: str, seed: int, evaluation: dict[str
     }
 
 
+@torch.no_grad()
+def sentence_nll(family: Any, model: nn.Module, pairs: list, max_tokens: int = 2000) -> tuple[list[float], list[int]]:
+    """Teacher-forced NLL of each pair's reference (nats summed over its target tokens) and its token
+    count, in input order; ``sum(nats) / sum(tokens)`` is the corpus NLL of
+    :meth:`TranslationFamily.corpus_loss` (same batches). The paired NLL test needs the sentences."""
+    encoded = family.encode(pairs)
+    nats, tokens = [0.0] * len(encoded), [len(t) for _, t in encoded]
+    device = next(model.parameters()).device
+    with restored_train_mode(model, False):
+        for rows in plan_batches(tokens, max_tokens, None):
+            batch = family.to_device(family.collate([encoded[i] for i in rows]), device)
+            loss = token_cross_entropy(forward(model, None, batch).float(), batch["labels"], reduction="none")
+            for i, value in zip(rows, loss.view(len(rows), -1).sum(1).tolist()):
+                nats[i] = value
+    return nats, tokens
+
+
+def evaluate_model(family: Any, model: nn.Module, pairs: list, num_beams: int) -> dict[str, Any]:
+    """Translate ``pairs``' sources, score them with sacreBLEU, and the per-sentence test NLL."""
+    started = time.perf_counter()
+    hyps = translate_batch(family, model, [p.src for p in pairs], num_beams=num_beams, progress=False)
+    nats, tokens = sentence_nll(family, model, pairs)
+    scores = score(hyps, [p.en for p in pairs])
+    return {"segments": len(pairs), "num_beams": num_beams, "bleu": scores["bleu"], "chrf": scores["chrf"],
+            "bleu_signature": scores["bleu_signature"], "chrf_signature": scores["chrf_signature"],
+            "nll": sum(nats) / max(1, sum(tokens)), "hyps": hyps, "sentence_nll": nats, "sentence_tokens": tokens,
+            "translate_seconds": time.perf_counter() - started}
+
+
+def adaptation_curve(base: LoadedModel, train: list, recipe: FinetuneRecipe, points: list[int], work: Path,
+                     test: list, num_beams: int, device: str = "cpu",
+                     at_zero: Optional[dict[str, float]] = None, lang: Optional[str] = None) -> dict[str, dict[str, float]]:
+    """Test NLL, chrF and BLEU after each number of fine-tuning updates in ``points``: the project's
+    fine-tuning loop (:class:`Finetuner`, the recipe with its seed) run for exactly ``max(points)``
+    updates at the recipe's fixed learning rate, without a dev set (no early stopping), scored from
+    its ``after_update`` callback. Scoring does not move the dropout RNG, so the weights at update k
+    are those of the early-stopped run at update k. ``at_zero`` reuses the init's own scores."""
+    out: dict[str, dict[str, float]] = {}
+
+    def record(step: int, model: nn.Module) -> None:
+        with torch.random.fork_rng(devices=[]):
+            ev = evaluate_model(base.family, model, test, num_beams)
+        out[str(step)] = {"nll": ev["nll"], "chrf": ev["chrf"], "bleu": ev["bleu"]}
+
+    if 0 in points:
+        if at_zero is None:
+            if lang is not None:
+                set_language(base.model, lang, base.family)  # as compare's zero-shot cell: a new language's table
+            record(0, base.model)
+        else:
+            out["0"] = dict(at_zero)
+    last = max(points)
+    if last > 0:
+        curve_recipe = dataclasses.replace(recipe, min_steps=last, max_steps=last, eval_every=last, patience=0)
+        tuner = Finetuner(base.family, copy.deepcopy(base.model), train, curve_recipe, work, None, base.run_config,
+                          {"adaptation_curve": points}, device, lang=lang)
+        wanted = set(points)
+        tuner.after_update = lambda step: record(step, tuner.model) if step in wanted else None
+        tuner.run(overwrite=True)  # a killed curve is cheap: it restarts
+        del tuner
+    return {str(k): out[str(k)] for k in sorted(points)}
+
+
 def compare(inits: list[tuple[str, str]], data_root: str | Path, langs: list[str], budgets: list[str], seeds: int,
             out: str | Path, recipe: FinetuneRecipe, scratch: bool = True, scratch_seed: int = 0,
             scratch_seeds: Optional[int] = None, dev: Optional[str] = None, report_only: bool = False,
             test_pattern: str = "test/{lang}.tsv.gz", finetune_pattern: str = "finetune/{lang}.{budget}.tsv.gz",
             num_beams: int = 4, max_test_segments: Optional[int] = None, keep_models: bool = False,
-            overwrite: bool = False, device: str = "cpu") -> dict[str, Any]:
-    """Run (or resume) every cell and write the report; returns ``{"rows": [...], "ran": n, "skipped": m, ...}``."""
+            overwrite: bool = False, device: str = "cpu", curve: Sequence[int] = (), curve_beam: int = 1,
+            reference: Optional[str] = None, paired_test: str = "bs", paired_samples: int = 0) -> dict[str, Any]:
+    """Run (or resume) every cell and write the report; returns ``{"rows": [...], "ran": n, "skipped": m, ...}``.
+
+    ``curve``: fine-tuning updates after which the adaptation curve scores the test set (e.g.
+    :data:`CURVE`, the command line's default; empty: none), decoded with beam ``curve_beam``.
+    ``reference``: the init every other init is tested against (default ``multi`` if present, else
+    the first); ``paired_test``: ``bs`` or ``ar`` (:mod:`.statistics`) with ``paired_samples``
+    resamples (0: sacreBLEU's default).
+    """
     data_root, out = Path(data_root), Path(out)
+    curve = sorted(set(curve))
+    if any(k < 0 for k in curve):
+        raise UserError(f"--curve: update counts must not be negative, got {curve}")
+    if curve_beam < 1:
+        raise UserError(f"--curve-beam: must be at least 1, got {curve_beam}")
+    if paired_test not in TESTS:
+        raise UserError(f"--paired-test: expected one of {', '.join(TESTS)}, got {paired_test!r}")
+    if paired_samples < 0:
+        raise UserError(f"--paired-samples: must not be negative, got {paired_samples}")
     if not data_root.is_dir():
         raise DataError(f"--data-root: {data_root} is not a directory")
     if not inits:
@@ -211,6 +344,9 @@ def compare(inits: list[tuple[str, str]], data_root: str | Path, langs: list[str
         paths["scratch"] = RANDOM
         names.append("scratch")
     scratch_names = {n for n, p in paths.items() if p == RANDOM}
+    if reference is not None and reference not in names:
+        raise UserError(f"--reference {reference!r}: not one of the inits ({', '.join(names)})")
+    reference = reference or ("multi" if "multi" in names else names[0])
     if scratch_names == set(names):
         raise UserError("compare: the from-scratch row copies the first real init's architecture; give one --init NAME=PATH")
     for lang in langs:
@@ -228,8 +364,9 @@ def compare(inits: list[tuple[str, str]], data_root: str | Path, langs: list[str
 
     settings = {"recipe": recipe.to_dict(), "inits": {n: (p if p == RANDOM else str(Path(p).resolve())) for n, p in paths.items()},
                 "scratch_seed": scratch_seed, "dev": dev, "test_pattern": test_pattern, "finetune_pattern": finetune_pattern,
-                "num_beams": num_beams, "max_test_segments": max_test_segments, "data_root": str(data_root.resolve())}
-    _claim(out, settings, overwrite)
+                "num_beams": num_beams, "max_test_segments": max_test_segments, "data_root": str(data_root.resolve()),
+                "curve": curve, "curve_beam": curve_beam}
+    settings = _claim(out, settings, overwrite)
     plan = plan_cells(names, scratch_names, data_root, langs, budgets, seeds, finetune_pattern, scratch_seeds)
     cells_dir, work_dir = out / "cells", out / "work"
     cells_dir.mkdir(parents=True, exist_ok=True)
@@ -255,6 +392,12 @@ def compare(inits: list[tuple[str, str]], data_root: str | Path, langs: list[str
             pair_cache[path] = read_pairs(path)
         return pair_cache[path]
 
+    def test_pairs(lang: str) -> list:
+        pairs = pairs_of(_path(data_root, test_pattern, lang=lang))
+        return pairs[:max_test_segments] if max_test_segments else pairs
+
+    curve_zero: dict[tuple[str, str], dict[str, float]] = {}  # (init, lang) -> the init's own curve scores
+
     started = time.perf_counter()
     for index, (init, lang, budget, seed) in enumerate(todo, 1):
         name = cell_name(init, lang, budget, seed)
@@ -270,6 +413,8 @@ def compare(inits: list[tuple[str, str]], data_root: str | Path, langs: list[str
             if work.exists() and not (work / FINETUNE_FILE).is_file():
                 shutil.rmtree(work)  # killed before the fine-tune claimed its folder: nothing to keep
             train = pairs_of(plan.files[(lang, budget)])
+            if (lang, budget) in plan.cuts:
+                train, _ = take_budget(train, plan.cuts[(lang, budget)], "prefix")
             dev_pairs = pairs_of(_path(data_root, dev, lang=lang)) if dev else None
             cell_recipe = dataclasses.replace(recipe, seed=seed)
             tuner = Finetuner(base.family, copy.deepcopy(base.model), train, cell_recipe, work, dev_pairs,
@@ -280,27 +425,38 @@ def compare(inits: list[tuple[str, str]], data_root: str | Path, langs: list[str
             note = plan.row_notes.get((lang, budget), "")
             if not note and nominal is not None and tuned_info["words"] < 0.95 * nominal:
                 note = f"only {tuned_info['words']} English words in the file"
-        t_eval = time.perf_counter()
-        evaluation = evaluate_translation(LoadedModel(base.family, model, base.source, base.run_config),
-                                          _path(data_root, test_pattern, lang=lang), num_beams=num_beams,
-                                          max_segments=max_test_segments)
-        evaluation["translate_seconds"] = time.perf_counter() - t_eval  # decoding + test NLL
+            if not note and (lang, budget) in plan.cuts:
+                note = f"first {nominal} English words of {plan.files[(lang, budget)].name}"
+        test = test_pairs(lang)
+        evaluation = evaluate_model(base.family, model, test, num_beams)  # translate_seconds: decoding + test NLL
         # the fine-tune's seconds span every attempt of an interrupted cell; loading the init is not counted
         row = _cell_row(init, lang, budget, seed, evaluation, tuned_info, base.meta_training,
                         float(tuned_info.get("seconds", 0.0)) + evaluation["translate_seconds"], note)
+        row.update(hyps=evaluation["hyps"], sentence_nll=evaluation["sentence_nll"],
+                   sentence_tokens=evaluation["sentence_tokens"])
+        if curve and budget_words(budget) != 0:
+            del model
+            t_curve = time.perf_counter()
+            row["curve"] = adaptation_curve(base, train, cell_recipe, curve, work_dir / f"{name}__curve", test, curve_beam,
+                                            device, curve_zero.get((init, lang)), lang)
+            curve_zero.setdefault((init, lang), row["curve"].get("0"))  # the init scores the same in every cell
+            row["curve_seconds"] = time.perf_counter() - t_curve
         atomic_write_text(cells_dir / f"{name}.json", json.dumps(row, indent=2, ensure_ascii=False))
         if not keep_models:
             shutil.rmtree(work_dir / name, ignore_errors=True)
-        del model
-        write_csv(out, load_rows(out, plan.cells))  # partial results are readable while the rest runs
+            shutil.rmtree(work_dir / f"{name}__curve", ignore_errors=True)
+        model = None
+        write_csv(out, load_rows(out, plan.cells), curve)  # partial results are readable while the rest runs
     rows = load_rows(out, plan.cells)
-    write_report(out, rows, names, langs, [b for b in budgets], plan.notes, settings)
+    test_refs = {lang: [p.en for p in test_pairs(lang)] for lang in langs}
+    write_report(out, rows, names, langs, [b for b in budgets], plan.notes, settings, reference=reference,
+                 references=test_refs, paired_test=paired_test, paired_samples=paired_samples)
     release_directory(out)
     return {"rows": rows, "ran": len(todo), "skipped": len(plan.cells) - len(todo), "notes": plan.notes,
             "seconds": time.perf_counter() - started}
 
 
-def _claim(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
+def _claim(out: Path, settings: dict[str, Any], overwrite: bool) -> dict[str, Any]:
     record = out / "compare.json"
     # a compare report always continues (finished cells are reused), so it is claimed with resume on
     if claim_directory(out, record, "compare report", resume=not overwrite, overwrite=overwrite, out_flag="--out"):
@@ -308,12 +464,16 @@ def _claim(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
         new = json.loads(json.dumps(settings))
         # adding inits is fine (their cells are new); changing a path of an existing name is not
         old_inits, new_inits = old.get("inits", {}), new.get("inits", {})
-        details = describe_changes(old, new, ignore={f"inits.{n}" for n in set(old_inits) ^ set(new_inits)}, limit=4)
+        ignore = {f"inits.{n}" for n in set(old_inits) ^ set(new_inits)}
+        # a report made before the adaptation curve existed: its cells have none, new cells add it
+        ignore |= {k for k in ("curve", "curve_beam") if k not in old}
+        details = describe_changes(old, new, ignore=ignore, limit=4)
         if details:
             raise UserError(f"{out}: its finished cells were made with other settings ({details}); "
                             "use another --out or pass --overwrite")
         settings = {**settings, "inits": {**old_inits, **new_inits}}
     atomic_write_text(record, json.dumps(settings, indent=2))
+    return settings
 
 
 def load_rows(out: Path, cells: list[tuple[str, str, str, int]]) -> list[dict[str, Any]]:
@@ -325,20 +485,41 @@ def load_rows(out: Path, cells: list[tuple[str, str, str, int]]) -> list[dict[st
     return rows
 
 
-def write_csv(out: Path, rows: list[dict[str, Any]]) -> Path:
+def curve_columns(curve: list[int]) -> list[str]:
+    return [f"nll_at_{k}" for k in curve] + [f"chrf_at_{k}" for k in curve]
+
+
+def write_csv(out: Path, rows: list[dict[str, Any]], curve: Optional[list[int]] = None,
+              significance: Optional[dict[tuple[str, str, str], dict[str, float]]] = None) -> Path:
+    """``results.csv``: one row per cell; ``n_seeds`` and the Holm-corrected ``p_*`` of the row's
+    (init, lang, budget) against the reference init (empty for the reference and where untested);
+    the adaptation curve as ``nll_at_K`` / ``chrf_at_K``."""
     path = out / "results.csv"
     tmp = path.with_name(".tmp-results.csv")
+    curve = list(curve or [])
+    counts: dict[tuple[str, str, str], int] = {}
+    for row in rows:
+        key = (row["init"], row["lang"], row["budget"])
+        counts[key] = counts.get(key, 0) + 1
     with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=REQUIRED_COLUMNS + EXTRA_COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=REQUIRED_COLUMNS + EXTRA_COLUMNS + SIGNIFICANCE_COLUMNS + curve_columns(curve),
+                                extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
+            key = (row["init"], row["lang"], row["budget"])
+            flat = {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()}
+            flat["n_seeds"] = counts[key]
+            for metric, p in (significance or {}).get(key, {}).items():
+                flat[f"p_{metric}"] = "" if math.isnan(p) else f"{p:.4g}"
+            for k, point in (row.get("curve") or {}).items():
+                flat[f"nll_at_{k}"], flat[f"chrf_at_{k}"] = f"{point['nll']:.4f}", f"{point['chrf']:.4f}"
+            writer.writerow(flat)
     tmp.replace(path)
     return path
 
 
 def format_mean_ci(values: list[float], digits: int = 2) -> str:
-    """``mean ± 95% CI half-width``; the mean alone for one value."""
+    """``mean ± half-width of the 95% Student t interval``; the mean alone for one value."""
     mean, half = mean_ci95(values)
     if math.isnan(mean):
         return "–"
@@ -346,24 +527,77 @@ def format_mean_ci(values: list[float], digits: int = 2) -> str:
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict[str, list[float]]]:
-    """(init, lang, budget) -> metric -> values over seeds."""
+    """(init, lang, budget) -> metric -> values over seeds (``nll_at_K`` / ``chrf_at_K`` where the
+    cell has an adaptation curve; rows read back from results.csv work too)."""
     table: dict[tuple[str, str, str], dict[str, list[float]]] = {}
     for row in rows:
         entry = table.setdefault((row["init"], row["lang"], row["budget"]), {})
         for key in ("bleu", "chrf", "nll", "steps", "seconds"):
             entry.setdefault(key, []).append(float(row[key]))
+        points = row.get("curve") or {}
+        for k, point in points.items():
+            for metric in ("nll", "chrf"):
+                entry.setdefault(f"{metric}_at_{k}", []).append(float(point[metric]))
+        if not points:  # a CSV row
+            for key, value in row.items():
+                if key.startswith(("nll_at_", "chrf_at_")) and value not in ("", None):
+                    entry.setdefault(key, []).append(float(value))
     return table
 
 
+def significance(rows: list[dict[str, Any]], reference: str, references: dict[str, list[str]],
+                 paired_test: str = "bs", paired_samples: int = 0) -> dict[tuple[str, str, str], dict[str, float]]:
+    """(init, lang, budget) -> {"bleu", "chrf", "nll"}: Holm-corrected p-values of every init
+    against ``reference`` in every cell where both have stored hypotheses (:mod:`.statistics`).
+    Each metric's family is all the (init, cell) comparisons of the report; ``raw_*`` keep the
+    uncorrected values. Cells made before hypotheses were stored are left out (NaN)."""
+    stored: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        if row.get("hyps") is not None and row.get("sentence_nll") is not None:
+            stored.setdefault((row["init"], row["lang"], row["budget"]), []).append(row)
+    tests: list[tuple[tuple[str, str, str], dict[str, float]]] = []
+    for (init, lang, budget), cells in stored.items():
+        base = stored.get((reference, lang, budget))
+        if init == reference or not base:
+            continue
+        refs = references[lang]
+        if any(len(c["hyps"]) != len(refs) for c in (*cells, *base)):
+            raise DataError(f"{lang} {budget}: the stored hypotheses do not match the {len(refs)} test segments; "
+                            "were the cells made with another --max-test-segments?")
+        p = paired_mt_test([c["hyps"] for c in base], [c["hyps"] for c in cells], refs, paired_test, paired_samples)
+        p["nll"] = paired_nll_test([c["sentence_nll"] for c in base], [c["sentence_nll"] for c in cells])
+        tests.append(((init, lang, budget), p))
+    out: dict[tuple[str, str, str], dict[str, float]] = {key: {} for key, _ in tests}
+    for metric in ("bleu", "chrf", "nll"):
+        for (key, p), adjusted in zip(tests, holm([p[metric] for _, p in tests])):
+            out[key][metric] = adjusted
+            out[key][f"raw_{metric}"] = p[metric]
+    return out
+
+
+def _mark(p: Optional[float]) -> str:
+    if p is None or math.isnan(p):
+        return ""
+    return f" (p={p:.3g}{'*' if p < ALPHA else ''})"
+
+
 def write_report(out: Path, rows: list[dict[str, Any]], inits: list[str], langs: list[str], budgets: list[str],
-                 notes: list[str], settings: dict[str, Any]) -> None:
-    """results.csv, results.md and bleu_vs_budget.png from the finished cells."""
-    write_csv(out, rows)
+                 notes: list[str], settings: dict[str, Any], reference: Optional[str] = None,
+                 references: Optional[dict[str, list[str]]] = None, paired_test: str = "bs",
+                 paired_samples: int = 0) -> None:
+    """results.csv, results.md, bleu_vs_budget.png and adaptation_curve.png from the finished cells
+    (their stored hypotheses and per-sentence NLL: nothing is translated again)."""
+    reference = reference or ("multi" if "multi" in inits else inits[0])
+    curve = list(settings.get("curve") or [])
+    sig = significance(rows, reference, references, paired_test, paired_samples) if references else {}
+    write_csv(out, rows, curve, sig)
     table = summarize(rows)
+    samples = paired_samples or DEFAULT_SAMPLES[paired_test]
     lines = ["# Initializations compared on low-resource languages", "",
              f"BLEU and chrF (sacreBLEU: {rows[0]['bleu_signature'] if rows else '-'}; "
              f"{rows[0]['chrf_signature'] if rows else '-'}) of beam-{settings['num_beams']} decoding of each "
-             "language's test set, mean ± 95% CI over fine-tuning seeds; NLL is the test cross-entropy in nats per "
+             "language's test set, mean ± the half-width of the 95% Student t interval over the n fine-tuning seeds "
+             "(t(0.975, n-1): 4.30 at n = 3; none at n = 1); NLL is the test cross-entropy in nats per "
              "target token (lower is better). Budgets in English words; 0 = zero-shot.", "",
              "| lang | budget | init | BLEU | chrF | NLL | updates | seconds | n |", "|---|---|---|---|---|---|---|---|---|"]
     for lang in langs:
@@ -375,19 +609,43 @@ def write_report(out: Path, rows: list[dict[str, Any]], inits: list[str], langs:
                 lines.append(f"| {lang} | {budget} | {init} | {format_mean_ci(m['bleu'])} | {format_mean_ci(m['chrf'])} "
                              f"| {format_mean_ci(m['nll'], 3)} "
                              f"| {np.mean(m['steps']):.0f} | {np.mean(m['seconds']):.1f} | {len(m['bleu'])} |")
-    real = [i for i in inits if settings["inits"].get(i) != RANDOM]
-    if len(real) >= 2:
-        first = real[0]
-        lines += ["", f"## {first} minus each other init (difference of the means)", "",
-                  "| lang | budget | vs | Δ BLEU | Δ chrF | Δ NLL |", "|---|---|---|---|---|---|"]
+    others = [i for i in inits if i != reference]
+    if others and any(table.get((reference, lang, b)) for lang in langs for b in budgets):
+        lines += ["", f"## Each init minus {reference} (difference of the means; Holm-corrected p)", "",
+                  f"Paired tests per cell against **{reference}** on the same test sentences: BLEU and chrF by "
+                  f"sacreBLEU's {TESTS[paired_test]} ({samples} samples, seed 12345) over test sentences, each "
+                  "sentence's sufficient statistics averaged over an init's seeds; NLL by a paired sign-flip "
+                  f"permutation test ({NLL_RESAMPLES} resamples) on per-sentence NLL averaged over seeds. "
+                  f"p-values are Holm-corrected over the {len(sig)} (init, cell) comparisons of this report, per "
+                  f"metric; `*` marks p < {ALPHA}. Cells without stored hypotheses have no p.", "",
+                  "| lang | budget | init | n | Δ BLEU | Δ chrF | Δ NLL |", "|---|---|---|---|---|---|---|"]
         for lang in langs:
             for budget in budgets:
-                a = table.get((first, lang, budget))
-                for other in inits[1:]:
+                a = table.get((reference, lang, budget))
+                for other in others:
                     b = table.get((other, lang, budget))
-                    if a and b and other != first:
-                        d = {k: float(np.mean(a[k]) - np.mean(b[k])) for k in ("bleu", "chrf", "nll")}
-                        lines.append(f"| {lang} | {budget} | {other} | {d['bleu']:+.2f} | {d['chrf']:+.2f} | {d['nll']:+.3f} |")
+                    if a and b:
+                        d = {k: float(np.mean(b[k]) - np.mean(a[k])) for k in ("bleu", "chrf", "nll")}
+                        p = sig.get((other, lang, budget), {})
+                        lines.append(f"| {lang} | {budget} | {other} | {len(b['bleu'])} vs {len(a['bleu'])} "
+                                     f"| {d['bleu']:+.2f}{_mark(p.get('bleu'))} | {d['chrf']:+.2f}{_mark(p.get('chrf'))} "
+                                     f"| {d['nll']:+.3f}{_mark(p.get('nll'))} |")
+    if curve and any(f"nll_at_{curve[-1]}" in m for m in table.values()):
+        lines += ["", "## Adaptation curve (test NLL / chrF after k fine-tuning updates)", "",
+                  f"The same recipe and seeds, a fixed learning rate and no early stopping, scored after "
+                  f"{', '.join(map(str, curve))} updates (beam {settings.get('curve_beam', 1)}); mean ± 95% t interval "
+                  "over seeds. `adaptation_curve.png` plots the NLL.", "",
+                  "| lang | budget | init | n | " + " | ".join(f"NLL / chrF at {k}" for k in curve) + " |",
+                  "|---|---|---|---|" + "---|" * len(curve)]
+        for lang in langs:
+            for budget in budgets:
+                for init in inits:
+                    m = table.get((init, lang, budget), {})
+                    if f"nll_at_{curve[-1]}" not in m:
+                        continue
+                    cells = [f"{format_mean_ci(m.get(f'nll_at_{k}', []), 3)} / {format_mean_ci(m.get(f'chrf_at_{k}', []), 1)}"
+                             for k in curve]
+                    lines.append(f"| {lang} | {budget} | {init} | {len(m[f'nll_at_{curve[-1]}'])} | " + " | ".join(cells) + " |")
     lines += ["", "## Compute of each initialization (meta-training / pre-training)", "",
               "All of an initialization's training is counted, a warm start's included.", "",
               "| init | source | steps | sentence pairs | target tokens | seconds | of which warm start (steps / pairs) |",
@@ -408,6 +666,8 @@ def write_report(out: Path, rows: list[dict[str, Any]], inits: list[str], langs:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     atomic_write_text(out / "results.md", "\n".join(lines))
     plot(out / "bleu_vs_budget.png", table, inits, langs, budgets)
+    if curve and any(f"nll_at_{curve[-1]}" in m for m in table.values()):
+        plot_curve(out / "adaptation_curve.png", table, inits, langs, budgets, curve)
 
 
 def _warm_start_text(row: dict[str, Any]) -> str:
@@ -453,6 +713,57 @@ def plot(path: Path, table: dict[tuple[str, str, str], dict[str, list[float]]], 
     fig.tight_layout()
     tmp = path.with_name(".tmp-" + path.name)
     fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def plot_curve(path: Path, table: dict[tuple[str, str, str], dict[str, list[float]]], inits: list[str],
+               langs: list[str], budgets: list[str], curve: list[int]) -> Path:
+    """The adaptation curve: one panel per language (row) and fine-tuned budget (column), test NLL
+    against fine-tuning updates, one line per init with its 95% Student t band over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tuned = [b for b in budgets if budget_words(b) != 0
+             and any(f"nll_at_{curve[-1]}" in table.get((i, lang, b), {}) for i in inits for lang in langs)]
+    rows, cols = max(1, len(langs)), max(1, len(tuned))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), squeeze=False, sharex=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for r, lang in enumerate(langs):
+        for c, budget in enumerate(tuned):
+            ax = axes[r][c]
+            for index, init in enumerate(inits):
+                m = table.get((init, lang, budget), {})
+                xs, ys, lo, hi = [], [], [], []
+                for k in curve:
+                    mean, half, _ = t_interval(m.get(f"nll_at_{k}", []))
+                    if not math.isnan(mean):
+                        half = 0.0 if math.isnan(half) else half
+                        xs.append(k), ys.append(mean), lo.append(mean - half), hi.append(mean + half)
+                if xs:
+                    color = colors[index % len(colors)]
+                    ax.plot(xs, ys, marker="o", color=color, label=init)
+                    ax.fill_between(xs, lo, hi, color=color, alpha=0.2, linewidth=0)
+            ax.set_xscale("symlog", linthresh=max(1, min([k for k in curve if k > 0], default=1)))
+            ax.set_xticks(curve, [str(k) for k in curve])
+            ax.set_title(f"{lang} {budget}", fontsize=9)
+            ax.grid(alpha=0.3)
+            if c == 0:
+                ax.set_ylabel("test NLL (nats/token)")
+            if r == rows - 1:
+                ax.set_xlabel("fine-tuning updates")
+    handles: dict[str, Any] = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    if handles:
+        axes[0][-1].legend(list(handles.values()), list(handles), fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(".tmp-" + path.name)
+    fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     tmp.replace(path)
     return path

@@ -2,30 +2,26 @@
 
     curve = adaptation_curve(run.inner_loop(steps=10), run.model, episodes, record=[0, 1, 5, 10])
     curve[10]["mse"]   # list of per-episode values
-    summarize(curve)   # {steps: {metric: (mean, ci95)}}
+    summarize(curve)   # {steps: {metric: (mean, 95% t-interval half-width)}}
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..engine.inner import InnerLoop, Params, full_state
 from ..tasks.base import Episode
+from .statistics import t_interval
 
 
 def mean_ci95(values: Iterable[float]) -> tuple[float, float]:
-    """Mean and the half-width of its normal-approximation 95% confidence interval."""
-    arr = np.asarray(list(values), dtype=np.float64)
-    if arr.size == 0:
-        return math.nan, math.nan
-    if arr.size == 1:
-        return float(arr[0]), math.nan
-    return float(arr.mean()), float(1.96 * arr.std(ddof=1) / math.sqrt(arr.size))
+    """Mean and the half-width of its 95% Student t interval (t(0.975, n-1) x s / sqrt(n); NaN for
+    one value). :func:`~metanmt.evaluation.statistics.t_interval` also returns n."""
+    mean, half, _ = t_interval(values)
+    return mean, half
 
 
 def adaptation_curve(
@@ -60,7 +56,7 @@ def summarize(curve: dict[int, dict[str, list[float]]]) -> dict[int, dict[str, t
 
 def evaluate_command(run: Any, args: Any) -> tuple[dict, str]:
     """``metanmt evaluate`` for any family (the default :attr:`TaskFamily.evaluator`): adapt on
-    held-out test episodes, report the family's metrics after each step count (mean ± 95% CI)."""
+    held-out test episodes, report the family's metrics after each step count (mean ± 95% Student t interval, n)."""
     from ..engine.sampler import episode_rng
 
     steps = args.steps or [run.cfg.algorithm.steps_at_eval]
@@ -69,4 +65,5 @@ def evaluate_command(run: Any, args: Any) -> tuple[dict, str]:
     summary = summarize(adaptation_curve(run.inner_loop(steps=max(steps), lr=args.lr), run.model, episodes, [0, *steps]))
     result = {str(k): {m: {"mean": v[0], "ci95": v[1]} for m, v in metrics.items()} for k, metrics in summary.items()}
     lines = [f"after {k} steps: " + ", ".join(f"{m} {v['mean']:.4f} ± {v['ci95']:.4f}" for m, v in ms.items()) for k, ms in result.items()]
+    lines.append(f"mean ± 95% Student t interval over n={n} held-out episodes")
     return {"steps": result, "episodes": n}, "\n".join(lines)

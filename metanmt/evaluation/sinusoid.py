@@ -90,4 +90,4 @@ def evaluate_command(run: Run, args: Any) -> tuple[dict, str]:
     result = evaluate_sinusoid(
         run, shots=args.shots or [5, 10, 20], steps=args.steps or [1, 5, 10], episodes=args.episodes or 600, lr=args.lr
     )
-    return result, format_sinusoid(result) + f"\nmean ± 95% CI over {result['episodes']} held-out sines"
+    return result, format_sinusoid(result) + f"\nmean ± 95% Student t interval over n={result['episodes']} held-out sines"

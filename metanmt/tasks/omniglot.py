@@ -71,6 +71,7 @@ __all__ = [
     "OmniglotModelConfig",
     "OmniglotTaskConfig",
     "TaskBatchNorm",
+    "random_shift",
     "score_official_runs",
 ]
 
@@ -122,6 +123,7 @@ class OmniglotTaskConfig:
     image_size: int = 28
     rotations: bool = True  # train split: 90/180/270-degree rotations are extra classes (x4)
     eval_rotations: bool = False  # the same for the val and test splits
+    shift: int = 0  # train split: translate each image by up to +-shift px (0 = off), drawn from the episode's rng
     official_runs: Optional[str] = None  # all_runs.zip (or folder), relative to data.root, for score_official_runs
     cache_dir: Optional[str] = None  # also keep decoded images as .npz here (keyed by source and size)
 
@@ -296,6 +298,8 @@ class OmniglotFamily(TaskFamily):
         for key in ("ways", "shots", "query", "image_size", "maml_train_characters"):
             if getattr(t, key) < 1:
                 raise ConfigError(f"task.{key}: must be at least 1, got {getattr(t, key)}")
+        if not 0 <= t.shift < t.image_size:
+            raise ConfigError(f"task.shift: must be in [0, image_size), got {t.shift}")
         if t.val_characters < 0:
             raise ConfigError(f"task.val_characters: must be >= 0, got {t.val_characters}")
         for key in ("hidden", "blocks"):
@@ -497,11 +501,16 @@ class OmniglotFamily(TaskFamily):
 
         Labels are 0..N-1 in a random class order; examples are shuffled within each batch. With
         ``bn_policy: running_reset`` the query batch also carries ``"context"``: the support images.
+        With ``task.shift > 0`` every training image (support and query) is translated by its own
+        random offset, drawn from ``rng`` after the plan (so the plan is the same as without it).
         """
         plan = self.plan_episode(rng, split)
         support_x = self._read(plan.support, plan.rotations)
         query_x = self._read(plan.query, plan.rotations)
         t = self.task_cfg
+        if t.shift and split == "train":
+            support_x = random_shift(support_x, t.shift, rng)
+            query_x = random_shift(query_x, t.shift, rng)
         support_y = torch.arange(t.ways).repeat_interleave(t.shots)
         query_y = torch.arange(t.ways).repeat_interleave(t.query)
         s_order = torch.from_numpy(plan.support_order)
@@ -586,6 +595,26 @@ class OmniglotFamily(TaskFamily):
                 raise ConfigError("no official runs given: pass a path to all_runs.zip or set task.official_runs")
             runs_path = resolve_source(self.data_root, self.task_cfg.official_runs)
         return _score_official_runs(runs_path, adapt_and_predict, image_size=self.task_cfg.image_size)
+
+
+def random_shift(images: Tensor, max_shift: int, rng: np.random.Generator) -> Tensor:
+    """Translate each image ``(B, C, H, W)`` by its own integer offset in ``[-max_shift, max_shift]``
+    (rows and columns), filling with 0 (the background after inversion).
+
+    Written here rather than taken from torchvision (not a dependency): its random transforms draw
+    from torch's global generator, while episodes must be a function of their own numpy ``rng``.
+    """
+    if max_shift <= 0:
+        return images
+    b, _, h, w = images.shape
+    offsets = rng.integers(-max_shift, max_shift + 1, size=(b, 2))
+    padded = F.pad(images, (max_shift, max_shift, max_shift, max_shift))
+    out = torch.empty_like(images)
+    for i, (dy, dx) in enumerate(offsets.tolist()):
+        # output pixel (y, x) = input pixel (y - dy, x - dx): the drawing moves by (+dy, +dx)
+        top, left = max_shift - dy, max_shift - dx
+        out[i] = padded[i, :, top : top + h, left : left + w]
+    return out
 
 
 def score_official_runs(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Optional, Union
 
 import torch
 from torch import Tensor
@@ -12,17 +12,27 @@ from torch import Tensor
 from ...config import AlgorithmConfig
 from ...errors import ConfigError
 from ...tasks.base import Episode
-from ..inner import InnerLoop, Params
+from ..inner import InnerLoop, Params, metric_forward
+
+#: the per-task metrics the trainer averages over a meta-batch and logs (history.jsonl, trackers);
+#: ``inner_gain`` = ``query_loss_before - query_loss_after`` is derived from two of them
+LOGGED_METRICS = ("support_loss", "query_loss_before", "query_loss_after")
 
 
 @dataclass
 class TaskResult:
-    """One task's contribution: ``grads`` has an entry per meta-tensor (parameters, learned rates)."""
+    """One task's contribution: ``grads`` has an entry per meta-tensor (parameters, learned rates).
+
+    ``loss`` is the loss the algorithm optimizes for this task (the query loss after adaptation for
+    MAML), a detached tensor or a float; ``None`` where computing it would cost an extra forward pass
+    and ``inner.log_metrics`` is off (Reptile). ``metrics`` values are detached tensors or floats; the
+    trainer logs the keys in ``LOGGED_METRICS``. With a task-batched inner loop (``InnerLoop(tasks=T)``)
+    grads, loss and metrics are sums over the T tasks.
+    """
 
     grads: dict[str, Tensor]
-    loss: float  # the loss the algorithm optimizes for this task (query loss after adaptation for MAML)
-    metrics: dict[str, float] = field(default_factory=dict)
-    # With a task-batched inner loop (``InnerLoop(tasks=T)``) grads, loss and metrics are sums over T tasks.
+    loss: Optional[Union[Tensor, float]]
+    metrics: dict[str, Union[Tensor, float]] = field(default_factory=dict)
 
 
 class Algorithm(abc.ABC):
@@ -41,51 +51,28 @@ class Algorithm(abc.ABC):
 
     @abc.abstractmethod
     def task_gradient(self, inner: InnerLoop, params: Params, episode: Episode, learned_lrs: Params) -> TaskResult:
-        """``params``: the meta-parameters (leaves that require grad); ``learned_lrs``: Meta-SGD rates or {}."""
+        """``params``: the meta-parameters (leaves that require grad); ``learned_lrs``: Meta-SGD rates or {}.
+
+        ``inner.log_metrics`` says whether this is a logging step: metrics that cost extra forward
+        passes are computed only then (with :func:`metric_forward`, which leaves gradients unchanged).
+        """
 
 
 def grads_of(loss: Tensor, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """d loss / d tensor for each entry; zeros where the loss does not depend on a tensor."""
     names = [n for n, t in tensors.items() if t.requires_grad]
     values = torch.autograd.grad(loss, [tensors[n] for n in names], allow_unused=True)
-    out = {n: torch.zeros_like(t) for n, t in tensors.items()}
-    out.update({n: g.detach() for n, g in zip(names, values) if g is not None})
-    return out
+    found = {n: g for n, g in zip(names, values) if g is not None}
+    # zeros only for the tensors the loss does not reach (usually none): no zero-filled dict per task
+    return {n: found[n] if n in found else torch.zeros_like(t) for n, t in tensors.items()}
 
 
-def query_gradient(
-    algorithm: Algorithm, inner: InnerLoop, params: Params, episode: Episode, learned_lrs: Params, second_order: bool
-) -> TaskResult:
-    """MAML and first-order MAML: adapt on the support set, differentiate the query loss.
-
-    With ``second_order`` the inner gradients are part of the graph (exact MAML). Without it they
-    are constants, so the gradient reaching the initialization is the query gradient at the adapted
-    weights (first-order MAML) while learned inner rates still receive their (first-order) gradient.
-    With a task-batched ``inner`` the episode holds stacked batches and every loss is a sum over
-    tasks, so the same code returns the sum of the tasks' contributions.
-    """
-    cfg = algorithm.cfg
-    step_losses: list[Tensor] = []
-
-    def collect(_: int, adapted_k: Params) -> None:
-        step_losses.append(inner.loss(adapted_k, episode.query))
-
-    result = inner.adapt(
-        params,
-        episode.support,
-        create_graph=second_order,
-        want_initial_grads=cfg.support_in_outer,
-        after_step=collect if cfg.multi_step_loss else None,
-    )
-    if cfg.multi_step_loss and step_losses:
-        query_loss = torch.stack(step_losses).mean()  # MAML++: every step's query loss counts
-    else:
-        query_loss = inner.loss(result.params, episode.query)
-    grads = grads_of(query_loss, {**params, **{f"inner_lr:{n}": t for n, t in learned_lrs.items()}})
-    if cfg.support_in_outer and result.initial_grads is not None:
-        for name, g in result.initial_grads.items():
-            grads[name] = grads[name] + g
-    metrics = {"query_loss": float(query_loss.detach())}
-    if result.support_losses:
-        metrics["support_loss"] = result.support_losses[0]
-    return TaskResult(grads=grads, loss=float(query_loss.detach()), metrics=metrics)
+def inner_loop_metrics(inner: InnerLoop, params: Params, query: object, support_losses: list[Tensor],
+                       query_loss_after: Tensor) -> dict[str, Tensor]:
+    """The inner loop's gain on one task: support loss at the initialization, query loss before and
+    after adaptation (``LOGGED_METRICS``). The query loss before adaptation is the one extra forward
+    pass (no graph); call this only when ``inner.log_metrics`` is on."""
+    metrics = {"query_loss_before": metric_forward(inner, params, query), "query_loss_after": query_loss_after.detach()}
+    if support_losses:
+        metrics["support_loss"] = support_losses[0]
+    return metrics

@@ -20,4 +20,4 @@ class MultiTask(Algorithm):
     def task_gradient(self, inner: InnerLoop, params: Params, episode: Episode, learned_lrs: Params) -> TaskResult:
         batch = inner.family.merge_batches(episode.support, episode.query)
         loss = inner.loss(params, batch)
-        return TaskResult(grads=grads_of(loss, params), loss=float(loss.detach()))
+        return TaskResult(grads=grads_of(loss, params), loss=loss.detach())
