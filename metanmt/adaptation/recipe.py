@@ -2,7 +2,7 @@
 
     recipe = FinetuneRecipe(adapt="emb+enc", lr=3e-4, epochs=20, max_steps=2000)
     recipe.updates_for(batches_per_epoch=25)      # 500: ceil(20 x 25), within [min_steps, max_steps]
-    adapt_patterns("emb+enc")                     # ['model.shared.*', 'model.encoder.*']
+    adapt_patterns("emb+enc")                     # ['@embeddings', '@encoder']
 """
 
 from __future__ import annotations
@@ -13,15 +13,16 @@ from typing import Any, Literal, Optional
 
 from ..errors import ConfigError
 
-#: ``--adapt`` presets (fnmatch patterns over Marian parameter names). ``emb`` with tied embeddings
-#: is one tensor (``model.shared.weight``, also the output projection); the ``embed_tokens`` and
-#: ``lm_head`` patterns catch untied checkpoints.
+#: ``--adapt`` presets, by module role (``@role``, :mod:`metanmt.tasks.roles`), so that they select
+#: the same modules in every architecture (Marian's ``model.shared``/``model.encoder``, T5's
+#: ``shared``/``encoder``). ``emb`` with tied embeddings is one tensor (the shared embedding, also
+#: the output projection); ``@lm_head`` catches untied checkpoints. ``lang`` and ``fast`` name the
+#: language-embeddings module, which only metanmt's own Marian models have.
 ADAPT_PRESETS: dict[str, list[str]] = {
     "all": ["*"],
     # = TranslationFamily.EMBEDDINGS_AND_ENCODER (MetaNMT): source-side only, also on untied models
-    "emb+enc": ["model.shared.*", "model.encoder.*"],
-    "emb": ["model.shared.*", "model.encoder.embed_tokens.*", "model.decoder.embed_tokens.*", "lm_head.*",
-            "model.encoder.language_embeddings.*"],
+    "emb+enc": ["@embeddings", "@encoder"],
+    "emb": ["@embeddings", "@lm_head", "model.encoder.language_embeddings.*"],
     # language embeddings (docs/language_embeddings.md): the language table only; and the official
     # MetaNMT inner loop ("fast"): encoder layers, language table, ULR's A, decoder (not the ULR values)
     "lang": ["model.encoder.language_embeddings.tables.*"],
@@ -42,7 +43,7 @@ def adapt_patterns(spec: str | list[str]) -> list[str]:
         return list(ADAPT_PRESETS[spec])
     patterns = [p.strip() for p in spec.split(",") if p.strip()]
     if not patterns:
-        raise ConfigError(f"--adapt {spec!r}: give all, emb+enc, emb or fnmatch patterns over parameter names")
+        raise ConfigError(f"--adapt {spec!r}: give all, emb+enc, emb, or fnmatch patterns over parameter names and @roles (@embeddings, @encoder, @decoder, @lm_head)")
     return patterns
 
 

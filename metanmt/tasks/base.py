@@ -28,6 +28,7 @@ from torch import nn
 
 from ..config import from_dict
 from ..errors import ConfigError
+from .roles import is_role, role_parameter_names
 
 
 @dataclass
@@ -175,11 +176,13 @@ def trainable_names(model: nn.Module) -> list[str]:
 
 
 def select_names(model: nn.Module, patterns: list[str], key: str = "algorithm.adapt") -> list[str]:
-    """Trainable parameter names matching any fnmatch pattern, in model order: what an inner loop or
-    a fine-tune adapts (frozen tables such as sinusoidal positions never match). ``key`` names the
+    """Trainable parameter names matching any fnmatch pattern or ``@role`` (:mod:`.roles`), in model
+    order: what an inner loop or a fine-tune adapts (frozen tables such as sinusoidal positions never match). ``key`` names the
     setting the patterns came from in the error."""
     names = trainable_names(model)
-    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    roles = [p for p in patterns if is_role(p)]  # "@encoder" etc.: by module role (tasks/roles.py)
+    by_role = role_parameter_names(model, roles, key) if roles else set()
+    chosen = [n for n in names if n in by_role or any(fnmatch.fnmatchcase(n, p) for p in patterns if not is_role(p))]
     if not chosen:
         preview = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
         raise ConfigError(f"{key}: patterns {patterns} match no trainable parameter; names look like: {preview}")

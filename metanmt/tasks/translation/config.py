@@ -66,9 +66,16 @@ class TranslationTaskConfig:
 @dataclass
 class TranslationModelConfig:
     """The keys of a run config's ``model:`` for translation: a Marian Transformer from these sizes,
-    or ``pretrained: path`` to any ``AutoModelForSeq2SeqLM`` checkpoint (then the sizes are ignored)."""
+    or ``pretrained:`` a local folder or Hub name of any ``AutoModelForSeq2SeqLM`` checkpoint with its
+    tokenizer (then the sizes are ignored; Marian, mBART-50, M2M100, NLLB, T5/mT5:
+    :mod:`~.pretrained`)."""
 
     pretrained: Optional[str] = None
+    # corpus language id -> the checkpoint's source code (pt: pt_XX / pt / por_Latn; T5: the name in the
+    # prefix), over the defaults of the checkpoint's family (pretrained.LANGUAGE_CODES)
+    language_codes: dict[str, str] = field(default_factory=dict)
+    target_code: Optional[str] = None  # the checkpoint's English code; None: the family's (en_XX, en, eng_Latn); "": none
+    source_prefix: Optional[str] = None  # prepended to every source, may use {language}; None: T5's "translate {language} to English: " for T5, else none
     d_model: int = 256
     encoder_layers: int = 3
     decoder_layers: int = 3

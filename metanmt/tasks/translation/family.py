@@ -20,6 +20,7 @@ from ...errors import ConfigError, DataError
 from .. import language_embeddings as lang_emb
 from ..base import Episode, TaskFamily, temperature_weights
 from . import batching, decoding, model as marian
+from .pretrained import LanguageScheme, source_language
 from .config import SPLITS, TranslationModelConfig, TranslationTaskConfig
 from .corpora import read_pattern
 from .scoring import score
@@ -35,7 +36,7 @@ class TranslationFamily(TaskFamily):
     TaskConfig: ClassVar[type] = TranslationTaskConfig
     ModelConfig: ClassVar[type] = TranslationModelConfig
     default_adapt: ClassVar[list[str]] = ["*"]
-    EMBEDDINGS_AND_ENCODER: ClassVar[list[str]] = ["model.shared.*", "model.encoder.*"]
+    EMBEDDINGS_AND_ENCODER: ClassVar[list[str]] = ["@embeddings", "@encoder"]  # by module role (tasks/roles.py)
     evaluator: ClassVar[Any] = "metanmt.evaluation.translate:evaluate_command"  # translate --test, score, NLL
 
     def __init__(self, task_cfg: dict[str, Any], model_cfg: dict[str, Any], data_root: str | Path | None = None):
@@ -82,6 +83,8 @@ class TranslationFamily(TaskFamily):
         self._dev_sets: dict[str, tuple[list[Pair], list[Pair]]] = {}
         self._length_orders: dict[tuple[str, str], np.ndarray] = {}
         self._decoder_start: Optional[int] = None  # set from the model's config by build_model/load_model
+        self._source_lang: Optional[str] = None  # the language encode() gives the model (source_language)
+        self._scheme: Optional[tuple[Any, LanguageScheme]] = None  # (tokenizer, its scheme)
 
     # -- data ----------------------------------------------------------------------------------
     def languages(self, split: str) -> list[str]:
@@ -185,14 +188,28 @@ class TranslationFamily(TaskFamily):
         """Adopt the tokenizer saved in ``directory`` (a run folder) instead of training one."""
         self._tokenizer = load_tokenizer(directory)
 
+    @property
+    def scheme(self) -> LanguageScheme:
+        """How the tokenizer's checkpoint family is told the source language and forced into
+        English (:mod:`~.pretrained`); the tokenizer's target language is set to English once."""
+        tokenizer = self.tokenizer
+        if self._scheme is None or self._scheme[0] is not tokenizer:
+            scheme = LanguageScheme.for_tokenizer(tokenizer, self.model_cfg)
+            scheme.prepare_target(tokenizer)
+            self._scheme = (tokenizer, scheme)
+        return self._scheme[1]
+
+    def source_language(self, lang: Optional[str]):
+        """Context manager: text encoded inside the block is in ``lang`` (a corpus language id), which
+        a multilingual checkpoint needs (its code, or a T5 prefix); episodes and validation set it."""
+        return source_language(self, lang)
+
     def _make_tokenizer(self) -> Any:
         t = self.task_cfg
         if t.vocab:
             return load_tokenizer(Path(t.vocab).expanduser())
         if self.model_cfg.pretrained:
-            from transformers import AutoTokenizer
-
-            return AutoTokenizer.from_pretrained(self.model_cfg.pretrained)
+            return marian.load_pretrained_tokenizer(self.model_cfg.pretrained)
         texts = [text for lang in self.languages("train") for pair in self.pairs("train", lang) for text in pair]
         return cached_vocab(texts, t.vocab_size, t.vocab_max_sentences, use_cache=t.vocab_cache)
 
@@ -206,6 +223,7 @@ class TranslationFamily(TaskFamily):
         """Token ids (source, target), both ending with the tokenizer's end token, truncated to the max lengths."""
         if not pairs:
             return []
+        pairs = self.scheme.apply(self.tokenizer, pairs, self._source_lang)
         return batching.encode(self.tokenizer, pairs, self.task_cfg.max_source_length, self.task_cfg.max_target_length)
 
     def collate(self, encoded: batching.Encoded) -> dict[str, Tensor]:
@@ -262,8 +280,9 @@ class TranslationFamily(TaskFamily):
         pairs = self.pairs(split, lang)
         # a random start in the length-sorted order: similar lengths, little padding
         order = np.roll(self.length_order(split, lang), -int(rng.integers(len(pairs))))
-        support, pos = self._fill(pairs, order, 0, t.support_tokens)
-        query, _ = self._fill(pairs, order, pos, t.query_tokens)
+        with self.source_language(lang):
+            support, pos = self._fill(pairs, order, 0, t.support_tokens)
+            query, _ = self._fill(pairs, order, pos, t.query_tokens)
         if not query:
             raise DataError(f"language {lang} ({split}): {len(pairs)} pairs are too few for disjoint support and query batches")
         support, query = self.collate(support), self.collate(query)
@@ -297,6 +316,11 @@ class TranslationFamily(TaskFamily):
         """Ready a model built or loaded elsewhere for this family: :func:`~.model.prepare` (pad-row
         gradient, frozen positions, vocabulary size checked), and the decoder start id it reads."""
         self._decoder_start = marian.prepare(model, self.tokenizer)
+        # generate() starts every translation with the English code where the family has one; in
+        # the generation config, so a saved model keeps translating into English (pretrained.py)
+        forced = self.scheme.forced_bos_id(self.tokenizer)
+        if forced is not None:
+            model.generation_config.forced_bos_token_id = forced
         return model
 
     def save_model(self, model: nn.Module, directory: Path) -> None:
@@ -401,11 +425,12 @@ class TranslationFamily(TaskFamily):
                 torch.manual_seed(t.dev_seed)
                 tuned = copy.deepcopy(model)
                 lang_emb.set_language(tuned, lang, self)  # language-embeddings hook: a fresh zero table
-                zero_shot = self.corpus_loss(tuned, eval_pairs)
-                self.finetune(tuned, finetune_pairs, t.dev_finetune_steps, t.dev_finetune_lr, t.dev_finetune_tokens,
-                              t.dev_adapt, seed=t.dev_seed)
-                loss = self.corpus_loss(tuned, eval_pairs)
-                hypotheses = self.translate(tuned, [p.src for p in eval_pairs])
+                with self.source_language(lang):
+                    zero_shot = self.corpus_loss(tuned, eval_pairs)
+                    self.finetune(tuned, finetune_pairs, t.dev_finetune_steps, t.dev_finetune_lr, t.dev_finetune_tokens,
+                                  t.dev_adapt, seed=t.dev_seed)
+                    loss = self.corpus_loss(tuned, eval_pairs)
+                    hypotheses = self.translate(tuned, [p.src for p in eval_pairs])
                 scores = self.score(hypotheses, [p.en for p in eval_pairs])
                 for key, value in (("dev_bleu", scores["bleu"]), ("dev_chrf", scores["chrf"]),
                                    ("dev_loss", loss), ("dev_loss_zero_shot", zero_shot)):

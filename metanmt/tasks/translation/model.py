@@ -23,6 +23,7 @@ from ...errors import DataError
 from .. import language_embeddings as lang_emb
 from .batching import IGNORE
 from .config import TranslationModelConfig
+from .pretrained import freeze_sinusoidal
 
 
 def torch_dtype(model_cfg: TranslationModelConfig) -> torch.dtype:
@@ -80,9 +81,23 @@ def load_pretrained(name_or_path: str | Path, model_cfg: TranslationModelConfig,
     from transformers import AutoModelForSeq2SeqLM
 
     kwargs = {"local_files_only": True} if local_files_only else {}
-    return AutoModelForSeq2SeqLM.from_pretrained(
-        str(name_or_path), attn_implementation=model_cfg.attn_implementation, dtype=torch_dtype(model_cfg), **kwargs
-    )
+    try:
+        return AutoModelForSeq2SeqLM.from_pretrained(
+            str(name_or_path), attn_implementation=model_cfg.attn_implementation, dtype=torch_dtype(model_cfg), **kwargs
+        )
+    except OSError as exc:  # neither a local checkpoint nor a Hub model that can be fetched now
+        raise DataError(f"model.pretrained: cannot load {name_or_path!r} (a folder with config.json and weights, "
+                        f"or a Hub name while online): {str(exc).splitlines()[0]}") from None
+
+
+def load_pretrained_tokenizer(name_or_path: str | Path) -> Any:
+    """``AutoTokenizer.from_pretrained`` of a local folder or Hub name, with the error naming the key."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(name_or_path))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"model.pretrained: cannot load the tokenizer of {name_or_path!r}: {str(exc).splitlines()[0]}") from None
 
 
 def prepare(model: nn.Module, tokenizer: Any) -> int:
@@ -96,10 +111,10 @@ def prepare(model: nn.Module, tokenizer: Any) -> int:
     for module in model.modules():
         if isinstance(module, nn.Embedding):
             module.padding_idx = None
-        # sinusoidal tables are frozen at construction, but from_pretrained (transformers 5)
-        # re-creates them with requires_grad=True: freeze them again (docs/design.md, "Frozen positions")
-        if type(module).__name__.endswith("SinusoidalPositionalEmbedding"):
-            module.weight.requires_grad_(False)
+    # sinusoidal tables are frozen at construction, but from_pretrained (transformers 5) re-creates
+    # Marian's with requires_grad=True: freeze them again; M2M100/NLLB keep theirs as a buffer
+    # (docs/design.md, "Frozen positions")
+    freeze_sinusoidal(model)
     if len(tokenizer) > model.config.vocab_size:
         raise DataError(f"the tokenizer has {len(tokenizer)} pieces but the model only {model.config.vocab_size} embeddings")
     start = model.config.decoder_start_token_id
