@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beam", type=at_least(1), default=4, help="translation: beam size (1: greedy)")
     p.add_argument("--batch-size", type=at_least(1), default=32, help="translation: segments per generate call")
     p.add_argument("--hyp", type=Path, help="translation: also write the hypotheses here")
+    p.add_argument("--lang", help="translation: source language of --test (corpus id), for multilingual checkpoints")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("plot-sinusoid", help="the MAML paper's toy figure for one or more sinusoid runs")

@@ -218,10 +218,12 @@ def test_meta_train_finetune_save_reload_and_translate_into_english(checkpoints,
     cfg = load_config("configs/quickstart.yaml", overrides)
     trainer = MetaTrainer(cfg, tmp_path / "run")
     family = trainer.family
-    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    state = lambda m: {**dict(m.named_parameters()), **dict(m.named_buffers())}  # noqa: E731
+    before = {n: p.detach().clone() for n, p in state(trainer.model).items()}
     trainer.train()
-    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
-    assert changed and changed <= set(select_names(trainer.model, ["@embeddings", "@encoder"]))
+    changed = {n for n, p in state(trainer.model).items() if not torch.equal(p, before[n])}
+    assert changed >= set(select_names(trainer.model, ["@encoder"]))  # meta-learned
+    assert not changed & set(sinusoidal_tables(trainer.model))  # frozen positions stay as they were
 
     # fine-tune on the held-out language, save, reload with from_pretrained
     pairs = family.pairs("dev", "ro")[:40]
@@ -274,3 +276,17 @@ def test_a_hub_name_goes_to_from_pretrained_and_a_missing_one_is_a_clear_error(m
     with pytest.raises(DataError, match=r"model\.pretrained: cannot load 'facebook/nllb-200-distilled-600M'"):
         load_pretrained("facebook/nllb-200-distilled-600M", TranslationModelConfig(pretrained="facebook/nllb-200-distilled-600M"))
     assert seen[0][0] == "facebook/nllb-200-distilled-600M" and "local_files_only" not in seen[0][1]
+
+
+def test_the_cli_translates_a_multilingual_checkpoint_given_the_source_language(checkpoints, tmp_path, capsys, monkeypatch):
+    from metanmt.cli import main
+
+    monkeypatch.setenv("METANMT_PROGRESS", "0")
+    source = tmp_path / "src.txt"
+    source.write_text("Germană\nFranceză\n", encoding="utf-8")
+    assert main(["translate", str(checkpoints["m2m100"]), "--input", str(source), "--output", str(tmp_path / "hyp.txt"),
+                 "--beam", "1", "--max-new-tokens", "3", "--lang", "ro"]) == 0
+    assert len((tmp_path / "hyp.txt").read_text(encoding="utf-8").splitlines()) == 2
+    capsys.readouterr()
+    assert main(["translate", str(checkpoints["m2m100"]), "--input", str(source), "--output", str(tmp_path / "h2.txt")]) == 2
+    assert "source language" in capsys.readouterr().err

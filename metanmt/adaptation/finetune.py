@@ -373,8 +373,9 @@ def finetune_run(source: str | Path | LoadedModel, train: str | Path, output_dir
     ``budget_words`` keeps a reproducible prefix (or, ``budget_order="sample"``, a sample seeded by
     ``recipe.seed``) of ``train`` by English words. Returns the result dict, also written to
     ``output_dir/finetune.json``, with ``budget`` (what was taken from the file) added. ``lang`` (default:
-    the file name up to the first dot, as :func:`read_pairs` reads it) picks the language table when
-    the model has language embeddings.
+    the file name up to the first dot, as :func:`read_pairs` reads it) is the source language of
+    ``train`` and ``dev``: it picks the language table when the model has language embeddings, and
+    the code or T5 prefix a multilingual checkpoint needs.
     """
     from ..files import refuse_overlap
 
@@ -388,7 +389,9 @@ def finetune_run(source: str | Path | LoadedModel, train: str | Path, output_dir
     dev_pairs = read_pairs(dev) if dev else None
     settings = {"source": loaded.source, "train": str(Path(train).resolve()), "dev": str(Path(dev).resolve()) if dev else None,
                 "budget_words": budget_words, "budget_order": budget_order}
-    tuner = Finetuner(loaded.family, loaded.model, pairs, recipe, Path(output_dir), dev_pairs, loaded.run_config, settings, device,
-                      lang=lang or Path(train).name.split(".")[0])
-    result = tuner.run(resume=resume, overwrite=overwrite)
+    lang = lang or Path(train).name.split(".")[0]
+    with loaded.family.source_language(lang):  # the source language, where the checkpoint needs one
+        tuner = Finetuner(loaded.family, loaded.model, pairs, recipe, Path(output_dir), dev_pairs, loaded.run_config, settings,
+                          device, lang=lang)
+        result = tuner.run(resume=resume, overwrite=overwrite)
     return {**result, "budget": budget}

@@ -31,7 +31,7 @@ def add_recipe_flags(p: argparse.ArgumentParser) -> None:
     d = FinetuneRecipe()
     g = p.add_argument_group("fine-tuning recipe")
     g.add_argument("--adapt", default=d.adapt, help="all | emb+enc (MetaNMT) | emb | lang (the language table) | fast (the official MetaNMT "
-                   "inner loop) | comma-separated fnmatch patterns")
+                   "inner loop) | comma-separated fnmatch patterns and @roles (@embeddings, @encoder, @decoder, @lm_head)")
     g.add_argument("--lr", type=positive_float, default=d.lr, help="Adam learning rate (default %(default)s)")
     g.add_argument("--max-tokens", type=at_least(1), default=d.max_tokens, help="target tokens per batch (default %(default)s)")
     g.add_argument("--epochs", type=positive_float, default=d.epochs,
@@ -46,6 +46,11 @@ def add_recipe_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dev-beam", type=at_least(1), default=d.dev_beam, help="beam on the dev set (1 = greedy)")
 
 
+def add_lang_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lang", help="source language (corpus id, e.g. pt): needed by multilingual checkpoints "
+                                   "(mBART-50, M2M100, NLLB, T5), which take its code or a task prefix")
+
+
 def recipe_from_args(args: argparse.Namespace, seed: int = 0) -> FinetuneRecipe:
     return FinetuneRecipe(adapt=args.adapt, lr=args.lr, max_tokens=args.max_tokens, epochs=args.epochs,
                           min_steps=args.min_steps, max_steps=args.max_steps, grad_clip=args.grad_clip or None,
@@ -58,7 +63,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
     result = finetune_run(args.run, args.train, args.output_dir, recipe_from_args(args, args.seed), dev=args.dev,
                           budget_words=args.budget_words, budget_order=args.budget_order, resume=args.resume,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, lang=args.lang)
     print(json.dumps({k: v for k, v in result.items() if k != "dev"}, indent=2, ensure_ascii=False))
     return 0
 
@@ -67,7 +72,7 @@ def _translate(args: argparse.Namespace) -> int:
     from .translate import translate_file
 
     result = translate_file(args.run, args.input, args.output, num_beams=args.beam, batch_size=args.batch_size,
-                            max_new_tokens=args.max_new_tokens)
+                            max_new_tokens=args.max_new_tokens, lang=args.lang)
     log.info("translated %d segments in %.1f s -> %s", result["segments"], result["seconds"], result["output"])
     return 0
 
@@ -115,6 +120,7 @@ def add_translation_commands(sub: Any) -> None:
     p.add_argument("--seed", type=at_least(0), default=0, help="batch order, dropout and the budget sample")
     p.add_argument("--resume", action="store_true", help="continue a killed fine-tune in --output-dir")
     p.add_argument("--overwrite", action="store_true", help="replace what --output-dir holds")
+    add_lang_flag(p)
     add_recipe_flags(p)
     p.set_defaults(func=_finetune)
 
@@ -125,6 +131,7 @@ def add_translation_commands(sub: Any) -> None:
     p.add_argument("--beam", type=at_least(1), default=4, help="beam size, 1 = greedy (default %(default)s)")
     p.add_argument("--batch-size", type=at_least(1), default=32)
     p.add_argument("--max-new-tokens", type=at_least(1), help="default: the run's task.max_new_tokens")
+    add_lang_flag(p)
     p.set_defaults(func=_translate)
 
     p = sub.add_parser("score", help="sacreBLEU BLEU and chrF of a hypothesis file against a reference file")

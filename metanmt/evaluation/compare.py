@@ -403,6 +403,7 @@ def compare(inits: list[tuple[str, str]], data_root: str | Path, langs: list[str
         name = cell_name(init, lang, budget, seed)
         log.info("cell %d/%d: %s", index, len(todo), name)
         base = get_init(init)
+        base.family.set_source_language(lang)  # its code or task prefix, where the checkpoint needs one
         note = ""
         if budget_words(budget) == 0:
             tuned_info: dict[str, Any] = {}

@@ -42,8 +42,9 @@ def read_sources(path: str | Path) -> list[str]:
 
 
 def translate_file(run: str | Path | LoadedModel, input_path: str | Path, output_path: str | Path, num_beams: int = 4,
-                   batch_size: int = 32, max_new_tokens: Optional[int] = None) -> dict[str, Any]:
-    """Translate every line of ``input_path`` into ``output_path`` (written atomically), one line each."""
+                   batch_size: int = 32, max_new_tokens: Optional[int] = None, lang: Optional[str] = None) -> dict[str, Any]:
+    """Translate every line of ``input_path`` into ``output_path`` (written atomically), one line each;
+    ``lang`` is the source language (corpus id) where the checkpoint needs one (mBART-50, M2M100, NLLB, T5)."""
     check_output_file(output_path, "--output")
     refuse_same_file(output_path, [("--input", input_path)], "--output")
     if not isinstance(run, LoadedModel):
@@ -56,7 +57,8 @@ def translate_file(run: str | Path | LoadedModel, input_path: str | Path, output
         if "\n" in s or "\r" in s:
             raise DataError(f"{input_path}: segment {i} contains a line break; one segment per line is written")
     started = time.perf_counter()
-    hyps = translate_batch(loaded.family, loaded.model, sources, batch_size, num_beams, max_new_tokens)
+    with loaded.family.source_language(lang):
+        hyps = translate_batch(loaded.family, loaded.model, sources, batch_size, num_beams, max_new_tokens)
     seconds = time.perf_counter() - started
     out = Path(output_path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +68,7 @@ def translate_file(run: str | Path | LoadedModel, input_path: str | Path, output
 
 def evaluate_translation(run: str | Path | LoadedModel, test: str | Path, num_beams: int = 4, batch_size: int = 32,
                          max_new_tokens: Optional[int] = None, max_segments: Optional[int] = None,
-                         hyp_out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+                         hyp_out: str | Path | None = None, progress: bool = True, lang: Optional[str] = None) -> dict[str, Any]:
     """Translate a test corpus, score it with sacreBLEU, and measure its NLL (nats per target token).
 
     The NLL is teacher-forced cross-entropy of the references; at this scale it separates
@@ -82,10 +84,11 @@ def evaluate_translation(run: str | Path | LoadedModel, test: str | Path, num_be
     if max_segments:
         pairs = pairs[:max_segments]
     started = time.perf_counter()
-    hyps = translate_batch(loaded.family, loaded.model, [p.src for p in pairs], batch_size, num_beams, max_new_tokens,
-                           progress=progress, desc=f"translate {Path(test).name}")
-    translate_seconds = time.perf_counter() - started
-    nll = loaded.family.corpus_loss(loaded.model, pairs)
+    with loaded.family.source_language(lang):  # the source language, where the checkpoint needs one
+        hyps = translate_batch(loaded.family, loaded.model, [p.src for p in pairs], batch_size, num_beams, max_new_tokens,
+                               progress=progress, desc=f"translate {Path(test).name}")
+        translate_seconds = time.perf_counter() - started
+        nll = loaded.family.corpus_loss(loaded.model, pairs)
     scores = score(hyps, [p.en for p in pairs])
     if hyp_out:
         atomic_write_text(Path(hyp_out), "".join(h + "\n" for h in hyps))
@@ -112,5 +115,6 @@ def evaluate_command(run: Any, args: Any) -> tuple[dict, str]:
     if not getattr(args, "test", None):
         raise UserError("evaluate: a translation run needs --test FILE (e.g. ../shared/data/l10n/test/fi.tsv.gz)")
     loaded = LoadedModel(run.family, run.model, str(args.model_dir or run.directory), run.cfg.to_dict())
-    result = evaluate_translation(loaded, args.test, num_beams=args.beam, batch_size=args.batch_size, hyp_out=args.hyp)
+    result = evaluate_translation(loaded, args.test, num_beams=args.beam, batch_size=args.batch_size, hyp_out=args.hyp,
+                                  lang=getattr(args, "lang", None))
     return result, format_evaluation(result)

@@ -9,6 +9,7 @@ The package, one home per concern (lower modules never import higher ones):
 - ``decoding``: translation through ``generate``;
 - ``scoring``: sacreBLEU;
 - ``training``: the one fine-tuning loop;
+- ``pretrained``: multilingual checkpoints (source-language codes, the forced English target, frozen positions);
 - ``family``: :class:`TranslationFamily`, the task family the engine trains (episodes, loss, validation).
 
 One shared ``transformers`` seq2seq model (Marian-style from the config, or any
@@ -33,12 +34,15 @@ else one trained on the training languages (both sides) the first time it is nee
 on disk by a hash of that text (``$METANMT_CACHE``, default ``~/.cache/metanmt``), so resuming a
 run or starting another on the same data gets the identical vocabulary without training again.
 
-Adaptation patterns (fnmatch over ``model.named_parameters()`` names of a Marian model):
-``["*"]`` adapts everything (the default); MetaNMT's embeddings + encoder is
-``["model.shared.*", "model.encoder.*"]``. With tied embeddings (the default) ``model.shared.weight``
-is also the decoder's input embedding and the output projection, and it appears once, under that
-name. The sinusoidal position tables (``model.*.embed_positions.weight``) are frozen
-(``requires_grad=False``) and never adapted.
+Adaptation patterns (fnmatch over ``model.named_parameters()`` names, and module roles
+``@embeddings``, ``@encoder``, ``@decoder``, ``@lm_head`` found from the model's structure,
+:mod:`metanmt.tasks.roles`): ``["*"]`` adapts everything (the default); MetaNMT's embeddings +
+encoder is ``["@embeddings", "@encoder"]`` (in a Marian model ``["model.shared.*", "model.encoder.*"]``).
+With tied embeddings (the default) ``model.shared.weight`` is also the decoder's input embedding and
+the output projection, and it appears once, under that name. The sinusoidal position tables
+(Marian's ``model.*.embed_positions.weight``, M2M100/NLLB's ``weights`` buffers) are frozen and never
+adapted. Multilingual checkpoints (mBART-50, M2M100, NLLB, T5) get each episode's source language
+as their code or prefix and translate into English (:mod:`.pretrained`).
 """
 
 from .batching import IGNORE

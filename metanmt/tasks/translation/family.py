@@ -204,6 +204,10 @@ class TranslationFamily(TaskFamily):
         a multilingual checkpoint needs (its code, or a T5 prefix); episodes and validation set it."""
         return source_language(self, lang)
 
+    def set_source_language(self, lang: Optional[str]) -> None:
+        """The source language of what is encoded from now on (see :meth:`source_language`)."""
+        self._source_lang = lang
+
     def _make_tokenizer(self) -> Any:
         t = self.task_cfg
         if t.vocab:
