@@ -202,7 +202,7 @@ def test_sinusoidal_positions_are_found_and_never_trained(checkpoints, arch, tmp
     assert not set(sinusoidal_tables(reloaded)) & set(trainable_names(reloaded))
 
 
-@pytest.mark.parametrize("arch,algo", [(a, "fomaml") for a in ARCHS] + [("mbart50", "maml"), ("t5", "maml")])
+@pytest.mark.parametrize("arch,algo", [(a, "fomaml") for a in ARCHS] + [("mbart50", "maml"), ("m2m100", "maml"), ("t5", "maml")])
 def test_meta_train_finetune_save_reload_and_translate_into_english(checkpoints, arch, algo, tmp_path, monkeypatch):
     from transformers import AutoModelForSeq2SeqLM
 

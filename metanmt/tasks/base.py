@@ -177,8 +177,8 @@ def trainable_names(model: nn.Module) -> list[str]:
 
 def select_names(model: nn.Module, patterns: list[str], key: str = "algorithm.adapt") -> list[str]:
     """Trainable parameter names matching any fnmatch pattern or ``@role`` (:mod:`.roles`), in model
-    order: what an inner loop or a fine-tune adapts (frozen tables such as sinusoidal positions never match). ``key`` names the
-    setting the patterns came from in the error."""
+    order: what an inner loop or a fine-tune adapts (frozen tables such as sinusoidal positions never
+    match). ``key`` names the setting the patterns came from in the error."""
     names = trainable_names(model)
     roles = [p for p in patterns if is_role(p)]  # "@encoder" etc.: by module role (tasks/roles.py)
     by_role = role_parameter_names(model, roles, key) if roles else set()

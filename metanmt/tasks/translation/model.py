@@ -86,8 +86,9 @@ def load_pretrained(name_or_path: str | Path, model_cfg: TranslationModelConfig,
             str(name_or_path), attn_implementation=model_cfg.attn_implementation, dtype=torch_dtype(model_cfg), **kwargs
         )
     except OSError as exc:  # neither a local checkpoint nor a Hub model that can be fetched now
-        raise DataError(f"model.pretrained: cannot load {name_or_path!r} (a folder with config.json and weights, "
-                        f"or a Hub name while online): {str(exc).splitlines()[0]}") from None
+        what = f"{name_or_path}: cannot load the saved model" if local_files_only else \
+            f"model.pretrained: cannot load {name_or_path!r} (a folder with config.json and weights, or a Hub name while online)"
+        raise DataError(f"{what}: {str(exc).splitlines()[0]}") from None
 
 
 def load_pretrained_tokenizer(name_or_path: str | Path) -> Any:
