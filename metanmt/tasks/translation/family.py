@@ -462,7 +462,7 @@ class TranslationFamily(TaskFamily):
         sources = [p.src for p in shown]
         device = next(model.parameters()).device
         cuda = [device.index or 0] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda), marian.restored_train_mode(model):
+        with torch.random.fork_rng(devices=cuda), marian.restored_train_mode(model), self.source_language(lang):
             zero_shot = self.translate(model, sources)
             torch.manual_seed(t.dev_seed)
             tuned = self.finetune(copy.deepcopy(model), finetune_pairs, t.dev_finetune_steps, t.dev_finetune_lr,
