@@ -112,8 +112,9 @@ def open_translation_model(path: str | Path, device: str | torch.device = "cpu")
             raise UserError(f"{run_dir}: a {cfg_dict['family']!r} run, not a translation run")
         run = load_run(run_dir, device=device, model_dir=None if run_dir == path else path)
         return LoadedModel(run.family, run.model, str(path.resolve()), cfg_dict, meta_training_state(run_dir))
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path}: neither a metanmt run ({ckpt.CONFIG_FILE}) nor a saved model (config.json)")
+    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        raise UserError(f"{path}: neither a metanmt run ({ckpt.CONFIG_FILE}) nor a saved model (config.json, "
+                        "or a LoRA adapter's adapter_config.json)")
     from ..files import saved_model_problem
 
     problem = saved_model_problem(path)

@@ -175,14 +175,45 @@ def trainable_names(model: nn.Module) -> list[str]:
     return [name for name, p in model.named_parameters() if p.requires_grad]
 
 
+#: what ``peft`` puts before the wrapped model's own parameter names
+PEFT_PREFIX = "base_model.model."
+
+
+def name_matches(name: str, patterns: list[str]) -> bool:
+    """Whether a parameter name matches any fnmatch pattern; inside a ``peft`` model the name without
+    peft's prefix counts too, so ``model.encoder.*`` means the same with and without adapters."""
+    short = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(short, p) for p in patterns)
+
+
+def freeze_parameters(model: nn.Module, patterns: list[str], key: str = "model.freeze") -> list[str]:
+    """``requires_grad=False`` for every parameter matching a pattern (see :func:`name_matches`):
+    the engine meta-learns and adapts only trainable tensors and a fine-tune selects among them, so a
+    frozen tensor keeps its value everywhere. Returns the frozen names; a pattern that matches no
+    parameter is an error (a typo would otherwise freeze nothing)."""
+    names = [n for n, _ in model.named_parameters()]
+    for pattern in patterns:
+        if not any(name_matches(n, [pattern]) for n in names):
+            preview = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+            raise ConfigError(f"{key}: pattern {pattern!r} matches no parameter; names look like: {preview}")
+    frozen = [n for n, p in model.named_parameters() if name_matches(n, patterns)]
+    for name, param in model.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
+    if patterns and not trainable_names(model):
+        raise ConfigError(f"{key}: {patterns} freezes every parameter; nothing would be trained")
+    return frozen
+
+
 def select_names(model: nn.Module, patterns: list[str], key: str = "algorithm.adapt") -> list[str]:
-    """Trainable parameter names matching any fnmatch pattern or ``@role`` (:mod:`.roles`), in model
-    order: what an inner loop or a fine-tune adapts (frozen tables such as sinusoidal positions never
-    match). ``key`` names the setting the patterns came from in the error."""
+    """Trainable parameter names matching any fnmatch pattern (:func:`name_matches`) or ``@role``
+    (:mod:`.roles`), in model order: what an inner loop or a fine-tune adapts (frozen tensors such as
+    sinusoidal positions, a ``model.freeze`` pattern's or a LoRA base's never match). ``key`` names
+    the setting the patterns came from in the error."""
     names = trainable_names(model)
     roles = [p for p in patterns if is_role(p)]  # "@encoder" etc.: by module role (tasks/roles.py)
     by_role = role_parameter_names(model, roles, key) if roles else set()
-    chosen = [n for n in names if n in by_role or any(fnmatch.fnmatchcase(n, p) for p in patterns if not is_role(p))]
+    chosen = [n for n in names if n in by_role or name_matches(n, [p for p in patterns if not is_role(p)])]
     if not chosen:
         preview = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
         raise ConfigError(f"{key}: patterns {patterns} match no trainable parameter; names look like: {preview}")

@@ -64,6 +64,19 @@ class TranslationTaskConfig:
 
 
 @dataclass
+class LoraSettings:
+    """``model.lora``: LoRA adapters (through ``peft``) become the meta-learned and adapted parameters,
+    the base model stays frozen. ``target_modules`` null: peft's default for the architecture
+    (Marian, mBART, M2M100: ``q_proj`` and ``v_proj``; T5: ``q`` and ``v``)."""
+
+    r: int = 8
+    alpha: float = 16.0  # the update is scaled by alpha / r
+    dropout: float = 0.0  # 0 keeps the meta-gradient deterministic (and exact against finite differences)
+    target_modules: Optional[list[str]] = None  # module names (suffixes) that get adapters
+    modules_to_save: list[str] = field(default_factory=list)  # whole modules trained (and saved) with the adapters
+
+
+@dataclass
 class TranslationModelConfig:
     """The keys of a run config's ``model:`` for translation: a Marian Transformer from these sizes,
     or ``pretrained:`` a local folder or Hub name of any ``AutoModelForSeq2SeqLM`` checkpoint with its
@@ -94,3 +107,6 @@ class TranslationModelConfig:
     dtype: Literal["float32", "float64"] = "float32"
     # MetaNMT's per-language tables + universal lexical representation (docs/language_embeddings.md)
     language_embeddings: LanguageEmbeddingConfig = field(default_factory=LanguageEmbeddingConfig)
+    # fnmatch patterns over parameter names: frozen tensors are neither meta-learned, adapted nor fine-tuned
+    freeze: list[str] = field(default_factory=list)
+    lora: Optional[LoraSettings] = None  # adapters as the meta-parameters (metanmt/tasks/translation/adapters.py)

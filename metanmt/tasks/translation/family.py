@@ -15,11 +15,11 @@ import torch
 from torch import Tensor, nn
 
 from ...data.corpus import Corpus, Pair
-from ...data.vocab import BOS_ID, PAD_ID, cached_vocab, load_tokenizer
+from ...data.vocab import BOS_ID, PAD_ID, cached_vocab, load_tokenizer, save_tokenizer
 from ...errors import ConfigError, DataError
 from .. import language_embeddings as lang_emb
-from ..base import Episode, TaskFamily, temperature_weights
-from . import batching, decoding, model as marian
+from ..base import Episode, TaskFamily, freeze_parameters, temperature_weights
+from . import adapters, batching, decoding, model as marian
 from .pretrained import LanguageScheme, source_language
 from .config import SPLITS, TranslationModelConfig, TranslationTaskConfig
 from .corpora import read_pattern
@@ -71,6 +71,9 @@ class TranslationFamily(TaskFamily):
                     f"model.max_positions: {m.max_positions} is shorter than task.max_source_length / "
                     f"max_target_length / max_new_tokens ({t.max_source_length}, {t.max_target_length}, {t.max_new_tokens})"
                 )
+        if m.lora is not None and m.language_embeddings.enabled:
+            raise ConfigError("model.lora: LoRA adapters and model.language_embeddings are not combined (the adapter "
+                              "folder would not hold the language tables); enable one of them")
         if t.source == "files" and t.format == "moses":
             for split in SPLITS:
                 key = f"{split}_path"
@@ -312,30 +315,44 @@ class TranslationFamily(TaskFamily):
             _ = self.tokenizer
         else:
             model = marian.build_marian(m, self.tokenizer, t.num_beams, t.max_new_tokens)
+        if m.lora is not None:  # adapters are the meta-parameters, the base is frozen (adapters.py)
+            model = adapters.apply_lora(model, m.lora, base_reference=m.pretrained)
         model = self.prepare_model(model)
         lang_emb.build_for_family(self, model)  # language-embeddings hook (off unless configured)
         return model
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """Ready a model built or loaded elsewhere for this family: :func:`~.model.prepare` (pad-row
-        gradient, frozen positions, vocabulary size checked), and the decoder start id it reads."""
+        gradient, frozen positions, vocabulary size checked), the decoder start id it reads, and the
+        ``model.freeze`` patterns (frozen: neither meta-learned, adapted nor fine-tuned)."""
         self._decoder_start = marian.prepare(model, self.tokenizer)
         # generate() starts every translation with the English code where the family has one; in
         # the generation config, so a saved model keeps translating into English (pretrained.py)
         forced = self.scheme.forced_bos_id(self.tokenizer)
         if forced is not None:
             model.generation_config.forced_bos_token_id = forced
+        freeze_parameters(model, self.model_cfg.freeze)
         return model
 
     def save_model(self, model: nn.Module, directory: Path) -> None:
         """``model.save_pretrained`` + the tokenizer, so ``AutoModelForSeq2SeqLM`` and
-        ``AutoTokenizer.from_pretrained(directory)`` load the folder offline."""
-        marian.save(model, self.tokenizer, directory)
+        ``AutoTokenizer.from_pretrained(directory)`` load the folder offline. A LoRA model writes its
+        adapter (peft's ``save_pretrained``) and where its base is (:func:`~.adapters.save_adapter`)."""
+        if adapters.is_adapter_model(model):
+            adapters.save_adapter(model, directory)
+            save_tokenizer(self.tokenizer, directory)
+        else:
+            marian.save(model, self.tokenizer, directory)
 
     def load_model(self, directory: Path) -> nn.Module:
         """Read a folder written by :meth:`save_model` (or any seq2seq checkpoint with its tokenizer);
         the family then uses that folder's tokenizer."""
         directory = Path(directory)
+        if adapters.is_adapter_folder(directory):  # a LoRA adapter: its base, then the adapter
+            self._tokenizer = load_tokenizer(directory)
+            model = adapters.load_adapter(lambda base: marian.load_pretrained(base, self.model_cfg, local_files_only=True),
+                                          directory)
+            return self.prepare_model(model)
         if not (directory / "config.json").is_file():
             raise DataError(f"{directory}: not a saved model (no config.json)")
         self._tokenizer = load_tokenizer(directory)
