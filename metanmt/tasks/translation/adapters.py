@@ -77,7 +77,7 @@ def apply_lora(model: nn.Module, settings: LoraSettings, base_reference: Optiona
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
-        target_modules=list(settings.target_modules) if settings.target_modules else None,
+        target_modules=list(settings.target_modules) if settings.target_modules else default_targets(model),
         modules_to_save=list(settings.modules_to_save) or None,
     )
     try:
@@ -86,6 +86,18 @@ def apply_lora(model: nn.Module, settings: LoraSettings, base_reference: Optiona
         raise ConfigError(f"model.lora: {exc}") from None
     wrapped.peft_config["default"].base_model_name_or_path = _reference(base_reference)
     return wrapped
+
+
+def default_targets(model: nn.Module) -> Optional[list[str]]:
+    """None (peft's own default) where peft knows the architecture (BART, T5/mT5, ...); the attention
+    query and value projections, peft's choice for BART, for the BART-like models it has no entry for
+    (Marian, mBART, M2M100 and NLLB name them ``q_proj`` / ``v_proj`` too)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as KNOWN
+
+    if getattr(getattr(model, "config", None), "model_type", None) in KNOWN:
+        return None
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    return ["q_proj", "v_proj"] if {"q_proj", "v_proj"} <= leaves else None
 
 
 def _reference(base: Optional[str | Path]) -> Optional[str]:

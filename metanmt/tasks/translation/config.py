@@ -66,8 +66,9 @@ class TranslationTaskConfig:
 @dataclass
 class LoraSettings:
     """``model.lora``: LoRA adapters (through ``peft``) become the meta-learned and adapted parameters,
-    the base model stays frozen. ``target_modules`` null: peft's default for the architecture
-    (Marian, mBART, M2M100: ``q_proj`` and ``v_proj``; T5: ``q`` and ``v``)."""
+    the base model stays frozen. ``target_modules`` null: peft's default for the architecture (T5:
+    ``q`` and ``v``), and ``q_proj`` / ``v_proj`` for Marian, mBART, M2M100 and NLLB, which peft has
+    no default for."""
 
     r: int = 8
     alpha: float = 16.0  # the update is scaled by alpha / r
