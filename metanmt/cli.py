@@ -46,9 +46,12 @@ def evaluator_of(family: Any) -> Callable[[Any, argparse.Namespace], tuple[dict,
 
 def _evaluate(args: argparse.Namespace) -> int:
     from .engine.run import load_run
+    from .evaluation.commands import device_of
 
-    run = load_run(args.run, model_dir=args.model_dir)
-    result, text = evaluator_of(run.family)(run, args)
+    device, precision = device_of(args)
+    with precision:
+        run = load_run(args.run, model_dir=args.model_dir, device=device, double_backward=False)
+        result, text = evaluator_of(run.family)(run, args)
     print(json.dumps(result, indent=2) if args.json else text)
     return 0
 
@@ -104,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=at_least(1), default=32, help="translation: segments per generate call")
     p.add_argument("--hyp", type=Path, help="translation: also write the hypotheses here")
     p.add_argument("--lang", help="translation: source language of --test (corpus id), for multilingual checkpoints")
+    _translation_commands().add_device_flags(p)
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("plot-sinusoid", help="the MAML paper's toy figure for one or more sinusoid runs")

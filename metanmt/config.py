@@ -109,6 +109,9 @@ class TrainConfig:
     # at the end of training, show this many held-out examples from the family (translation: source,
     # reference, zero-shot output and the output after the dev fine-tune); 0 = none
     show_examples: int = field(default=0, metadata=at_least(0))
+    # several processes: how long one may wait for the others at a collective (validation runs on the
+    # main process alone while the others wait); torch's default is 10 minutes for NCCL
+    collective_timeout_minutes: int = 120
 
 
 @dataclass

@@ -21,3 +21,13 @@ def double_episode(family, seed: int = 0):
     ep = family.sample_episode(np.random.default_rng(seed))
     as64 = lambda b: tuple(t.double() for t in b)  # noqa: E731
     return type(ep)(task=ep.task, support=as64(ep.support), query=as64(ep.query))
+
+
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.gpu`` tests need CUDA: skipped, with the reason, where there is none."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (pytest -m gpu on a GPU machine: bench/gpu_check.sh)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -33,7 +33,7 @@ dev evaluation, early stopping and checkpoints around it. Opening an initializat
 model, a from-scratch copy) is :mod:`metanmt.adaptation.loading`.
 
 Resuming (``resume=True``) continues a killed fine-tune from ``OUT/checkpoints/last.pt``, which
-holds the weights, Adam's moments, the torch RNG (dropout), the epoch and batch position in the
+holds the weights, Adam's moments, every torch RNG in use (CPU, and CUDA or MPS: dropout), the epoch and batch position in the
 seeded data order, the best score and the evaluation history; the checkpoint is written at every
 evaluation with a temporary name and an atomic rename. On CPU the resumed run ends with exactly the
 weights of an uninterrupted one (tested). A finished fine-tune is not redone: resuming it returns
@@ -118,6 +118,28 @@ def pairs_digest(pairs: list[Pair]) -> str:
 
 
 # -- the fine-tuner -----------------------------------------------------------------------------
+
+
+def rng_states() -> dict[str, Any]:
+    """Every RNG a fine-tune draws from (dropout): the CPU generator, and CUDA's (every device) or
+    MPS's where one is in use, so that a resumed fine-tune continues exactly on the device it ran on."""
+    states: dict[str, Any] = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda_rng"] = torch.cuda.get_rng_state_all()
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        states["mps_rng"] = torch.mps.get_rng_state()
+    return states
+
+
+def restore_rng_states(data: dict[str, Any]) -> None:
+    """Put back what :func:`rng_states` saved (generator states are CPU byte tensors, whatever
+    ``map_location`` moved them to)."""
+    torch.set_rng_state(data["torch_rng"].cpu())
+    if "cuda_rng" in data and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in data["cuda_rng"]])
+    if "mps_rng" in data and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(data["mps_rng"].cpu())
+
 
 
 @dataclass
@@ -213,7 +235,7 @@ class Finetuner:
         tmp = path.with_name(f".tmp-{path.name}")
         try:
             torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                        "torch_rng": torch.get_rng_state(), "state": asdict(self.state)}, tmp)
+                        **rng_states(), "state": asdict(self.state)}, tmp)
         except Exception:
             tmp.unlink(missing_ok=True)  # a full disk leaves no half-written .tmp-last.pt
             raise
@@ -239,7 +261,7 @@ class Finetuner:
                 continue
             self.model.load_state_dict(data["model"])
             self.optimizer.load_state_dict(data["optimizer"])
-            torch.set_rng_state(data["torch_rng"])
+            restore_rng_states(data)
             self.state = FinetuneState(**data["state"])
             log.info("resumed the fine-tune in %s at update %d from %s", self.output_dir, self.state.step, path.name)
             return True

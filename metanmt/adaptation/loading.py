@@ -110,7 +110,8 @@ def open_translation_model(path: str | Path, device: str | torch.device = "cpu")
         cfg_dict = from_dict(RunConfig, read_yaml(run_dir / ckpt.CONFIG_FILE)).to_dict()
         if cfg_dict["family"] != "translation":
             raise UserError(f"{run_dir}: a {cfg_dict['family']!r} run, not a translation run")
-        run = load_run(run_dir, device=device, model_dir=None if run_dir == path else path)
+        # fine-tuning and decoding never differentiate through gradients: fast attention (sdpa) where there is one
+        run = load_run(run_dir, device=device, model_dir=None if run_dir == path else path, double_backward=False)
         return LoadedModel(run.family, run.model, str(path.resolve()), cfg_dict, meta_training_state(run_dir))
     if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
         raise UserError(f"{path}: neither a metanmt run ({ckpt.CONFIG_FILE}) nor a saved model (config.json, "
@@ -122,6 +123,7 @@ def open_translation_model(path: str | Path, device: str | torch.device = "cpu")
         raise UserError(f"{problem}; the saved model is damaged")
     cfg_dict = plain_run_config()
     family = TranslationFamily(cfg_dict["task"], cfg_dict["model"])
+    family.use_double_backward(False)
     try:
         model = family.load_model(path)
     except OSError as exc:

@@ -31,7 +31,8 @@ CONFIG_FILE = "metanmt.yaml"
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # keys that may change between a run and its resumption without changing what it computes
-RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.save_every", "train.keep_checkpoints", "train.trackers"}
+RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.save_every", "train.keep_checkpoints", "train.trackers",
+                     "train.collective_timeout_minutes"}
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -42,11 +42,16 @@ class Run:
         return InnerLoop(self.family, self.model, self.adapt_names(patterns), a.steps_at_eval if steps is None else steps, rate, a.inner_optimizer)
 
 
-def load_run(directory: str | Path, device: str | torch.device = "cpu", model_dir: str | Path | None = None) -> Run:
-    """``model_dir`` picks another saved model of the run (e.g. ``best/``); default the latest."""
+def load_run(directory: str | Path, device: str | torch.device = "cpu", model_dir: str | Path | None = None,
+             double_backward: bool | None = None) -> Run:
+    """``model_dir`` picks another saved model of the run (e.g. ``best/``); default the latest.
+    ``double_backward=False``: the model is for fine-tuning or decoding (fast attention where the
+    family has one); None: the family's default (ready for second-order MAML)."""
     directory = Path(directory)
     cfg = load_run_config(directory)
     family = build_family(cfg)
+    if double_backward is not None:
+        family.use_double_backward(double_backward)
     source = Path(model_dir) if model_dir else directory
     problem = saved_model_problem(source)
     if problem:

@@ -38,12 +38,13 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -99,6 +100,7 @@ class TrainState:
     best_step: int = -1
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
+    peak_cuda_mb: float = 0.0  # torch.cuda.max_memory_allocated on this process's device; 0 without CUDA
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -267,11 +269,15 @@ class _Tally:
 
 
 def make_accelerator(cfg: RunConfig, output_dir: Path) -> Accelerator:
+    # validation runs on the main process while the others wait at a barrier: the process group's
+    # timeout must outlast it (train.collective_timeout_minutes; README, "Several processes and machines")
+    timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.train.collective_timeout_minutes))
     return Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=cfg.train.mixed_precision,
         log_with=cfg.train.trackers or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        kwargs_handlers=[timeout],
     )
 
 
@@ -304,6 +310,7 @@ class MetaTrainer:
         self.algorithm = registry.algorithm(cfg.algorithm.name)(cfg.algorithm)
         check_task_batching(cfg, self.family, self.algorithm)
         self._fresh = True
+        self.family.use_double_backward(self.algorithm.double_backward)
         if acc.is_main_process:
             check_run_inputs(cfg, self.output_dir)
             self._fresh = not ckpt.inspect_output_dir(self.output_dir, cfg, resume=resume, overwrite=overwrite)
@@ -313,7 +320,8 @@ class MetaTrainer:
         if resume and self.output_dir.is_dir():
             self.family.on_resume(self.output_dir)
         torch.manual_seed(cfg.train.seed)
-        self.model = self.family.build_model().to(acc.device)
+        with acc.main_process_first():  # the main process trains (and caches) the vocabulary; the others read it
+            self.model = self.family.build_model().to(acc.device)
         # tensors the inner loop adapts from a fresh start every episode are not meta-parameters
         self.episode_only = self.family.episode_only_names(self.model)
         self.meta_names = [n for n in trainable_names(self.model) if n not in self.episode_only]
@@ -541,12 +549,15 @@ class MetaTrainer:
             self.state.step = step + 1
             self.state.seconds = time.perf_counter() - started
             self.state.peak_rss_mb = max(self.state.peak_rss_mb, peak_rss_mb())
+            self.state.peak_cuda_mb = max(self.state.peak_cuda_mb, peak_cuda_mb(acc.device))
             bar.update(1)
             if self.is_log_step(self.state.step):
                 if "loss" in last:
                     bar.set_postfix(loss=f"{last['loss']:.4f}")
                 record = {**last, "examples_seen": self.state.examples_seen, "tokens_seen": self.state.tokens_seen,
-                          "seconds": round(self.state.seconds, 3)}
+                          "seconds": round(self.state.seconds, 3), "peak_rss_mb": round(self.state.peak_rss_mb, 1)}
+                if acc.device.type == "cuda":
+                    record["peak_cuda_mb"] = round(self.state.peak_cuda_mb, 1)
                 acc.log({f"train/{k}": v for k, v in record.items()}, step=self.state.step)
                 self._append_history("train", record)
             if cfg.train.eval_every and self.state.step % cfg.train.eval_every == 0:
@@ -683,6 +694,13 @@ def peak_rss_mb() -> float:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def peak_cuda_mb(device: torch.device) -> float:
+    """Peak memory allocated by tensors on a CUDA ``device`` so far, in MiB (0 elsewhere)."""
+    if device.type != "cuda":
+        return 0.0
+    return torch.cuda.max_memory_allocated(device) / 2**20
 
 
 def _token_count(family: TaskFamily, batch: Any) -> int:

@@ -15,10 +15,11 @@ Building the parser imports nothing heavy (the recipe's defaults come from a tor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager
 
 from ..adaptation.recipe import FinetuneRecipe
 from ..argtypes import at_least, non_negative_float, positive_float
@@ -51,6 +52,27 @@ def add_lang_flag(p: argparse.ArgumentParser) -> None:
                                    "(mBART-50, M2M100, NLLB, T5), which take its code or a task prefix")
 
 
+def add_device_flags(p: argparse.ArgumentParser) -> None:
+    """Where a command runs: the device Accelerate picks (CUDA, MPS, else the CPU), or the CPU."""
+    g = p.add_argument_group("device")
+    g.add_argument("--cpu", action="store_true", help="run on the CPU even where Accelerate finds an accelerator")
+    g.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
+                   help="bf16 autocast of forward passes and decoding; weights and optimizer stay float32 (default %(default)s)")
+
+
+def device_of(args: argparse.Namespace) -> tuple[Any, ContextManager]:
+    """``(device, autocast context)`` for ``--cpu`` / ``--mixed-precision``: the device of Accelerate's
+    process state (``accelerate launch`` settings and ``ACCELERATE_USE_CPU`` apply), and bf16
+    ``torch.autocast`` on it when asked."""
+    import torch
+    from accelerate import PartialState
+
+    device = PartialState(cpu=bool(getattr(args, "cpu", False))).device
+    if getattr(args, "mixed_precision", "no") == "bf16":
+        return device, torch.autocast(device.type, dtype=torch.bfloat16)
+    return device, contextlib.nullcontext()
+
+
 def recipe_from_args(args: argparse.Namespace, seed: int = 0) -> FinetuneRecipe:
     return FinetuneRecipe(adapt=args.adapt, lr=args.lr, max_tokens=args.max_tokens, epochs=args.epochs,
                           min_steps=args.min_steps, max_steps=args.max_steps, grad_clip=args.grad_clip or None,
@@ -61,9 +83,11 @@ def recipe_from_args(args: argparse.Namespace, seed: int = 0) -> FinetuneRecipe:
 def _finetune(args: argparse.Namespace) -> int:
     from ..adaptation.finetune import finetune_run
 
-    result = finetune_run(args.run, args.train, args.output_dir, recipe_from_args(args, args.seed), dev=args.dev,
-                          budget_words=args.budget_words, budget_order=args.budget_order, resume=args.resume,
-                          overwrite=args.overwrite, lang=args.lang)
+    device, precision = device_of(args)
+    with precision:
+        result = finetune_run(args.run, args.train, args.output_dir, recipe_from_args(args, args.seed), dev=args.dev,
+                              budget_words=args.budget_words, budget_order=args.budget_order, resume=args.resume,
+                              overwrite=args.overwrite, lang=args.lang, device=device)
     print(json.dumps({k: v for k, v in result.items() if k != "dev"}, indent=2, ensure_ascii=False))
     return 0
 
@@ -71,8 +95,10 @@ def _finetune(args: argparse.Namespace) -> int:
 def _translate(args: argparse.Namespace) -> int:
     from .translate import translate_file
 
-    result = translate_file(args.run, args.input, args.output, num_beams=args.beam, batch_size=args.batch_size,
-                            max_new_tokens=args.max_new_tokens, lang=args.lang)
+    device, precision = device_of(args)
+    with precision:
+        result = translate_file(args.run, args.input, args.output, num_beams=args.beam, batch_size=args.batch_size,
+                                max_new_tokens=args.max_new_tokens, lang=args.lang, device=device)
     log.info("translated %d segments in %.1f s -> %s", result["segments"], result["seconds"], result["output"])
     return 0
 
@@ -93,15 +119,17 @@ def _score(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from .compare import compare, parse_init
 
-    summary = compare(
-        [parse_init(s) for s in args.init], args.data_root, args.langs, args.budgets, args.seeds, args.out,
-        recipe_from_args(args), scratch=not args.no_scratch, scratch_seed=args.scratch_seed,
-        scratch_seeds=args.scratch_seeds, dev=args.dev, report_only=args.report_only,
-        test_pattern=args.test_pattern, finetune_pattern=args.finetune_pattern, num_beams=args.beam,
-        max_test_segments=args.max_test_segments, keep_models=args.keep_models, overwrite=args.overwrite,
-        curve=args.curve, curve_beam=args.curve_beam, reference=args.reference, paired_test=args.paired_test,
-        paired_samples=args.paired_samples,
-    )
+    device, precision = device_of(args)
+    with precision:
+        summary = compare(
+            [parse_init(s) for s in args.init], args.data_root, args.langs, args.budgets, args.seeds, args.out,
+            recipe_from_args(args), scratch=not args.no_scratch, scratch_seed=args.scratch_seed,
+            scratch_seeds=args.scratch_seeds, dev=args.dev, report_only=args.report_only,
+            test_pattern=args.test_pattern, finetune_pattern=args.finetune_pattern, num_beams=args.beam,
+            max_test_segments=args.max_test_segments, keep_models=args.keep_models, overwrite=args.overwrite,
+            curve=args.curve, curve_beam=args.curve_beam, reference=args.reference, paired_test=args.paired_test,
+            paired_samples=args.paired_samples, device=str(device),
+        )
     done = f"report of the {len(summary['rows'])} finished cells" if args.report_only else \
         f"{summary['ran']} cells run, {summary['skipped']} reused; report"
     print(f"{done} in {Path(args.out) / 'results.md'}")
@@ -122,6 +150,7 @@ def add_translation_commands(sub: Any) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace what --output-dir holds")
     add_lang_flag(p)
     add_recipe_flags(p)
+    add_device_flags(p)
     p.set_defaults(func=_finetune)
 
     p = sub.add_parser("translate", help="translate a file with a run's model (greedy or beam search)")
@@ -132,6 +161,7 @@ def add_translation_commands(sub: Any) -> None:
     p.add_argument("--batch-size", type=at_least(1), default=32)
     p.add_argument("--max-new-tokens", type=at_least(1), help="default: the run's task.max_new_tokens")
     add_lang_flag(p)
+    add_device_flags(p)
     p.set_defaults(func=_translate)
 
     p = sub.add_parser("score", help="sacreBLEU BLEU and chrF of a hypothesis file against a reference file")
@@ -171,4 +201,5 @@ def add_translation_commands(sub: Any) -> None:
                    help="sacreBLEU's paired bootstrap (bs) or approximate randomization (ar) for BLEU/chrF")
     p.add_argument("--paired-samples", type=int, default=0, help="resamples of the paired test (0: sacreBLEU's default)")
     add_recipe_flags(p)
+    add_device_flags(p)
     p.set_defaults(func=_compare)

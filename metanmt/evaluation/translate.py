@@ -42,14 +42,15 @@ def read_sources(path: str | Path) -> list[str]:
 
 
 def translate_file(run: str | Path | LoadedModel, input_path: str | Path, output_path: str | Path, num_beams: int = 4,
-                   batch_size: int = 32, max_new_tokens: Optional[int] = None, lang: Optional[str] = None) -> dict[str, Any]:
+                   batch_size: int = 32, max_new_tokens: Optional[int] = None, lang: Optional[str] = None,
+                   device: Any = "cpu") -> dict[str, Any]:
     """Translate every line of ``input_path`` into ``output_path`` (written atomically), one line each;
     ``lang`` is the source language (corpus id) where the checkpoint needs one (mBART-50, M2M100, NLLB, T5)."""
     check_output_file(output_path, "--output")
     refuse_same_file(output_path, [("--input", input_path)], "--output")
     if not isinstance(run, LoadedModel):
         _refuse_model_file(output_path, run)
-    loaded = run if isinstance(run, LoadedModel) else open_translation_model(run)
+    loaded = run if isinstance(run, LoadedModel) else open_translation_model(run, device)
     sources = read_sources(input_path)
     if not sources:
         raise DataError(f"{input_path}: no segments to translate (the file is empty)")

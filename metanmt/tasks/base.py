@@ -144,6 +144,11 @@ class TaskFamily(abc.ABC):
         dev file is reported before the run directory is touched (called when ``train.eval_every``
         or ``train.show_examples`` is on). Default: nothing to do."""
 
+    def use_double_backward(self, needed: bool) -> None:
+        """Told before :meth:`build_model` / :meth:`load_model` whether the caller differentiates
+        through gradients (second-order MAML), for a family whose fast kernels have no double
+        backward (translation: sdpa attention). Default: nothing to choose."""
+
     def on_resume(self, directory: Path) -> None:
         """Adopt what a run directory holds besides the weights (a tokenizer) before ``build_model``."""
 

@@ -40,6 +40,8 @@ class Algorithm(abc.ABC):
 
     name: ClassVar[str]
     uses_inner_loop: ClassVar[bool] = True
+    #: differentiates through inner-loop gradients (the family then builds a model with a double backward)
+    double_backward: ClassVar[bool] = False
     supports_meta_sgd: ClassVar[bool] = False
     #: ``task_gradient`` also accepts stacked episodes with ``InnerLoop(tasks=T)`` and returns sums
     supports_task_batching: ClassVar[bool] = False

@@ -40,6 +40,11 @@ class MAML(Algorithm):
     supports_meta_sgd = True
     supports_task_batching = True
 
+    @property
+    def double_backward(self) -> bool:  # type: ignore[override]
+        # differentiating through the inner gradients needs a double backward; first-order MAML does not
+        return self.second_order
+
     def task_gradient(self, inner: InnerLoop, params: Params, episode: Episode, learned_lrs: Params) -> TaskResult:
         cfg = self.cfg
         step_losses: list[torch.Tensor] = []

@@ -103,8 +103,9 @@ class TranslationModelConfig:
     scale_embedding: bool = True
     max_positions: int = 512
     init_std: float = 0.02
-    # eager: second-order MAML needs it (sdpa on CPU has no double backward: docs/design.md, "Attention and double backward")
-    attn_implementation: Literal["eager", "sdpa"] = "eager"
+    # auto: eager where gradients are differentiated (second-order MAML: sdpa has no double backward,
+    # docs/design.md, "Attention and double backward"), else transformers' default, sdpa where the model has it
+    attn_implementation: Literal["auto", "eager", "sdpa"] = "auto"
     dtype: Literal["float32", "float64"] = "float32"
     # MetaNMT's per-language tables + universal lexical representation (docs/language_embeddings.md)
     language_embeddings: LanguageEmbeddingConfig = field(default_factory=LanguageEmbeddingConfig)

@@ -88,6 +88,8 @@ class TranslationFamily(TaskFamily):
         self._decoder_start: Optional[int] = None  # set from the model's config by build_model/load_model
         self._source_lang: Optional[str] = None  # the language encode() gives the model (source_language)
         self._scheme: Optional[tuple[Any, LanguageScheme]] = None  # (tokenizer, its scheme)
+        # until told otherwise (use_double_backward) models are built ready for second-order MAML (eager attention)
+        self.double_backward = True
 
     # -- data ----------------------------------------------------------------------------------
     def languages(self, split: str) -> list[str]:
@@ -311,10 +313,10 @@ class TranslationFamily(TaskFamily):
         """A fresh Marian model from the config (or the pretrained checkpoint), vocabulary sized to the tokenizer."""
         m, t = self.model_cfg, self.task_cfg
         if m.pretrained:
-            model = marian.load_pretrained(m.pretrained, m)
+            model = marian.load_pretrained(m.pretrained, m, double_backward=self.double_backward)
             _ = self.tokenizer
         else:
-            model = marian.build_marian(m, self.tokenizer, t.num_beams, t.max_new_tokens)
+            model = marian.build_marian(m, self.tokenizer, t.num_beams, t.max_new_tokens, self.double_backward)
         if m.lora is not None:  # adapters are the meta-parameters, the base is frozen (adapters.py)
             model = adapters.apply_lora(model, m.lora, base_reference=m.pretrained)
         model = self.prepare_model(model)
@@ -334,6 +336,11 @@ class TranslationFamily(TaskFamily):
         freeze_parameters(model, self.model_cfg.freeze)
         return model
 
+    def use_double_backward(self, needed: bool) -> None:
+        """Whether models built or loaded from now on must support a double backward (second-order
+        MAML: eager attention) or may use the faster sdpa (``model.attn_implementation: auto``)."""
+        self.double_backward = needed
+
     def save_model(self, model: nn.Module, directory: Path) -> None:
         """``model.save_pretrained`` + the tokenizer, so ``AutoModelForSeq2SeqLM`` and
         ``AutoTokenizer.from_pretrained(directory)`` load the folder offline. A LoRA model writes its
@@ -350,13 +357,14 @@ class TranslationFamily(TaskFamily):
         directory = Path(directory)
         if adapters.is_adapter_folder(directory):  # a LoRA adapter: its base, then the adapter
             self._tokenizer = load_tokenizer(directory)
-            model = adapters.load_adapter(lambda base: marian.load_pretrained(base, self.model_cfg, local_files_only=True),
-                                          directory)
+            model = adapters.load_adapter(lambda base: marian.load_pretrained(
+                base, self.model_cfg, local_files_only=True, double_backward=self.double_backward), directory)
             return self.prepare_model(model)
         if not (directory / "config.json").is_file():
             raise DataError(f"{directory}: not a saved model (no config.json)")
         self._tokenizer = load_tokenizer(directory)
-        model = self.prepare_model(marian.load_pretrained(directory, self.model_cfg, local_files_only=True))
+        model = self.prepare_model(marian.load_pretrained(directory, self.model_cfg, local_files_only=True,
+                                                          double_backward=self.double_backward))
         lang_emb.load_for_family(self, model, directory)  # language-embeddings hook: the tables saved beside it
         return model
 

@@ -11,6 +11,7 @@ checkpoint, the settings every model needs here, saving and loading, and its for
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -30,9 +31,23 @@ def torch_dtype(model_cfg: TranslationModelConfig) -> torch.dtype:
     return torch.float64 if model_cfg.dtype == "float64" else torch.float32
 
 
-def build_marian(model_cfg: TranslationModelConfig, tokenizer: Any, num_beams: int, max_new_tokens: int) -> nn.Module:
+def attention(model_cfg: TranslationModelConfig, double_backward: bool) -> Optional[str]:
+    """The ``attn_implementation`` to build or load with: eager when the run differentiates through
+    gradients (second-order MAML; sdpa's kernels have no double backward), else the config's; ``auto``
+    is None, transformers' default (sdpa where the model has it, else eager)."""
+    chosen = model_cfg.attn_implementation
+    if double_backward:
+        if chosen == "sdpa":
+            logging.getLogger(__name__).warning("model.attn_implementation: sdpa has no double backward; "
+                                                "second-order MAML runs with eager attention")
+        return "eager"
+    return None if chosen == "auto" else chosen
+
+
+def build_marian(model_cfg: TranslationModelConfig, tokenizer: Any, num_beams: int, max_new_tokens: int,
+                 double_backward: bool = True) -> nn.Module:
     """A freshly initialized Marian model of the config's sizes, its vocabulary the tokenizer's
-    (seeded by the caller); call :func:`prepare` on it."""
+    (seeded by the caller); call :func:`prepare` on it. ``double_backward``: see :func:`attention`."""
     from transformers import GenerationConfig, MarianConfig, MarianMTModel
 
     m = model_cfg
@@ -62,7 +77,7 @@ def build_marian(model_cfg: TranslationModelConfig, tokenizer: Any, num_beams: i
         # not the pad id: the pad row of the embedding gets no gradient (docs/design.md, "The decoder start token")
         decoder_start_token_id=BOS_ID,
         forced_eos_token_id=None,
-        attn_implementation=m.attn_implementation,
+        attn_implementation=attention(m, double_backward),
     )
     model = MarianMTModel(config).to(torch_dtype(m))
     model.generation_config = GenerationConfig(
@@ -76,14 +91,16 @@ def build_marian(model_cfg: TranslationModelConfig, tokenizer: Any, num_beams: i
     return model
 
 
-def load_pretrained(name_or_path: str | Path, model_cfg: TranslationModelConfig, local_files_only: bool = False) -> nn.Module:
-    """``AutoModelForSeq2SeqLM.from_pretrained`` with the config's attention and dtype; call :func:`prepare` on it."""
+def load_pretrained(name_or_path: str | Path, model_cfg: TranslationModelConfig, local_files_only: bool = False,
+                    double_backward: bool = True) -> nn.Module:
+    """``AutoModelForSeq2SeqLM.from_pretrained`` with the config's attention (:func:`attention`) and
+    dtype; call :func:`prepare` on it."""
     from transformers import AutoModelForSeq2SeqLM
 
     kwargs = {"local_files_only": True} if local_files_only else {}
     try:
         return AutoModelForSeq2SeqLM.from_pretrained(
-            str(name_or_path), attn_implementation=model_cfg.attn_implementation, dtype=torch_dtype(model_cfg), **kwargs
+            str(name_or_path), attn_implementation=attention(model_cfg, double_backward), dtype=torch_dtype(model_cfg), **kwargs
         )
     except OSError as exc:  # neither a local checkpoint nor a Hub model that can be fetched now
         what = f"{name_or_path}: cannot load the saved model" if local_files_only else \

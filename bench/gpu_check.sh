@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# One prepared check of metanmt on a GPU machine, meant to finish in under 8 minutes:
+#   1. the test suite's device-marked tests (pytest -m gpu; they skip without CUDA),
+#   2. a short meta-train of each algorithm (maml, fomaml, reptile, multitask) on the l10n corpus,
+#   3. a fine-tune of the fomaml run on Finnish 4k and a decode of the Finnish test set with it,
+#   4. the meta-step benchmark's translation cases and the LoRA-vs-full meta-step benchmark on the GPU.
+# Every part's exit status, wall time and last output lines go to bench/results/gpu_check.json
+# (with the device, torch and CUDA versions).
+#
+#   bench/gpu_check.sh                        # on the GPU machine, from the repository root
+#   bench/gpu_check.sh --data-root PATH       # the l10n corpus elsewhere (default ../shared/data/l10n)
+#   bench/gpu_check.sh --dry-run              # the same plumbing on the CPU in about a minute: the
+#       embedded CLDR corpus instead of l10n, a tiny model, 2 steps, the tiny LoRA timing, and the
+#       output in bench/results/gpu_check.dry-run.json (never the real file)
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+
+DRY=0
+DATA=../shared/data/l10n
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) DRY=1 ;;
+    --data-root) DATA="$2"; shift ;;
+    *) echo "usage: bench/gpu_check.sh [--dry-run] [--data-root PATH]" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+PY=${PYTHON:-python}
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+LOG="$WORK/parts.jsonl"
+OUT=bench/results/gpu_check.json
+[ "$DRY" = 1 ] && OUT=bench/results/gpu_check.dry-run.json
+export METANMT_PROGRESS=0 METANMT_CACHE="$WORK/cache"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout, not an installed copy
+
+# part NAME COMMAND...: run it, record status, seconds and the output's tail
+part() {
+  local name="$1"; shift
+  echo "== $name: $*" >&2
+  local start end status
+  start=$(date +%s.%N)
+  "$@" >"$WORK/$name.log" 2>&1
+  status=$?
+  end=$(date +%s.%N)
+  tail -n 15 "$WORK/$name.log" >&2
+  "$PY" - "$name" "$status" "$start" "$end" "$WORK/$name.log" "$*" >>"$LOG" <<'EOF'
+import json, sys
+name, status, start, end, path, cmd = sys.argv[1:]
+tail = open(path, encoding="utf-8", errors="replace").read().splitlines()[-15:]
+print(json.dumps({"part": name, "command": cmd, "status": int(status),
+                  "seconds": round(float(end) - float(start), 1), "tail": tail}))
+EOF
+}
+
+if [ "$DRY" = 1 ]; then
+  CONFIG_META=configs/quickstart.yaml
+  CONFIG_MULTI=configs/quickstart.yaml
+  SETS=(--set model.d_model=32 --set model.encoder_layers=1 --set model.decoder_layers=1 --set model.attention_heads=2
+        --set model.ffn_dim=64 --set "task.train_languages=[de, fr, es]" --set task.vocab_size=500
+        --set task.support_tokens=150 --set task.query_tokens=150 --set train.steps=2 --set train.eval_every=0
+        --set train.save_every=2 --set train.meta_batch_size=2 --set "train.trackers=[]")
+  DEVICE=(--cpu)
+else
+  if [ ! -d "$DATA/meta_train" ]; then
+    echo "bench/gpu_check.sh: no l10n corpus at $DATA (pass --data-root PATH)" >&2; exit 2
+  fi
+  CONFIG_META=configs/l10n_fomaml.yaml
+  CONFIG_MULTI=configs/l10n_multitask.yaml
+  SETS=(--set "data.root=$DATA" --set train.steps=30 --set train.eval_every=0 --set train.save_every=30
+        --set train.log_every=10 --set "train.trackers=[]")
+  DEVICE=()
+fi
+
+# 1. device-marked tests (skipped, not failed, without CUDA)
+part gpu_tests "$PY" -m pytest -q -m gpu tests/
+
+# 2. a short meta-train of each algorithm
+for algo in maml fomaml reptile multitask; do
+  config=$CONFIG_META
+  extra=()
+  [ "$algo" = multitask ] && config=$CONFIG_MULTI
+  [ "$algo" = reptile ] && extra=(--set optim.name=sgd --set optim.lr=1.0 --set algorithm.inner_steps=2)
+  [ "$algo" = maml ] && extra=(--set algorithm.inner_lr=0.1)
+  [ "$algo" != multitask ] && extra+=(--set "algorithm.name=$algo")
+  part "meta_train_$algo" "$PY" -m metanmt meta-train "$config" --output-dir "$WORK/runs/$algo" --overwrite \
+    "${SETS[@]}" "${extra[@]}"
+done
+
+# 3. a fine-tune and a decode
+if [ "$DRY" = 1 ]; then
+  "$PY" - "$WORK" <<'EOF'
+import gzip, sys
+from metanmt.data.cldr import cldr_pairs
+pairs = cldr_pairs("ro")[0][:60]
+text = "lang\tsrc\ten\torigin\n" + "".join(f"ro\t{p.src}\t{p.en}\tcldr\n" for p in pairs)
+for name in ("train", "test"):
+    with gzip.open(f"{sys.argv[1]}/ro.{name}.tsv.gz", "wt", encoding="utf-8") as f:
+        f.write(text)
+EOF
+  FT_TRAIN="$WORK/ro.train.tsv.gz"; FT_TEST="$WORK/ro.test.tsv.gz"; FT_DEV="$WORK/ro.test.tsv.gz"
+  FT_SETS=(--max-steps 2 --max-tokens 200 --dev-segments 8)
+else
+  FT_TRAIN="$DATA/finetune/fi.4k.tsv.gz"; FT_TEST="$DATA/test/fi.tsv.gz"; FT_DEV="$DATA/dev/ro.tsv.gz"
+  FT_SETS=(--max-steps 60)
+fi
+part finetune "$PY" -m metanmt finetune "$WORK/runs/fomaml" --train "$FT_TRAIN" --dev "$FT_DEV" \
+  --output-dir "$WORK/ft" --overwrite "${FT_SETS[@]}" "${DEVICE[@]}"
+part decode "$PY" -m metanmt evaluate "$WORK/ft" --test "$FT_TEST" --beam 4 --json "${DEVICE[@]}"
+
+# 4. meta-step benchmarks on the device
+if [ "$DRY" = 1 ]; then
+  part bench_lora_meta_step "$PY" bench/lora_meta_step.py timing --tiny --steps 1 --warmup 0 --out "$WORK/lora_meta_step.json"
+else
+  part bench_meta_step "$PY" bench/meta_step.py --family translation --impl metanmt --impl plain --steps 5 --warmup 2 \
+    --out "$WORK/meta_step.json"
+  part bench_lora_meta_step "$PY" bench/lora_meta_step.py timing --steps 5 --warmup 2 --out "$WORK/lora_meta_step.json"
+fi
+
+"$PY" - "$LOG" "$OUT" "$WORK" "$DRY" <<'EOF'
+import json, platform, sys
+from pathlib import Path
+import torch
+log, out, work, dry = sys.argv[1:]
+parts = [json.loads(line) for line in Path(log).read_text().splitlines() if line.strip()]
+machine = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "cuda_available": torch.cuda.is_available(),
+           "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"}
+benches = {}
+for name in ("meta_step", "lora_meta_step"):
+    path = Path(work) / f"{name}.json"
+    if path.is_file():
+        benches[name] = json.loads(path.read_text())
+result = {"dry_run": dry == "1", "machine": machine, "ok": all(p["status"] == 0 for p in parts),
+          "total_seconds": round(sum(p["seconds"] for p in parts), 1), "parts": parts, "benchmarks": benches}
+Path(out).parent.mkdir(parents=True, exist_ok=True)
+Path(out).write_text(json.dumps(result, indent=2) + "\n")
+print(f"wrote {out}: {'all parts passed' if result['ok'] else 'FAILED: ' + ', '.join(p['part'] for p in parts if p['status'])}"
+      f" in {result['total_seconds']} s")
+sys.exit(0 if result["ok"] else 1)
+EOF
