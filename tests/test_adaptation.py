@@ -355,3 +355,19 @@ def test_show_examples_prints_zero_shot_and_fine_tuned_translations(corpus: Path
     assert [row["source"] for row in rows] == [p.src for p in dev[:2]]
     assert [row["reference"] for row in rows] == [p.en for p in dev[:2]]
     assert all(isinstance(row["zero-shot"], str) and isinstance(row["after 2 steps"], str) for row in rows)
+
+
+def test_commands_take_a_device_and_bf16_and_load_with_fast_attention(run_dir: Path, corpus: Path, tmp_path: Path) -> None:
+    from metanmt.engine.trainer import read_history
+
+    # the run trained multi-task (no double backward); fine-tuning and decoding load it with sdpa
+    assert open_translation_model(run_dir).model.config._attn_implementation == "sdpa"
+    assert all("peak_rss_mb" in r for r in read_history(run_dir, "train"))
+    src = tmp_path / "src.txt"
+    src.write_text("nepo elif\n\nevas\n", encoding="utf-8")
+    assert main(["translate", str(run_dir), "--input", str(src), "--output", str(tmp_path / "hyp.txt"), "--beam", "2",
+                 "--cpu", "--mixed-precision", "bf16"]) == 0
+    assert len((tmp_path / "hyp.txt").read_text(encoding="utf-8").split("\n")) == 4
+    with pytest.raises(SystemExit) as exit_info:  # argparse: exit status 2, the allowed values named
+        main(["translate", str(run_dir), "--input", str(src), "--output", str(tmp_path / "x.txt"), "--mixed-precision", "fp8"])
+    assert exit_info.value.code == 2

@@ -186,10 +186,11 @@ def test_lora_on_a_pretrained_base_references_the_base_folder(tmp_path):
     batch = batch_of(trainer.family)
     with torch.no_grad():
         expected = trainer.model.eval()(**batch).logits
-        # transformers follows the reference and applies the adapter
-        loaded = AutoModelForSeq2SeqLM.from_pretrained(run_dir, attn_implementation="eager").eval()
+        # transformers follows the reference and applies the adapter (multi-task trains with sdpa attention)
+        trained_with = trainer.model.config._attn_implementation
+        loaded = AutoModelForSeq2SeqLM.from_pretrained(run_dir, attn_implementation=trained_with).eval()
         assert torch.equal(loaded(**batch).logits, expected)
-        assert torch.equal(load_run(run_dir).model(**batch).logits, expected)
+        assert torch.equal(load_run(run_dir, double_backward=False).model(**batch).logits, expected)
 
 
 def test_lora_settings_are_checked():

@@ -96,3 +96,15 @@ def test_commands_run_on_cuda_with_bf16(run_dir: Path, corpus: Path, tmp_path: P
                  "--mixed-precision", "bf16"]) == 0
     assert len((tmp_path / "hyp.txt").read_text(encoding="utf-8").splitlines()) == 2
     assert main(["evaluate", str(out), "--test", str(corpus / "test" / "xa.tsv.gz"), "--beam", "1", "--json"]) == 0
+
+
+def test_meta_training_on_cuda_reports_peak_device_memory_and_maml_uses_eager_attention(tmp_path):
+    from metanmt.engine.trainer import MetaTrainer, read_history
+
+    for algo, attention in (("maml", "eager"), ("fomaml", "sdpa")):
+        trainer = MetaTrainer(tiny(algo, "train.log_every=1"), tmp_path / algo)
+        assert trainer.accelerator.device.type == "cuda"
+        assert trainer.model.config._attn_implementation == attention
+        trainer.train()
+        records = read_history(tmp_path / algo, "train")
+        assert records and all(r["peak_cuda_mb"] > 0 and r["peak_rss_mb"] > 0 for r in records)
