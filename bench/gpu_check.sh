@@ -82,7 +82,7 @@ for algo in maml fomaml reptile multitask; do
   [ "$algo" = multitask ] && config=$CONFIG_MULTI
   [ "$algo" = reptile ] && extra=(--set optim.name=sgd --set optim.lr=1.0 --set algorithm.inner_steps=2)
   [ "$algo" = maml ] && extra=(--set algorithm.inner_lr=0.1)
-  [ "$algo" != multitask ] && extra+=(--set "algorithm.name=$algo")
+  extra+=(--set "algorithm.name=$algo")
   part "meta_train_$algo" "$PY" -m metanmt meta-train "$config" --output-dir "$WORK/runs/$algo" --overwrite \
     "${SETS[@]}" "${extra[@]}"
 done
