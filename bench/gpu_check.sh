@@ -11,7 +11,7 @@
 #   bench/gpu_check.sh --data-root PATH       # the l10n corpus elsewhere (default ../shared/data/l10n)
 #   bench/gpu_check.sh --dry-run              # the same plumbing on the CPU in about a minute: the
 #       embedded CLDR corpus instead of l10n, a tiny model, 2 steps, the tiny LoRA timing, and the
-#       output in bench/results/gpu_check.dry-run.json (never the real file)
+#       output in the run's temporary folder (never bench/results/)
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,7 +30,7 @@ PY=${PYTHON:-python}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 LOG="$WORK/parts.jsonl"
 OUT=bench/results/gpu_check.json
-[ "$DRY" = 1 ] && OUT=bench/results/gpu_check.dry-run.json
+[ "$DRY" = 1 ] && OUT="$WORK/gpu_check.dry-run.json"  # plumbing only: never next to the results
 export METANMT_PROGRESS=0 METANMT_CACHE="$WORK/cache"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout, not an installed copy
 
