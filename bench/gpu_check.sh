@@ -31,7 +31,7 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 LOG="$WORK/parts.jsonl"
 OUT=bench/results/gpu_check.json
 [ "$DRY" = 1 ] && OUT="$WORK/gpu_check.dry-run.json"  # plumbing only: never next to the results
-export METANMT_PROGRESS=0 METANMT_CACHE="$WORK/cache"
+export METANMT_PROGRESS=0  # the vocabulary cache ($METANMT_CACHE) is the usual one: a cached l10n vocabulary is reused
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout, not an installed copy
 
 # part NAME COMMAND...: run it, record status, seconds and the output's tail
@@ -67,7 +67,7 @@ else
   fi
   CONFIG_META=configs/l10n_fomaml.yaml
   CONFIG_MULTI=configs/l10n_multitask.yaml
-  SETS=(--set "data.root=$DATA" --set train.steps=30 --set train.eval_every=0 --set train.save_every=30
+  SETS=(--set "data.root=$DATA" --set train.steps=20 --set train.eval_every=0 --set train.save_every=20
         --set train.log_every=10 --set "train.trackers=[]")
   DEVICE=()
 fi
