@@ -360,8 +360,11 @@ def test_show_examples_prints_zero_shot_and_fine_tuned_translations(corpus: Path
 def test_commands_take_a_device_and_bf16_and_load_with_fast_attention(run_dir: Path, corpus: Path, tmp_path: Path) -> None:
     from metanmt.engine.trainer import read_history
 
-    # the run trained multi-task (no double backward); fine-tuning and decoding load it with sdpa
-    assert open_translation_model(run_dir).model.config._attn_implementation == "sdpa"
+    # the default attention (eager) stays what a run trained with; under auto, a multi-task run (no
+    # double backward) is fine-tuned and decoded with sdpa
+    assert open_translation_model(run_dir).model.config._attn_implementation == "eager"
+    auto_run = make_run(corpus, tmp_path / "auto", "model.attn_implementation=auto")
+    assert open_translation_model(auto_run).model.config._attn_implementation == "sdpa"
     assert all("peak_rss_mb" in r for r in read_history(run_dir, "train"))
     src = tmp_path / "src.txt"
     src.write_text("nepo elif\n\nevas\n", encoding="utf-8")

@@ -186,7 +186,7 @@ def test_lora_on_a_pretrained_base_references_the_base_folder(tmp_path):
     batch = batch_of(trainer.family)
     with torch.no_grad():
         expected = trainer.model.eval()(**batch).logits
-        # transformers follows the reference and applies the adapter (multi-task trains with sdpa attention)
+        # transformers follows the reference and applies the adapter (with the attention the run trained with)
         trained_with = trainer.model.config._attn_implementation
         loaded = AutoModelForSeq2SeqLM.from_pretrained(run_dir, attn_implementation=trained_with).eval()
         assert torch.equal(loaded(**batch).logits, expected)

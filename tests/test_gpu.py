@@ -102,7 +102,7 @@ def test_meta_training_on_cuda_reports_peak_device_memory_and_maml_uses_eager_at
     from metanmt.engine.trainer import MetaTrainer, read_history
 
     for algo, attention in (("maml", "eager"), ("fomaml", "sdpa")):
-        trainer = MetaTrainer(tiny(algo, "train.log_every=1"), tmp_path / algo)
+        trainer = MetaTrainer(tiny(algo, "train.log_every=1", "model.attn_implementation=auto"), tmp_path / algo)
         assert trainer.accelerator.device.type == "cuda"
         assert trainer.model.config._attn_implementation == attention
         trainer.train()

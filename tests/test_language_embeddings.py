@@ -207,7 +207,7 @@ def test_save_load_round_trip_and_the_plain_model(tmp_path):
     family = trainer.family
     batch = family.sample_episode(np.random.default_rng([7, 0])).support
     trainer.model.eval()
-    run = load_run(tmp_path / "run", double_backward=False)  # fomaml trained with sdpa attention; so it loads
+    run = load_run(tmp_path / "run", double_backward=False)  # as fine-tuning and decoding load it
     with torch.no_grad():
         expected = logits_of(trainer.model, None, batch)
         assert torch.equal(logits_of(run.model, None, batch), expected)
@@ -215,7 +215,8 @@ def test_save_load_round_trip_and_the_plain_model(tmp_path):
     for key, value in lang_emb.find(trainer.model).state_dict().items():
         assert torch.equal(ours[key], value), key
     # the plain model: the shared Marian weights, no language part and no universal part
-    plain = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "run", attn_implementation="sdpa").eval()
+    trained_with = trainer.model.config._attn_implementation  # bitwise comparisons need the same attention
+    plain = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "run", attn_implementation=trained_with).eval()
     assert not any("language_embeddings" in n for n, _ in plain.named_parameters())
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "decoder_input_ids")}
     with torch.no_grad():

@@ -40,7 +40,7 @@ def test_each_algorithm_lowers_the_loss_and_the_checkpoint_reloads(tmp_path, alg
     extra = ["optim.name=sgd"] if algo == "reptile" else []
     cfg = tiny(algo, "train.steps=12", "train.save_every=12", "optim.warmup_steps=0", "algorithm.inner_lr=0.05",
                "algorithm.inner_optimizer=adam" if algo == "reptile" else "algorithm.inner_steps=1",
-               "algorithm.inner_steps=2", lr, *extra)
+               "algorithm.inner_steps=2", "model.attn_implementation=auto", lr, *extra)
     trainer = MetaTrainer(cfg, tmp_path / "run")
     family = trainer.family
     probe = [family.sample_episode(np.random.default_rng([99, i]), split="train") for i in range(4)]
@@ -56,7 +56,7 @@ def test_each_algorithm_lowers_the_loss_and_the_checkpoint_reloads(tmp_path, alg
     after = held_loss(trainer.model)
     assert after < before - 0.05, (before, after)
 
-    # second-order MAML trains with eager attention (sdpa on CPU has no double backward), the others with sdpa
+    # auto: second-order MAML trains with eager attention (sdpa on CPU has no double backward), the others with sdpa
     trained_with = trainer.model.config._attn_implementation
     assert trained_with == ("eager" if algo == "maml" else "sdpa")
     model = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "run", attn_implementation=trained_with).eval()
@@ -125,3 +125,20 @@ def test_quickstart_runs_end_to_end_in_reduced_form(tmp_path, capsys):
     assert main(["meta-train", "configs/quickstart.yaml", "--output-dir", str(out), *sets, "--resume",
                  "--set", "train.steps=6", "--set", "train.eval_every=2", "--set", "train.save_every=2"]) == 0
     assert load_run(out).cfg.train.steps == 6
+
+
+def test_attention_is_eager_by_default_and_auto_follows_second_order(caplog):
+    from metanmt.engine.algorithms.maml import FOMAML
+    from metanmt.tasks.translation.config import TranslationModelConfig
+    from metanmt.tasks.translation.model import attention
+
+    assert MAML(AlgorithmConfig(name="maml")).double_backward
+    assert not FOMAML(AlgorithmConfig(name="fomaml")).double_backward  # first-order: no double backward
+    default = TranslationModelConfig()
+    assert default.attn_implementation == "eager"  # the attention every committed result was made with
+    assert attention(default, True) == attention(default, False) == "eager"
+    auto = TranslationModelConfig(attn_implementation="auto")
+    assert attention(auto, True) == "eager" and attention(auto, False) is None  # None: transformers' sdpa
+    sdpa = TranslationModelConfig(attn_implementation="sdpa")
+    assert attention(sdpa, False) == "sdpa"
+    assert attention(sdpa, True) == "eager" and "no double backward" in caplog.text

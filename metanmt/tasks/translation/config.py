@@ -103,9 +103,10 @@ class TranslationModelConfig:
     scale_embedding: bool = True
     max_positions: int = 512
     init_std: float = 0.02
-    # auto: eager where gradients are differentiated (second-order MAML: sdpa has no double backward,
-    # docs/design.md, "Attention and double backward"), else transformers' default, sdpa where the model has it
-    attn_implementation: Literal["auto", "eager", "sdpa"] = "auto"
+    # eager (the default) everywhere: every committed result was made with it, and sdpa's logits differ
+    # by rounding. auto: eager where gradients are differentiated (second-order MAML: sdpa has no double
+    # backward, docs/design.md, "Attention and double backward"), else transformers' default, sdpa
+    attn_implementation: Literal["auto", "eager", "sdpa"] = "eager"
     dtype: Literal["float32", "float64"] = "float32"
     # MetaNMT's per-language tables + universal lexical representation (docs/language_embeddings.md)
     language_embeddings: LanguageEmbeddingConfig = field(default_factory=LanguageEmbeddingConfig)
