@@ -18,8 +18,9 @@ configs/l10n_fomaml.yaml`` and ``configs/l10n_multitask.yaml`` at equal compute)
 meta-training steps, pairs, tokens and seconds are read from its run folder and reported.
 
 ``--jobs N`` runs the languages in N processes of one thread each (on 2 cores, two one-thread jobs
-get more done than one two-thread process), all writing their cells into the same ``--out``;
-a last invocation over every language then finds all cells finished and writes the report.
+get more done than one two-thread process), each into its own folder under ``RUNS/compare-jobs/``
+(a compare folder is locked by its writer); their cells are gathered into ``--out``, where a last
+invocation over every language finds all cells finished and writes the report.
 At the l10n configs' model size (d_model 256, 3+3 layers) one update on ~1,000 target tokens takes about 1 s on 2 CPU cores.
 
 The reduced one-command reproduction, for other languages of a corpus in the same format::
@@ -30,15 +31,17 @@ trains both inits from the shipped configs for ``--minutes`` of training time ea
 comparison with fewer cells (budgets 0 1k 4k, 2 seeds, one scratch seed, the adaptation curve;
 any ``metanmt compare`` flag given here replaces the quick default). The inits:
 
-- **multi**: ``configs/l10n_multitask.yaml`` for ``S`` steps;
-- **meta**: the shipped meta recipe, ``configs/l10n_meta_warm.yaml`` warm-started from the
-  multi-task run at step ``W = 0.75 S`` (the shipped 300-of-400 split), then meta-trained for the
-  remaining quarter of the minutes. Both stages count in compare's compute table.
+- **multi**: ``configs/l10n_frontier.yaml`` (the multi-task baseline at the CPU frontier) for ``S`` steps;
+- **meta**: the shipped meta recipe on the same episodes, ``configs/l10n_meta_frontier.yaml``,
+  warm-started from the multi-task run at step ``W = 7/8 S`` (the shipped 1,750-of-2,000 split),
+  then meta-trained for the remaining eighth of the minutes. Both stages count in compare's
+  compute table.
 
 The warm start is the multi run itself: it is trained to ``W``, its model is copied (with its
 trainer state, so its compute is counted) to ``RUNS/multi_at_W``, and it is then resumed to ``S``
 (``train.steps`` may change on resume), so the shared first ``W`` steps are trained once: about
-1.25 x ``--minutes`` of training in all. Minutes become steps through a measured rate, not a
+1.13 x ``--minutes`` of training in all (a multi run already past ``W`` gives the warm start from its
+checkpoint at ``W`` where it kept one). Minutes become steps through a measured rate, not a
 wall-clock stop (the trainer counts steps, and a step count keeps equal-compute accounting and
 resuming exact): each config first runs ``--calibration-steps`` steps into its real run folder,
 the seconds per step its trainer state records set the step count, and the run is resumed to it.
@@ -64,7 +67,10 @@ OUT = ROOT / "bench" / "results" / "l10n_compare"
 
 QUICK_DEFAULTS = {"--budgets": ["0", "1k", "4k"], "--seeds": ["2"], "--scratch-seeds": ["1"], "--curve": ["0", "10", "30", "100"],
                   "--beam": ["1"], "--epochs": ["10"], "--max-steps": ["100"], "--adapt": ["all"]}
-WARM_FRACTION = 0.75  # configs/l10n_meta_warm.yaml: 300 multi-task steps of 400, then the meta stage
+# the inits of the quick reproduction: the multi-task frontier config, and the meta recipe on its episodes
+# warm-started at WARM_FRACTION of the multi-task run (configs/l10n_meta_frontier.yaml: 1,750 of 2,000)
+MULTI, META = "l10n_frontier.yaml", "l10n_meta_frontier.yaml"
+WARM_FRACTION = 7 / 8
 
 
 def steps_for(minutes: float, seconds_per_step: float) -> int:
@@ -129,6 +135,26 @@ def _snapshot(run: Path, dest: Path) -> None:
     (dest / "trainer_state.json").write_text(json.dumps(_state(run), indent=2), encoding="utf-8")
 
 
+def snapshot_checkpoint(run: Path, step: int, dest: Path) -> None:
+    """Like :func:`_snapshot`, from the run's saved checkpoint at ``step`` (``train.keep_checkpoints``
+    keeps it) instead of its latest model: a warm start from a run that has trained past it."""
+    import torch
+
+    from metanmt.engine.checkpoint import CHECKPOINTS, checkpoint_problem
+    from metanmt.engine.run import load_run
+
+    checkpoint = run / CHECKPOINTS / f"step_{step:08d}"
+    problem = checkpoint_problem(checkpoint) if checkpoint.is_dir() else "no such checkpoint"
+    if problem:
+        raise SystemExit(f"{checkpoint}: {problem}")
+    loaded = load_run(run, double_backward=False)
+    loaded.model.load_state_dict(torch.load(checkpoint / "custom_checkpoint_0.pkl", map_location="cpu", weights_only=True))
+    if dest.exists():
+        shutil.rmtree(dest)
+    loaded.family.save_model(loaded.model, dest)
+    shutil.copy2(checkpoint / "trainer_state.json", dest / "trainer_state.json")
+
+
 def quick(args: argparse.Namespace) -> tuple[list[str], dict]:
     """Train both inits (see the module docstring); returns the --init flags and the plan. The plan
     (rates and step counts) is kept in RUNS/quick_plan.json, so a rerun resumes to the same steps."""
@@ -147,7 +173,7 @@ def quick(args: argparse.Namespace) -> tuple[list[str], dict]:
             plan_file.write_text(json.dumps(plan, indent=2), encoding="utf-8")
 
     if "multi_steps" not in plan:
-        rate = _rate("l10n_multitask.yaml", multi, args, [], given[0])
+        rate = _rate(MULTI, multi, args, [], given[0])
         plan = {"minutes": args.minutes, "calibration_steps": args.calibration_steps, "multi_seconds_per_step": rate,
                 **quick_plan(args.minutes, rate, given[1] or rate, args.calibration_steps)}
         plan.pop("meta_steps")  # set by the meta stage's own rate
@@ -155,19 +181,20 @@ def quick(args: argparse.Namespace) -> tuple[list[str], dict]:
     warm = runs / f"multi_at_{plan['warm_steps']}"
     if not (warm / "trainer_state.json").is_file():
         if _state(multi).get("step", 0) > plan["warm_steps"]:
-            raise SystemExit(f"{multi} is already past step {plan['warm_steps']} and {warm} is missing; "
-                             "remove the runs folder or give another --runs")
-        _train("l10n_multitask.yaml", multi, plan["warm_steps"], args, [], args.dry_run)
-        if not args.dry_run:
-            _snapshot(multi, warm)
+            if not args.dry_run:
+                snapshot_checkpoint(multi, plan["warm_steps"], warm)  # SystemExit if that checkpoint is gone
+        else:
+            _train(MULTI, multi, plan["warm_steps"], args, [], args.dry_run)
+            if not args.dry_run:
+                _snapshot(multi, warm)
     pretrained = ["--set", f"model.pretrained={warm}"]
     if "meta_steps" not in plan:
-        rate = given[1] if args.dry_run else _rate("l10n_meta_warm.yaml", meta, args, pretrained, given[1])
+        rate = given[1] if args.dry_run else _rate(META, meta, args, pretrained, given[1])
         plan.update(meta_seconds_per_step=rate,
                     meta_steps=max(args.calibration_steps, steps_for(args.minutes * (1 - WARM_FRACTION), rate)))
         keep()
-    _train("l10n_meta_warm.yaml", meta, plan["meta_steps"], args, pretrained, args.dry_run)
-    _train("l10n_multitask.yaml", multi, plan["multi_steps"], args, [], args.dry_run)
+    _train(META, meta, plan["meta_steps"], args, pretrained, args.dry_run)
+    _train(MULTI, multi, plan["multi_steps"], args, [], args.dry_run)
     return ["--init", f"meta={meta}", "--init", f"multi={multi}"], plan
 
 
@@ -182,7 +209,8 @@ def main() -> int:
     parser.add_argument("--init", action="append", metavar="NAME=PATH")
     parser.add_argument("--quick", action="store_true", help="train both inits for --minutes each, then a reduced comparison")
     parser.add_argument("--minutes", type=float, default=20.0, help="--quick: training minutes per init (default %(default)s)")
-    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "quick", help="--quick: where the inits are trained")
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "quick",
+                        help="--quick: where the inits are trained; --jobs: where the jobs' compare folders are")
     parser.add_argument("--calibration-steps", type=int, default=10, help="--quick: steps that measure the rate")
     parser.add_argument("--seconds-per-step", type=float, nargs=2, metavar=("MULTI", "META"),
                         help="--quick: known rates instead of measuring them")
@@ -225,20 +253,28 @@ def main() -> int:
     import transformers
 
     from metanmt.cli import main as cli
+    from metanmt.engine.checkpoint import export_files
 
     if args.jobs > 1:
-        # each job runs the cells of its languages into the same --out (cells are separate files);
-        # the final invocation below finds every cell finished and writes the full report
-        groups = [args.langs[i :: args.jobs] for i in range(args.jobs)]
+        # each job runs the cells of its languages into its own folder beside --out (a compare folder
+        # is locked by the process that writes it); their cells (one file each, same settings) are
+        # then gathered into --out, where the final invocation below finds every cell finished
+        groups = [g for g in (args.langs[i :: args.jobs] for i in range(args.jobs)) if g]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        jobs = []
-        for group in (g for g in groups if g):
+        jobs, folders = [], []
+        for group in groups:
             job_command = list(command)
             start = job_command.index("--langs") + 1
             job_command[start : start + len(args.langs)] = group
+            folders.append(args.runs / "compare-jobs" / f"{args.out.name}-{'-'.join(group)}")
+            job_command[job_command.index("--out") + 1] = str(folders[-1])
             jobs.append(subprocess.Popen([sys.executable, "-m", "metanmt", *job_command], env=env, cwd=ROOT))
         if any(job.wait() != 0 for job in jobs):
             return 1
+        (args.out / "cells").mkdir(parents=True, exist_ok=True)
+        for folder in folders:
+            for cell in sorted((folder / "cells").glob("*.json")):
+                shutil.copy2(cell, args.out / "cells" / cell.name)
     status = cli(command)
     if status == 0:
         info = {
@@ -251,7 +287,8 @@ def main() -> int:
         }
         if plan:
             info["quick"] = plan
-        (args.out / "hardware.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+        # recorded as metanmt's own file, so that a rerun of the comparison into --out is not refused
+        export_files(args.out, lambda tmp: (tmp / "hardware.json").write_text(json.dumps(info, indent=2), encoding="utf-8"))
     return status
 
 

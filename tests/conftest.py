@@ -23,6 +23,28 @@ def double_episode(family, seed: int = 0):
     return type(ep)(task=ep.task, support=as64(ep.support), query=as64(ep.query))
 
 
+def check_directional_derivatives(loss_fn, params, grads, names, directions=3, eps=1e-5, seed=1):
+    """Central finite differences of ``loss_fn()`` along random directions over the float64 tensors
+    ``params[n]`` for ``n`` in ``names`` (moved in place and put back) against ``grads``: the exact
+    check of a meta-gradient (second-order terms included) that no autograd shortcut can pass."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def shift(direction, scale):
+        with torch.no_grad():
+            for n in names:
+                params[n].add_(scale * direction[n])
+
+    for _ in range(directions):
+        direction = {n: torch.randn(params[n].shape, generator=gen, dtype=torch.float64) for n in names}
+        analytic = sum(float((grads[n] * direction[n]).sum()) for n in names)
+        shift(direction, eps)
+        up = loss_fn()
+        shift(direction, -2 * eps)
+        down = loss_fn()
+        shift(direction, eps)
+        assert analytic == pytest.approx((up - down) / (2 * eps), rel=1e-5, abs=1e-8)
+
+
 def pytest_collection_modifyitems(config, items):
     """``@pytest.mark.gpu`` tests need CUDA: skipped, with the reason, where there is none."""
     if torch.cuda.is_available():

@@ -17,6 +17,7 @@ from metanmt.engine.run import load_run
 from metanmt.engine.trainer import MetaTrainer, build_family
 from metanmt.errors import ConfigError
 
+from .conftest import check_directional_derivatives
 from .test_translation_engine import TINY
 
 LORA = ["model.lora={r: 2, alpha: 4, dropout: 0.0, target_modules: [q_proj, v_proj, fc1]}"]
@@ -96,23 +97,7 @@ def test_maml_through_lora_matches_finite_differences():
         adapted = inner.adapt(params, episode.support, create_graph=False).params
         return float(inner.loss(adapted, episode.query).detach())
 
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(3):
-        direction = {n: torch.randn(params[n].shape, generator=gen, dtype=torch.float64) for n in names}
-        analytic = sum(float((grads[n] * direction[n]).sum()) for n in names)
-        eps = 1e-5
-        with torch.no_grad():
-            for n in names:
-                params[n].add_(eps * direction[n])
-        up = outer()
-        with torch.no_grad():
-            for n in names:
-                params[n].sub_(2 * eps * direction[n])
-        down = outer()
-        with torch.no_grad():
-            for n in names:
-                params[n].add_(eps * direction[n])
-        assert analytic == pytest.approx((up - down) / (2 * eps), rel=1e-5, abs=1e-8)
+    check_directional_derivatives(outer, params, grads, names)
 
 
 def test_lora_meta_training_saves_adapter_and_base_and_fine_tunes_the_adapters(tmp_path):

@@ -253,11 +253,11 @@ def _bench_compare(monkeypatch: pytest.MonkeyPatch):
 def test_quick_reproduction_plans_minutes_as_steps(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture) -> None:
     """``bench/l10n_compare.py --quick``: minutes -> steps through the measured rate; the meta init
-    is warm-started from the multi run at 3/4 of its steps; the comparison gets the quick defaults
+    is warm-started from the multi run at 7/8 of its steps; the comparison gets the quick defaults
     unless a flag is given. (The whole pipeline on a tiny corpus takes minutes, so the test plans.)"""
     bench = _bench_compare(monkeypatch)
     assert bench.steps_for(20, 2.0) == 600 and bench.steps_for(0.001, 5.0) == 1
-    assert bench.quick_plan(20, 2.0, 4.0, 10) == {"multi_steps": 600, "warm_steps": 450, "meta_steps": 75}
+    assert bench.quick_plan(20, 2.0, 4.0, 10) == {"multi_steps": 600, "warm_steps": 525, "meta_steps": 37}
     assert bench.quick_plan(0.01, 2.0, 4.0, 10) == {"multi_steps": 10, "warm_steps": 10, "meta_steps": 10}
     flags = bench.with_quick_defaults(["--seeds", "1", "--lr", "1e-4"])
     assert flags[:4] == ["--seeds", "1", "--lr", "1e-4"] and flags.count("--seeds") == 1
@@ -272,10 +272,10 @@ def test_quick_reproduction_plans_minutes_as_steps(monkeypatch: pytest.MonkeyPat
     out = capsys.readouterr().out
     commands = [line for line in out.splitlines() if line.startswith("+ ")]
     assert len(commands) == 4 and not runs.exists()  # a dry run trains and writes nothing
-    assert "l10n_multitask.yaml" in commands[0] and "train.steps=450" in commands[0]
-    assert "l10n_meta_warm.yaml" in commands[1] and "train.steps=75" in commands[1]
-    assert f"model.pretrained={runs / 'multi_at_450'}" in commands[1]
-    assert "l10n_multitask.yaml" in commands[2] and "train.steps=600" in commands[2]
+    assert "l10n_frontier.yaml" in commands[0] and "train.steps=525" in commands[0]
+    assert "l10n_meta_frontier.yaml" in commands[1] and "train.steps=37" in commands[1]
+    assert f"model.pretrained={runs / 'multi_at_525'}" in commands[1]
+    assert "l10n_frontier.yaml" in commands[2] and "train.steps=600" in commands[2]
     assert all("train.eval_every=0" in c for c in commands[:3])
     assert commands[3].startswith("+ metanmt compare --init meta=") and "--seeds 1" in commands[3]
     assert "--budgets 0 1k 4k" in commands[3] and "--curve 0 10 30 100" in commands[3]

@@ -19,6 +19,7 @@ from metanmt.engine.trainer import MetaTrainer, build_family
 from metanmt.errors import ConfigError
 from metanmt.tasks import language_embeddings as lang_emb
 from metanmt.tasks.translation.model import forward as logits_of
+from tests.conftest import check_directional_derivatives
 from tests.test_translation_engine import TINY
 
 TABLE = "model.encoder.language_embeddings.tables."
@@ -143,24 +144,7 @@ def test_maml_meta_gradient_through_the_language_table_matches_finite_difference
         adapted = inner.adapt(params, episode.support, create_graph=False).params
         return float(inner.loss(adapted, episode.query).detach())
 
-    gen = torch.Generator().manual_seed(1)
-    names = list(params)
-    for _ in range(2):
-        direction = {n: torch.randn(params[n].shape, generator=gen, dtype=torch.float64) for n in names}
-        analytic = sum(float((grads[n] * direction[n]).sum()) for n in names)
-        eps = 1e-5
-        with torch.no_grad():
-            for n in names:
-                params[n].add_(eps * direction[n])
-        up = outer()
-        with torch.no_grad():
-            for n in names:
-                params[n].sub_(2 * eps * direction[n])
-        down = outer()
-        with torch.no_grad():
-            for n in names:
-                params[n].add_(eps * direction[n])
-        assert analytic == pytest.approx((up - down) / (2 * eps), rel=1e-5, abs=1e-8)
+    check_directional_derivatives(outer, params, grads, list(params), directions=2)
     if reset == "never":  # the table's own meta-gradient is part of what was checked, and not zero
         assert float(grads[TABLE + slot].abs().max()) > 0
 

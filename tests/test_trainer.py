@@ -96,6 +96,28 @@ def test_run_directory_is_loadable_and_refuses_a_second_run(tmp_path):
     MetaTrainer(small(), out, overwrite=True)  # allowed
 
 
+def test_resume_accepts_a_run_saved_before_newer_keys_and_from_a_moved_checkout(tmp_path):
+    """A config saved by an older metanmt lacks keys added since (they default to the old behaviour)
+    and names the suite file by the absolute path of the checkout it came from."""
+    import yaml
+
+    out = tmp_path / "run"
+    MetaTrainer(small(steps=2), out).train()
+    saved = yaml.safe_load((out / "metanmt.yaml").read_text())
+    del saved["train"]["show_examples"], saved["train"]["collective_timeout_minutes"]
+    saved["suite"] = "/elsewhere/an-older-checkout/tasks/sinusoid.yaml"
+    (out / "metanmt.yaml").write_text(yaml.safe_dump(saved))
+    trainer = MetaTrainer(small(steps=4), out, resume=True)  # accepted
+    assert trainer.state.step == 2
+    del trainer
+    # a key the old run lacks, set now to something other than its default, is a change
+    with pytest.raises(UserError, match=r"train.show_examples: 0 -> 3"):
+        MetaTrainer(small(steps=4, **{"train.show_examples": 3}), out, resume=True)
+    # and so is a task key that differs (the suite's contents are compared, not its path)
+    with pytest.raises(UserError, match=r"task.shots: 4 -> 5"):
+        MetaTrainer(small(steps=4, **{"task.shots": 5}), out, resume=True)
+
+
 class Crash(Exception):
     pass
 

@@ -15,6 +15,8 @@ from metanmt.engine.inner import InnerLoop, select_names, trainable_names
 from metanmt.engine.run import load_run
 from metanmt.engine.trainer import MetaTrainer
 
+from .conftest import check_directional_derivatives
+
 TINY = [
     "model.d_model=32", "model.encoder_layers=1", "model.decoder_layers=1", "model.attention_heads=2",
     "model.ffn_dim=64", "model.dropout=0.0", "model.max_positions=64",
@@ -91,25 +93,7 @@ def test_maml_through_marian_matches_finite_differences(tmp_path):
         adapted = inner.adapt(params, episode.support, create_graph=False).params
         return float(inner.loss(adapted, episode.query).detach())
 
-    gen = torch.Generator().manual_seed(1)
-    names = trainable_names(model)
-    for _ in range(3):
-        direction = {n: torch.randn(params[n].shape, generator=gen, dtype=torch.float64) for n in names}
-        analytic = sum(float((grads[n] * direction[n]).sum()) for n in names)
-        eps = 1e-5
-        with torch.no_grad():
-            for n in names:
-                params[n].add_(eps * direction[n])
-        up = outer()
-        with torch.no_grad():
-            for n in names:
-                params[n].sub_(2 * eps * direction[n])
-        down = outer()
-        with torch.no_grad():
-            for n in names:
-                params[n].add_(eps * direction[n])
-        numeric = (up - down) / (2 * eps)
-        assert analytic == pytest.approx(numeric, rel=1e-5, abs=1e-8)
+    check_directional_derivatives(outer, params, grads, trainable_names(model))
 
 
 @pytest.mark.slow

@@ -97,6 +97,72 @@ def test_temperature_sampling(cache: Path) -> None:
     assert np.allclose(hot.task_probabilities("train"), 0.5, atol=1e-4)
 
 
+def _short_and_long_suite(root: Path) -> dict:
+    """60 one-word pairs and 60 pairs of 12 words each: what an episode sampler must not skew."""
+    import gzip
+
+    words = "red green blue black white gray brown pink cyan gold navy teal".split()
+    pairs = [(f"Wort{i}", f"word{i}") for i in range(60)]
+    pairs += [(" ".join(f"w{i}{w}" for w in words), " ".join(f"{w}{i}" for w in words)) for i in range(60)]
+    (root / "meta_train").mkdir(parents=True, exist_ok=True)
+    text = "lang\tsrc\ten\torigin\n" + "".join(f"de\t{s}\t{e}\tt\n" for s, e in pairs)
+    (root / "meta_train" / "de.tsv.gz").write_bytes(gzip.compress(text.encode()))
+    return {"train_languages": ["de"], "vocab_size": 600, "support_tokens": 40, "query_tokens": 40,
+            "max_source_length": 64, "max_target_length": 64, "max_new_tokens": 8}
+
+
+def test_episode_order_tokens_sorts_by_subword_counts(tmp_path: Path, cache: Path) -> None:
+    task = _short_and_long_suite(tmp_path)
+    fam = TranslationFamily({**task, "episode_order": "tokens"}, TINY_MODEL, data_root=tmp_path)
+    pairs = fam.pairs("train", "de")
+    with fam.source_language("de"):
+        encoded = fam.encode(pairs)
+    keys = [(len(encoded[i][1]), len(encoded[i][0])) for i in fam.length_order("train", "de")]
+    assert keys == sorted(keys)  # target tokens, then source tokens
+    episode = fam.sample_episode(np.random.default_rng(0))
+    assert not rows(episode.support) & rows(episode.query)
+
+
+def test_episode_start_by_length_trains_on_every_pair_equally(tmp_path: Path, cache: Path) -> None:
+    """A uniform start puts a one-word pair in far more episodes than a long one (its chance is
+    ~1/length); a start drawn in proportion to length makes the chances equal, as in an epoch."""
+    task = _short_and_long_suite(tmp_path)
+    long_share = {}
+    for start in ("uniform", "length"):
+        fam = TranslationFamily({**task, "episode_order": "tokens", "episode_start": start}, TINY_MODEL, data_root=tmp_path)
+        counts = {"short": 0, "long": 0}
+        rng = np.random.default_rng(0)
+        for _ in range(400):
+            episode = fam.sample_episode(rng)
+            for batch in (episode.support, episode.query):
+                lengths = (batch["labels"] != IGNORE).sum(1)
+                counts["long"] += int((lengths > 6).sum())
+                counts["short"] += int((lengths <= 6).sum())
+        long_share[start] = counts["long"] / (counts["long"] + counts["short"])
+    assert long_share["uniform"] < 0.25  # the skew the default keeps for runs made before the key
+    assert 0.4 < long_share["length"] < 0.6  # half the pairs are long: about half the pairs trained on
+
+
+def test_episodes_never_wrap_from_the_longest_pairs_to_the_shortest(tmp_path: Path, cache: Path) -> None:
+    """Near the end of the length order an episode is taken from the end backwards: a support batch of
+    long pairs never meets a query batch of one-word pairs (the merged batch would pad them all)."""
+    task = _short_and_long_suite(tmp_path)
+    fam = TranslationFamily({**task, "episode_order": "tokens", "episode_start": "length"}, TINY_MODEL, data_root=tmp_path)
+    rng = np.random.default_rng(0)
+    ends = 0
+    for _ in range(300):
+        episode = fam.sample_episode(rng)
+        support_long = bool(((episode.support["labels"] != IGNORE).sum(1) > 6).any())
+        query_short = bool(((episode.query["labels"] != IGNORE).sum(1) <= 6).any())
+        assert not (support_long and query_short)
+        ends += support_long
+    assert ends > 50  # episodes among the long pairs (and at the end of the order) were drawn
+    legacy = TranslationFamily(task, TINY_MODEL, data_root=tmp_path)  # chars + uniform: the old wrap-around
+    wrapped = [legacy.sample_episode(np.random.default_rng(s)) for s in range(300)]
+    assert any(((e.support["labels"] != IGNORE).sum(1) > 6).any() and ((e.query["labels"] != IGNORE).sum(1) <= 6).any()
+               for e in wrapped)
+
+
 # -- loss and meta-gradient ----------------------------------------------------------------------
 
 
@@ -184,6 +250,25 @@ def test_validate_scores_without_side_effects(family: TranslationFamily, model: 
     assert family.validate(model) == result  # fixed seed and data order: comparable across checkpoints
     hyps = family.translate(model, ["luni", "marți"], max_new_tokens=4)
     assert len(hyps) == 2 and all(isinstance(h, str) for h in hyps)
+
+
+def test_validation_warns_when_the_model_ignores_its_source(family: TranslationFamily, model: torch.nn.Module,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """A model whose decoder never reads the encoder (here: cross-attention outputs zeroed) has the
+    same dev NLL whatever the source: the gap is 0 and validation says so."""
+    import copy
+
+    deaf = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in deaf.named_parameters():
+            if "encoder_attn.out_proj" in name or "encoder_attn.v_proj" in name:
+                p.zero_()
+            if "encoder_attn" in name:
+                p.requires_grad_(False)  # the dev fine-tune must not revive it
+    with caplog.at_level("WARNING"):
+        result = family.validate(deaf)
+    assert abs(result["dev_source_gap"]) < 1e-6
+    assert "ignores its source" in caplog.text
 
 
 # -- file-based suites ----------------------------------------------------------------------------

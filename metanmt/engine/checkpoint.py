@@ -15,6 +15,7 @@ writing leaves the previous checkpoint intact and ``--resume`` never sees a half
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import files
+from .. import registry
 from ..config import RunConfig, dump_config, from_dict, read_yaml
 from ..errors import UserError
 from ..locking import LOCK_FILE, FolderLock
@@ -48,6 +50,30 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
             out.update(flatten(value, name + "."))
         else:
             out[name] = value
+    return out
+
+
+def with_defaults(settings: dict[str, Any]) -> dict[str, Any]:
+    """A saved or new run config with every key the current schema knows, absent ones at their default.
+
+    A run saved before a key existed computes what that key's default computes (new keys default to
+    the earlier behaviour), so resuming it with a newer metanmt is not a change; the family's
+    ``task``/``model`` sections are filled from its own schema. ``suite`` is the path the task keys
+    were read from, compared through those keys instead (a moved checkout is not a different run).
+    Settings the current schema refuses are returned as they are, and then differ visibly."""
+    try:
+        out = from_dict(RunConfig, settings).to_dict()
+        family = registry.task_family(out["family"]) if out.get("family") else None
+    except (UserError, KeyError, ImportError):
+        return settings
+    if family is not None:
+        for section, schema in (("task", getattr(family, "TaskConfig", None)), ("model", getattr(family, "ModelConfig", None))):
+            if schema is None:
+                continue
+            try:
+                out[section] = dataclasses.asdict(from_dict(schema, out[section], section))
+            except UserError:
+                pass
     return out
 
 
@@ -191,7 +217,8 @@ def inspect_output_dir(output_dir: Path, cfg: RunConfig, resume: bool, overwrite
     saved = output_dir / CONFIG_FILE
     continuing = inspect_directory(output_dir, saved, "run", resume, overwrite, foreign="a metanmt run")
     if continuing:
-        details = describe_changes(read_yaml(saved), cfg.to_dict(), ignore=RESUMABLE_CHANGES)
+        details = describe_changes(with_defaults(read_yaml(saved)), with_defaults(cfg.to_dict()),
+                                   ignore=RESUMABLE_CHANGES | {"suite"})
         if details:
             raise UserError(f"{output_dir}: holds a different run ({details}); pass --overwrite to replace it")
     return continuing

@@ -683,6 +683,18 @@ def _num(value: Any) -> str:
         return "–"
 
 
+def _save_figure(fig: Any, path: Path, dpi: int) -> Path:
+    """Write a PNG under a temporary name and rename it into place (a killed run leaves the old plot)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_name(".tmp-" + path.name)
+    fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
 def plot(path: Path, table: dict[tuple[str, str, str], dict[str, list[float]]], inits: list[str], langs: list[str],
          budgets: list[str]) -> Path:
     """One panel per language: BLEU against budget (evenly spaced), one line per init, 95% CI bars."""
@@ -711,12 +723,7 @@ def plot(path: Path, table: dict[tuple[str, str, str], dict[str, list[float]]], 
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("BLEU")
     axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(".tmp-" + path.name)
-    fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save_figure(fig, path, dpi=120)
 
 
 def plot_curve(path: Path, table: dict[tuple[str, str, str], dict[str, list[float]]], inits: list[str],
@@ -762,9 +769,4 @@ def plot_curve(path: Path, table: dict[tuple[str, str, str], dict[str, list[floa
             handles.setdefault(label, handle)
     if handles:
         axes[0][-1].legend(list(handles.values()), list(handles), fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_name(".tmp-" + path.name)
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save_figure(fig, path, dpi=110)

@@ -29,6 +29,19 @@ from .training import train_updates
 logger = logging.getLogger(__name__)
 
 
+#: below this many nats between the dev NLL with mismatched and with true sources, validation warns
+SOURCE_GAP_WARNING = 0.01
+
+
+def source_gap(family: "TranslationFamily", model: nn.Module, pairs: list[Pair], loss: float) -> float:
+    """The corpus NLL with each target paired with the next segment's source, minus ``loss`` (the NLL
+    with the true sources): how much the model's predictions depend on its input (0 for one pair)."""
+    if len(pairs) < 2:
+        return 0.0
+    mismatched = [Pair(pairs[(i + 1) % len(pairs)].src, p.en) for i, p in enumerate(pairs)]
+    return family.corpus_loss(model, mismatched) - loss
+
+
 class TranslationFamily(TaskFamily):
     """X -> English translation, one task per source language (see the package docstring)."""
 
@@ -84,7 +97,7 @@ class TranslationFamily(TaskFamily):
         self._tokenizer: Any = None
         self._data: dict[str, Corpus] = {}
         self._dev_sets: dict[str, tuple[list[Pair], list[Pair]]] = {}
-        self._length_orders: dict[tuple[str, str], np.ndarray] = {}
+        self._length_orders: dict[tuple[str, str], tuple[np.ndarray, Optional[np.ndarray]]] = {}
         self._decoder_start: Optional[int] = None  # set from the model's config by build_model/load_model
         self._source_lang: Optional[str] = None  # the language encode() gives the model (source_language)
         self._scheme: Optional[tuple[Any, LanguageScheme]] = None  # (tokenizer, its scheme)
@@ -265,19 +278,52 @@ class TranslationFamily(TaskFamily):
             yield self.collate([encoded[i] for i in rows])
 
     def length_order(self, split: str, lang: str) -> np.ndarray:
-        """The language's pairs sorted by length (characters of both sides, random ties), cached.
+        """The language's pairs sorted by length (random ties), cached: by characters of both sides,
+        or with ``task.episode_order: tokens`` by subword counts, target then source.
 
         Episodes take consecutive pairs of this order from a random start, so a token-sized batch
         holds sentences of similar length: padding is what makes a CPU step slow (a batch of 95
         pairs padded to one 110-token sentence cost ten times its real tokens).
         """
+        return self._episode_index(split, lang)[0]
+
+    def _episode_index(self, split: str, lang: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """(the length order, the cumulative start probabilities along it or None for uniform), cached."""
         key = (split, lang)
         if key not in self._length_orders:
+            t = self.task_cfg
             pairs = self.pairs(split, lang)
-            chars = np.array([len(p.src) + len(p.en) for p in pairs], dtype=np.int64)
             ties = np.random.default_rng([zlib.crc32(lang.encode()), 5]).random(len(pairs))
-            self._length_orders[key] = np.lexsort((ties, chars))
+            if t.episode_order == "tokens" or t.episode_start == "length":
+                with self.source_language(lang):
+                    encoded = self.encode(pairs)
+                source = np.array([len(s) for s, _ in encoded], dtype=np.int64)
+                target = np.array([len(g) for _, g in encoded], dtype=np.int64)
+            if t.episode_order == "tokens":
+                order = np.lexsort((ties, source, target))
+            else:
+                chars = np.array([len(p.src) + len(p.en) for p in pairs], dtype=np.int64)
+                order = np.lexsort((ties, chars))
+            # a start drawn in proportion to its pair's target tokens: a pair's chance to be in an
+            # episode is then about equal for every pair (uniform starts give ~1/length)
+            starts = np.cumsum(target[order], dtype=np.float64) if t.episode_start == "length" else None
+            self._length_orders[key] = (order, None if starts is None else starts / starts[-1])
         return self._length_orders[key]
+
+    def _fill_episode(self, pairs: list[Pair], order: np.ndarray, start: int) -> tuple[list, list]:
+        """Support, then query, from ``start`` in ``order``. An episode that would run past the end is
+        taken from the end backwards instead (the longest pairs): wrapping around to the shortest pairs
+        put one-token pairs beside 128-token ones, and the merged batch of support and query, padded to
+        the longest, grew to 259 x 128 positions (9 GB, a 40 s step)."""
+        t = self.task_cfg
+        support, pos = self._fill(pairs, order, start, t.support_tokens)
+        query, pos = self._fill(pairs, order, pos, t.query_tokens)
+        if pos < len(order):
+            return support, query
+        backwards = order[::-1]
+        support, pos = self._fill(pairs, backwards, 0, t.support_tokens)
+        query, _ = self._fill(pairs, backwards, pos, t.query_tokens)
+        return support, query
 
     def sample_episode(self, rng: np.random.Generator, split: str = "train") -> Episode:
         """One language, then disjoint, adjacent support and query batches of about ``support_tokens``
@@ -288,10 +334,16 @@ class TranslationFamily(TaskFamily):
         lang = langs[int(rng.choice(len(langs), p=probs))]
         pairs = self.pairs(split, lang)
         # a random start in the length-sorted order: similar lengths, little padding
-        order = np.roll(self.length_order(split, lang), -int(rng.integers(len(pairs))))
+        order, starts = self._episode_index(split, lang)
+        start = int(rng.integers(len(pairs))) if starts is None else min(int(np.searchsorted(starts, rng.random(), side="right")), len(pairs) - 1)
         with self.source_language(lang):
-            support, pos = self._fill(pairs, order, 0, t.support_tokens)
-            query, _ = self._fill(pairs, order, pos, t.query_tokens)
+            if t.episode_order == "chars" and t.episode_start == "uniform":
+                # as runs made before the two keys did: past the longest pairs, wrap around to the shortest
+                order = np.roll(order, -start)
+                support, pos = self._fill(pairs, order, 0, t.support_tokens)
+                query, _ = self._fill(pairs, order, pos, t.query_tokens)
+            else:
+                support, query = self._fill_episode(pairs, order, start)
         if not query:
             raise DataError(f"language {lang} ({split}): {len(pairs)} pairs are too few for disjoint support and query batches")
         support, query = self.collate(support), self.collate(query)
@@ -436,14 +488,17 @@ class TranslationFamily(TaskFamily):
     def validate(self, model: nn.Module, engine: Any = None) -> dict[str, float]:
         """Fine-tune a copy briefly on each dev language's fine-tuning set, then translate and score
         its dev segments: ``dev_bleu``, ``dev_chrf`` (sacreBLEU), ``dev_loss`` (after fine-tuning),
-        ``dev_loss_zero_shot`` (before), per language and averaged; ``score`` is the average of
+        ``dev_loss_zero_shot`` (before), ``dev_source_gap`` (the fine-tuned dev NLL with every target
+        paired with another segment's source, minus ``dev_loss``: ~0 when the model ignores its
+        source, which is logged as a warning), per language and averaged; ``score`` is the average of
         ``dev_metric`` (negated for loss), higher is better. The caller's model and torch RNG state
         are left untouched, and the result depends only on the model (fixed data order and seed).
         ``engine`` (the trainer) is accepted for the TaskFamily contract and not needed.
         """
         t = self.task_cfg
         model = getattr(model, "module", model)
-        results: dict[str, list[float]] = {"dev_bleu": [], "dev_chrf": [], "dev_loss": [], "dev_loss_zero_shot": []}
+        results: dict[str, list[float]] = {"dev_bleu": [], "dev_chrf": [], "dev_loss": [], "dev_loss_zero_shot": [],
+                                           "dev_source_gap": []}
         out: dict[str, float] = {}
         device = next(model.parameters()).device  # the copy stays where the caller keeps the model
         # validation must not move the training RNG streams (exact resume and determinism)
@@ -459,10 +514,15 @@ class TranslationFamily(TaskFamily):
                     self.finetune(tuned, finetune_pairs, t.dev_finetune_steps, t.dev_finetune_lr, t.dev_finetune_tokens,
                                   t.dev_adapt, seed=t.dev_seed)
                     loss = self.corpus_loss(tuned, eval_pairs)
+                    gap = source_gap(self, tuned, eval_pairs, loss)
                     hypotheses = self.translate(tuned, [p.src for p in eval_pairs])
                 scores = self.score(hypotheses, [p.en for p in eval_pairs])
+                if len(eval_pairs) > 1 and gap < SOURCE_GAP_WARNING:
+                    logger.warning("dev %s: the model ignores its source (dev NLL with mismatched sources is only %+.4f "
+                                   "nats above the true ones): its encoder has collapsed, which a learning rate too "
+                                   "high for this model does (docs/design.md, \"A model that ignores its source\")", lang, gap)
                 for key, value in (("dev_bleu", scores["bleu"]), ("dev_chrf", scores["chrf"]),
-                                   ("dev_loss", loss), ("dev_loss_zero_shot", zero_shot)):
+                                   ("dev_loss", loss), ("dev_loss_zero_shot", zero_shot), ("dev_source_gap", gap)):
                     results[key].append(value)
                     out[f"{key}/{lang}"] = value
                 del tuned

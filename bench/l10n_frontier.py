@@ -1,0 +1,119 @@
+"""The multi-task baseline at the efficient frontier: what 20 minutes of training on 2 CPU cores give.
+
+    OMP_NUM_THREADS=2 python bench/l10n_frontier.py --data-root ../shared/data/l10n [--runs ~/runs/frontier]
+
+1. ``metanmt meta-train configs/l10n_frontier.yaml`` into ``RUNS/multi`` (resumable: a rerun
+   continues it). The config's step count is what fits in 20 minutes on an idle 2-core machine
+   (bench/results/l10n_throughput.json measures the step rate); no validation runs inside it.
+2. The Finnish dev set for early stopping: the last 200 pairs of ``fi.pool`` that are not in
+   ``fi.40k`` (so never in a fine-tuning budget, nor in the test set), written to ``RUNS/fi_dev.tsv.gz``.
+3. ``metanmt compare`` of that init on Finnish 16k (``RUNS/compare``): all parameters, Adam 3e-4,
+   ~1,000-token batches, dev NLL picks the checkpoint (patience 3), greedy decoding of the 500
+   test segments; ``--seeds`` fine-tuning seeds, mean with the Student-t 95% interval for that n.
+
+Writes ``bench/results/l10n_frontier.json``: the config, the training minutes and updates its run
+folder records, English tokens/s of the training, the plain `transformers` loop's tokens/s from
+the throughput benchmark, and Finnish 16k BLEU / chrF / test NLL. Targets: >= 6.2 BLEU,
+>= 25.6 chrF, NLL <= 3.34 (the calibration pilot's 20-minute multi-task run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+CONFIG = ROOT / "configs" / "l10n_frontier.yaml"
+OUT = ROOT / "bench" / "results" / "l10n_frontier.json"
+THROUGHPUT = ROOT / "bench" / "results" / "l10n_throughput.json"
+TARGETS = {"bleu": 6.2, "chrf": 25.6, "nll": 3.34}
+
+
+def metanmt(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "metanmt", *args], check=True, cwd=ROOT)
+
+
+def held_out_dev(data_root: Path, out: Path, lang: str = "fi", size: int = 200) -> Path:
+    """The last ``size`` rows of the language's pool whose pair is in none of its budget files."""
+    def rows(path: Path) -> tuple[list[str], list[list[str]]]:
+        with gzip.open(path, "rt", encoding="utf-8", newline="") as f:
+            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            header = next(reader)
+            return header, list(reader)
+
+    header, pool = rows(data_root / "finetune" / f"{lang}.pool.tsv.gz")
+    src, en = header.index("src"), header.index("en")
+    _, largest = rows(data_root / "finetune" / f"{lang}.40k.tsv.gz")
+    used = {(r[src], r[en]) for r in largest}
+    dev = [r for r in pool if (r[src], r[en]) not in used][-size:]
+    if len(dev) < size:
+        raise SystemExit(f"{lang}.pool has only {len(dev)} pairs outside {lang}.40k; need {size}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(out, "wt", encoding="utf-8", newline="") as f:  # no quoting: quotes are ordinary characters
+        f.write("".join("\t".join(row) + "\n" for row in [header, *dev]))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-root", required=True, type=Path)
+    p.add_argument("--runs", type=Path, default=Path.home() / "runs" / "frontier", help="run folders (outside the checkout)")
+    p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds (default %(default)s)")
+    p.add_argument("--out", type=Path, default=OUT)
+    args = p.parse_args()
+    data_root, runs = args.data_root.resolve(), args.runs.expanduser().resolve()
+    run = runs / "multi"
+
+    train = ["meta-train", str(CONFIG), "--set", f"data.root={data_root}", "--output-dir", str(run)]
+    metanmt(*train, *(["--resume"] if (run / "metanmt.yaml").is_file() else []))
+    state = json.loads((run / "checkpoints" / sorted(os.listdir(run / "checkpoints"))[-1] / "trainer_state.json").read_text())
+
+    dev = held_out_dev(data_root, runs / "fi_dev.tsv.gz")
+    metanmt("compare", "--init", f"multi={run}", "--data-root", str(data_root), "--langs", "fi", "--budgets", "16k",
+            "--seeds", str(args.seeds), "--no-scratch", "--beam", "1", "--curve", "--dev", str(dev),
+            "--dev-metric", "loss", "--patience", "3", "--out", str(runs / "compare"))
+
+    import math
+
+    from metanmt.evaluation.statistics import t_interval
+
+    with open(runs / "compare" / "results.csv", encoding="utf-8") as f:
+        cells = [r for r in csv.DictReader(f) if r["init"] == "multi" and r["budget"] == "16k"]
+    fi16k = {}
+    for metric in ("bleu", "chrf", "nll"):
+        values = [float(r[metric]) for r in cells]
+        mean, half, _ = t_interval(values)
+        fi16k[metric] = round(mean, 4)
+        fi16k[f"{metric}_ci95"] = None if math.isnan(half) else round(half, 4)  # Student t, n = n_seeds
+        fi16k[f"{metric}_seeds"] = [round(v, 4) for v in values]
+    fi16k["n_seeds"] = len(cells)
+    fi16k["updates"] = [int(float(r["steps"])) for r in cells]
+    minutes = state["seconds"] / 60
+    plain = None
+    if THROUGHPUT.is_file():
+        rows = json.loads(THROUGHPUT.read_text())["rows"]
+        plain = next((r["english_tokens_per_s"] for r in rows if r["case"] == "plain"), None)
+    result = {
+        "config": str(CONFIG.relative_to(ROOT)), "minutes": round(minutes, 2), "updates": state["step"],
+        "pairs_seen": state["examples_seen"], "tokens_seen": state["tokens_seen"],
+        "tokens_per_s": round(state["tokens_seen"] / state["seconds"], 1), "plain_loop_tokens_per_s": plain,
+        "fi16k": fi16k, "targets": TARGETS,
+        "met": {"bleu": fi16k["bleu"] >= TARGETS["bleu"], "chrf": fi16k["chrf"] >= TARGETS["chrf"],
+                "nll": fi16k["nll"] <= TARGETS["nll"]},
+        "fine_tune": "all parameters, Adam 3e-4, ~1,000-token batches, dev NLL on 200 held-out fi.pool pairs "
+                     "(patience 3), greedy decoding of the 500 test segments",
+        "threads": os.environ.get("OMP_NUM_THREADS"),
+    }
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
