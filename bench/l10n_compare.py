@@ -256,7 +256,7 @@ def main() -> int:
     from metanmt.engine.checkpoint import export_files
 
     if args.jobs > 1:
-        # each job runs the cells of its languages into its own folder beside --out (a compare folder
+        # each job runs the cells of its languages into its own folder under RUNS (a compare folder
         # is locked by the process that writes it); their cells (one file each, same settings) are
         # then gathered into --out, where the final invocation below finds every cell finished
         groups = [g for g in (args.langs[i :: args.jobs] for i in range(args.jobs)) if g]
