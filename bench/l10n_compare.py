@@ -135,26 +135,6 @@ def _snapshot(run: Path, dest: Path) -> None:
     (dest / "trainer_state.json").write_text(json.dumps(_state(run), indent=2), encoding="utf-8")
 
 
-def snapshot_checkpoint(run: Path, step: int, dest: Path) -> None:
-    """Like :func:`_snapshot`, from the run's saved checkpoint at ``step`` (``train.keep_checkpoints``
-    keeps it) instead of its latest model: a warm start from a run that has trained past it."""
-    import torch
-
-    from metanmt.engine.checkpoint import CHECKPOINTS, checkpoint_problem
-    from metanmt.engine.run import load_run
-
-    checkpoint = run / CHECKPOINTS / f"step_{step:08d}"
-    problem = checkpoint_problem(checkpoint) if checkpoint.is_dir() else "no such checkpoint"
-    if problem:
-        raise SystemExit(f"{checkpoint}: {problem}")
-    loaded = load_run(run, double_backward=False)
-    loaded.model.load_state_dict(torch.load(checkpoint / "custom_checkpoint_0.pkl", map_location="cpu", weights_only=True))
-    if dest.exists():
-        shutil.rmtree(dest)
-    loaded.family.save_model(loaded.model, dest)
-    shutil.copy2(checkpoint / "trainer_state.json", dest / "trainer_state.json")
-
-
 def quick(args: argparse.Namespace) -> tuple[list[str], dict]:
     """Train both inits (see the module docstring); returns the --init flags and the plan. The plan
     (rates and step counts) is kept in RUNS/quick_plan.json, so a rerun resumes to the same steps."""
@@ -182,7 +162,13 @@ def quick(args: argparse.Namespace) -> tuple[list[str], dict]:
     if not (warm / "trainer_state.json").is_file():
         if _state(multi).get("step", 0) > plan["warm_steps"]:
             if not args.dry_run:
-                snapshot_checkpoint(multi, plan["warm_steps"], warm)  # SystemExit if that checkpoint is gone
+                from metanmt.engine.run import export_checkpoint
+                from metanmt.errors import UserError
+
+                try:
+                    export_checkpoint(multi, plan["warm_steps"], warm)
+                except UserError as exc:  # that checkpoint is gone
+                    raise SystemExit(str(exc)) from None
         else:
             _train(MULTI, multi, plan["warm_steps"], args, [], args.dry_run)
             if not args.dry_run:

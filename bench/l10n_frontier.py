@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gzip
 import json
 import os
 import subprocess
@@ -41,23 +40,15 @@ def metanmt(*args: str) -> None:
 
 
 def held_out_dev(data_root: Path, out: Path, lang: str = "fi", size: int = 200) -> Path:
-    """The last ``size`` rows of the language's pool whose pair is in none of its budget files."""
-    def rows(path: Path) -> tuple[list[str], list[list[str]]]:
-        with gzip.open(path, "rt", encoding="utf-8", newline="") as f:
-            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-            header = next(reader)
-            return header, list(reader)
+    """The last ``size`` pairs of the language's pool that are in none of its budget files."""
+    from metanmt.data.corpus import read_pairs, write_tsv
 
-    header, pool = rows(data_root / "finetune" / f"{lang}.pool.tsv.gz")
-    src, en = header.index("src"), header.index("en")
-    _, largest = rows(data_root / "finetune" / f"{lang}.40k.tsv.gz")
-    used = {(r[src], r[en]) for r in largest}
-    dev = [r for r in pool if (r[src], r[en]) not in used][-size:]
+    pool = read_pairs(data_root / "finetune" / f"{lang}.pool.tsv.gz", lang=lang)
+    used = set(read_pairs(data_root / "finetune" / f"{lang}.40k.tsv.gz", lang=lang))  # 40k holds every smaller budget
+    dev = [p for p in pool if p not in used][-size:]
     if len(dev) < size:
         raise SystemExit(f"{lang}.pool has only {len(dev)} pairs outside {lang}.40k; need {size}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with gzip.open(out, "wt", encoding="utf-8", newline="") as f:  # no quoting: quotes are ordinary characters
-        f.write("".join("\t".join(row) + "\n" for row in [header, *dev]))
+    write_tsv(out, [(lang, p.src, p.en, f"{lang}.pool, held out") for p in dev])
     return out
 
 
@@ -73,7 +64,9 @@ def main() -> None:
 
     train = ["meta-train", str(CONFIG), "--set", f"data.root={data_root}", "--output-dir", str(run)]
     metanmt(*train, *(["--resume"] if (run / "metanmt.yaml").is_file() else []))
-    state = json.loads((run / "checkpoints" / sorted(os.listdir(run / "checkpoints"))[-1] / "trainer_state.json").read_text())
+    from metanmt.engine.checkpoint import latest_checkpoint
+
+    state = json.loads((latest_checkpoint(run) / "trainer_state.json").read_text())
 
     dev = held_out_dev(data_root, runs / "fi_dev.tsv.gz")
     metanmt("compare", "--init", f"multi={run}", "--data-root", str(data_root), "--langs", "fi", "--budgets", "16k",

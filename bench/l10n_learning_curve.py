@@ -25,19 +25,14 @@ sys.path.insert(0, str(ROOT))
 def checkpoint_rows(run: Path, every: int) -> list[tuple[int, Path]]:
     from metanmt.engine import checkpoint as ckpt
 
-    found = []
-    for path in ckpt.list_checkpoints(run):
-        step = int(path.name.split("_")[1])
-        if step % every == 0 and ckpt.checkpoint_problem(path) is None:
-            found.append((step, path))
-    return found
+    return [(ckpt.checkpoint_step(path), path) for path in ckpt.list_checkpoints(run)
+            if ckpt.checkpoint_step(path) % every == 0 and ckpt.checkpoint_problem(path) is None]
 
 
 def score_checkpoint(loaded, path: Path) -> dict:
-    import torch
+    from metanmt.engine.checkpoint import model_state
 
-    state = torch.load(path / "custom_checkpoint_0.pkl", map_location="cpu", weights_only=True)  # the model's state dict
-    loaded.model.load_state_dict(state)
+    loaded.model.load_state_dict(model_state(path))
     trainer_state = json.loads((path / "trainer_state.json").read_text())
     metrics = loaded.family.validate(loaded.model)
     return {"step": trainer_state["step"], "pairs_seen": trainer_state["examples_seen"],
@@ -51,6 +46,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from metanmt.evaluation.compare import save_figure
+
     pairs = [r["pairs_seen"] / 1000 for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
     left.plot(pairs, [r["dev_loss_zero_shot"] for r in rows], marker="o", label="zero-shot")
@@ -63,11 +60,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.set_xlabel("sentence pairs seen (thousands)")
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    tmp = path.with_name(".tmp-" + path.name)
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=110)
 
 
 def main() -> None:

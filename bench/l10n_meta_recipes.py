@@ -99,19 +99,13 @@ EXISTING = {"multitask_400": "multitask", "fomaml_400_naive": "fomaml"}  # alrea
 
 
 def export_warm_start(runs: Path, step: int) -> Path:
-    """The multi-task run's step-``step`` checkpoint as a ``save_pretrained`` folder for ``model.pretrained``."""
-    import torch
-
-    from metanmt.adaptation.loading import open_translation_model
+    """The multi-task run's step-``step`` checkpoint as a ``save_pretrained`` folder for ``model.pretrained``
+    (with its trainer state, so that compare counts the warm start's compute)."""
+    from metanmt.engine.run import export_checkpoint
 
     folder = runs / "recipes" / f"_multitask_step{step}"
-    source = runs / "multitask" / "checkpoints" / f"step_{step:08d}"
-    if not (folder / "config.json").is_file():
-        loaded = open_translation_model(runs / "multitask")
-        loaded.model.load_state_dict(torch.load(source / "custom_checkpoint_0.pkl", map_location="cpu"))
-        loaded.family.save_model(loaded.model, folder)
-    if not (folder / "trainer_state.json").is_file():  # so that compare counts the warm start's compute
-        shutil.copy(source / "trainer_state.json", folder / "trainer_state.json")
+    if not ((folder / "config.json").is_file() and (folder / "trainer_state.json").is_file()):
+        export_checkpoint(runs / "multitask", step, folder)
     return folder
 
 

@@ -110,6 +110,22 @@ def recipe(**kw: Any) -> FinetuneRecipe:
     return FinetuneRecipe(**{**base, **kw})
 
 
+class Killed(Exception):
+    """What :func:`stop_after` raises from a fine-tune's ``after_update`` hook."""
+
+
+def stop_after(tuner: Finetuner, update: int) -> None:
+    """Run ``tuner`` and stop it right after ``update``, as a kill would: its checkpoints stay."""
+
+    def kill(step: int) -> None:
+        if step == update:
+            raise Killed
+
+    tuner.after_update = kill
+    with pytest.raises(Killed):
+        tuner.run()
+
+
 def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -244,18 +260,7 @@ def test_resume_after_a_kill_gives_bitwise_the_same_weights(run_dir: Path, corpu
     expected = whole.run()
     assert expected["best_step"] == expected["updates"] == 9  # so the weights compared below are the last ones
 
-    class Killed(Exception):
-        pass
-
-    first = tuner(tmp_path / "killed")
-
-    def kill(step: int) -> None:
-        if step == 5:  # after the checkpoint at update 3, mid-way to the next
-            raise Killed
-
-    first.after_update = kill
-    with pytest.raises(Killed):
-        first.run()
+    stop_after(tuner(tmp_path / "killed"), 5)  # after the checkpoint at update 3, mid-way to the next
     assert (tmp_path / "killed" / "checkpoints" / "last.pt").is_file()
     with pytest.raises(UserError, match="already holds a fine-tune"):
         tuner(tmp_path / "killed").run()
@@ -320,18 +325,7 @@ def test_a_truncated_finetune_resume_file_falls_back_to_the_previous_one(run_dir
     whole = tuner(tmp_path / "whole")
     expected = whole.run()
 
-    class Killed(Exception):
-        pass
-
-    first = tuner(tmp_path / "killed")
-
-    def kill(step: int) -> None:
-        if step == 7:  # checkpoints at updates 3 (previous.pt) and 6 (last.pt) exist
-            raise Killed
-
-    first.after_update = kill
-    with pytest.raises(Killed):
-        first.run()
+    stop_after(tuner(tmp_path / "killed"), 7)  # checkpoints at updates 3 (previous.pt) and 6 (last.pt) exist
     last = tmp_path / "killed" / "checkpoints" / "last.pt"
     assert (last.parent / "previous.pt").is_file()
     last.write_bytes(last.read_bytes()[:1000])  # a copy or a disk that stopped half-way

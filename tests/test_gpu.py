@@ -18,7 +18,7 @@ from metanmt.engine.algorithms.maml import MAML
 from metanmt.engine.inner import InnerLoop, select_names
 from metanmt.engine.trainer import build_family
 
-from .test_adaptation import corpus, recipe, run_dir, state  # noqa: F401 (fixtures)
+from .test_adaptation import corpus, recipe, run_dir, state, stop_after  # noqa: F401 (fixtures)
 from .test_adapters import LORA, tiny
 
 pytestmark = pytest.mark.gpu
@@ -42,18 +42,7 @@ def test_finetune_resumes_exactly_on_cuda(run_dir: Path, corpus: Path, tmp_path:
     whole = tuner(tmp_path / "whole")
     expected = whole.run()
 
-    class Killed(Exception):
-        pass
-
-    first = tuner(tmp_path / "killed")
-
-    def kill(step: int) -> None:
-        if step == 5:
-            raise Killed
-
-    first.after_update = kill
-    with pytest.raises(Killed):
-        first.run()
+    stop_after(tuner(tmp_path / "killed"), 5)
     torch.cuda.manual_seed_all(12345)  # a resumed run must not depend on the generator state it finds
     resumed = tuner(tmp_path / "killed")
     got = resumed.run(resume=True)

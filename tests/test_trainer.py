@@ -118,6 +118,27 @@ def test_resume_accepts_a_run_saved_before_newer_keys_and_from_a_moved_checkout(
         MetaTrainer(small(steps=4, **{"task.shots": 5}), out, resume=True)
 
 
+def test_export_checkpoint_gives_the_weights_and_compute_of_that_step(tmp_path):
+    """A warm start from a run that trained past the step: that checkpoint's weights, saved like a
+    model folder, with its trainer state (which compare counts)."""
+    import json
+
+    from metanmt.engine.run import export_checkpoint
+
+    out = tmp_path / "run"
+    MetaTrainer(small(steps=4, **{"train.keep_checkpoints": 0}), out).train()
+    step2 = ckpt.list_checkpoints(out)[0]
+    dest = export_checkpoint(out, 2, tmp_path / "at2")
+    family = registry.task_family("sinusoid")({"shots": 4, "query": 4}, {"hidden": [8, 8]}, None)
+    exported = family.load_model(dest).state_dict()
+    saved = ckpt.model_state(step2)
+    assert set(exported) == set(saved) and all(torch.equal(exported[k], saved[k]) for k in saved)
+    assert not all(torch.equal(exported[k], v) for k, v in load_file(out / "model.safetensors").items())  # not step 4's
+    assert json.loads((dest / "trainer_state.json").read_text())["step"] == 2
+    with pytest.raises(UserError, match="step_00000003: no such checkpoint"):
+        export_checkpoint(out, 3, tmp_path / "at3")
+
+
 class Crash(Exception):
     pass
 

@@ -241,6 +241,18 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+#: the model's state dict in a checkpoint folder: the trainer registers the model first for
+#: checkpointing (trainer.py), and Accelerate numbers registered objects in that order
+MODEL_STATE_FILE = "custom_checkpoint_0.pkl"
+
+
+def model_state(checkpoint: Path) -> dict[str, Any]:
+    """The model weights saved in a checkpoint folder (``checkpoints/step_N``), on the CPU."""
+    import torch
+
+    return torch.load(Path(checkpoint) / MODEL_STATE_FILE, map_location="cpu", weights_only=True)
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
     found = list_checkpoints(output_dir)
     return found[-1] if found else None

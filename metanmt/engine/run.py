@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from ..config import RunConfig
 from ..errors import UserError
 from ..files import saved_model_problem
 from ..tasks.base import TaskFamily
+from . import checkpoint as ckpt
 from .checkpoint import load_run_config
 from .inner import InnerLoop, select_names
 from .trainer import build_family, load_learned_lrs
@@ -63,3 +65,21 @@ def load_run(directory: str | Path, device: str | torch.device = "cpu", model_di
         raise UserError(f"{source}: no saved model could be loaded ({exc})") from None
     model.to(device).eval()
     return Run(directory=directory, cfg=cfg, family=family, model=model, learned_lrs=load_learned_lrs(source))
+
+
+def export_checkpoint(directory: str | Path, step: int, dest: str | Path) -> Path:
+    """The run's model at its checkpoint ``step`` as a ``save_pretrained`` folder ``dest`` (tokenizer
+    included) with that checkpoint's ``trainer_state.json``: a warm start (``model.pretrained``) from
+    a run that has trained past that step, whose compute ``compare`` then counts. ``dest`` is replaced."""
+    checkpoint = Path(directory) / ckpt.CHECKPOINTS / f"step_{step:08d}"
+    problem = ckpt.checkpoint_problem(checkpoint) if checkpoint.is_dir() else "no such checkpoint"
+    if problem:
+        raise UserError(f"{checkpoint}: {problem}")
+    run = load_run(directory, double_backward=False)
+    run.model.load_state_dict(ckpt.model_state(checkpoint))
+    dest = Path(dest)
+    if dest.exists():
+        shutil.rmtree(dest)
+    run.family.save_model(run.model, dest)
+    shutil.copy2(checkpoint / "trainer_state.json", dest / "trainer_state.json")
+    return dest

@@ -683,7 +683,7 @@ def _num(value: Any) -> str:
         return "–"
 
 
-def _save_figure(fig: Any, path: Path, dpi: int) -> Path:
+def save_figure(fig: Any, path: Path, dpi: int) -> Path:
     """Write a PNG under a temporary name and rename it into place (a killed run leaves the old plot)."""
     import matplotlib.pyplot as plt
 
@@ -723,7 +723,7 @@ def plot(path: Path, table: dict[tuple[str, str, str], dict[str, list[float]]], 
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("BLEU")
     axes[0][-1].legend(fontsize=8)
-    return _save_figure(fig, path, dpi=120)
+    return save_figure(fig, path, dpi=120)
 
 
 def plot_curve(path: Path, table: dict[tuple[str, str, str], dict[str, list[float]]], inits: list[str],
@@ -769,4 +769,4 @@ def plot_curve(path: Path, table: dict[tuple[str, str, str], dict[str, list[floa
             handles.setdefault(label, handle)
     if handles:
         axes[0][-1].legend(list(handles.values()), list(handles), fontsize=7)
-    return _save_figure(fig, path, dpi=110)
+    return save_figure(fig, path, dpi=110)
