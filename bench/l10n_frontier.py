@@ -15,6 +15,11 @@ Writes ``bench/results/l10n_frontier.json``: the config, the training minutes an
 folder records, English tokens/s of the training, the plain `transformers` loop's tokens/s from
 the throughput benchmark, and Finnish 16k BLEU / chrF / test NLL. Targets: >= 6.2 BLEU,
 >= 25.6 chrF, NLL <= 3.34 (the calibration pilot's 20-minute multi-task run).
+
+``--at-pairs 208000`` instead scores (the same way, into ``RUNS/compare_at_STEP``) the checkpoint of
+``RUNS/multi`` whose pairs seen are closest to that count, e.g. the pilot's 208K pairs once the run
+has been resumed past them, and keeps it under ``at_pairs`` in the results file: the quality per
+sentence pair, apart from the machine's speed.
 """
 
 from __future__ import annotations
@@ -52,32 +57,18 @@ def held_out_dev(data_root: Path, out: Path, lang: str = "fi", size: int = 200) 
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-root", required=True, type=Path)
-    p.add_argument("--runs", type=Path, default=Path.home() / "runs" / "frontier", help="run folders (outside the checkout)")
-    p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds (default %(default)s)")
-    p.add_argument("--out", type=Path, default=OUT)
-    args = p.parse_args()
-    data_root, runs = args.data_root.resolve(), args.runs.expanduser().resolve()
-    run = runs / "multi"
-
-    train = ["meta-train", str(CONFIG), "--set", f"data.root={data_root}", "--output-dir", str(run)]
-    metanmt(*train, *(["--resume"] if (run / "metanmt.yaml").is_file() else []))
-    from metanmt.engine.checkpoint import latest_checkpoint
-
-    state = json.loads((latest_checkpoint(run) / "trainer_state.json").read_text())
-
-    dev = held_out_dev(data_root, runs / "fi_dev.tsv.gz")
-    metanmt("compare", "--init", f"multi={run}", "--data-root", str(data_root), "--langs", "fi", "--budgets", "16k",
-            "--seeds", str(args.seeds), "--no-scratch", "--beam", "1", "--curve", "--dev", str(dev),
-            "--dev-metric", "loss", "--patience", "3", "--out", str(runs / "compare"))
-
+def finnish_16k(init: Path, out: Path, data_root: Path, runs: Path, seeds: int) -> dict:
+    """Fine-tune ``init`` on Finnish 16k (``seeds`` seeds) and score the test set; mean, Student-t
+    half-width (n = seeds) and the per-seed values of BLEU, chrF and test NLL, and the updates."""
     import math
 
     from metanmt.evaluation.statistics import t_interval
 
-    with open(runs / "compare" / "results.csv", encoding="utf-8") as f:
+    dev = held_out_dev(data_root, runs / "fi_dev.tsv.gz")
+    metanmt("compare", "--init", f"multi={init}", "--data-root", str(data_root), "--langs", "fi", "--budgets", "16k",
+            "--seeds", str(seeds), "--no-scratch", "--beam", "1", "--curve", "--dev", str(dev),
+            "--dev-metric", "loss", "--patience", "3", "--out", str(out))
+    with open(out / "results.csv", encoding="utf-8") as f:
         cells = [r for r in csv.DictReader(f) if r["init"] == "multi" and r["budget"] == "16k"]
     fi16k = {}
     for metric in ("bleu", "chrf", "nll"):
@@ -88,6 +79,50 @@ def main() -> None:
         fi16k[f"{metric}_seeds"] = [round(v, 4) for v in values]
     fi16k["n_seeds"] = len(cells)
     fi16k["updates"] = [int(float(r["steps"])) for r in cells]
+    return fi16k
+
+
+def at_pairs(run: Path, runs: Path, data_root: Path, args: argparse.Namespace) -> None:
+    """The run's checkpoint whose pairs seen are closest to ``--at-pairs`` (a rule fixed before any
+    score: the pilot's 208K pairs), on Finnish 16k; stored under ``at_pairs`` in the results file."""
+    from metanmt.engine import checkpoint as ckpt
+    from metanmt.engine.run import export_checkpoint
+
+    states = {ckpt.checkpoint_step(c): json.loads((c / "trainer_state.json").read_text()) for c in ckpt.list_checkpoints(run)}
+    step = min(states, key=lambda s: abs(states[s]["examples_seen"] - args.at_pairs))
+    init = runs / f"multi_at_{step}"
+    if not (init / "trainer_state.json").is_file():
+        export_checkpoint(run, step, init)
+    state = states[step]
+    entry = {"asked_pairs": args.at_pairs, "updates": step, "pairs_seen": state["examples_seen"],
+             "tokens_seen": state["tokens_seen"], "minutes": round(state["seconds"] / 60, 2),
+             "fi16k": finnish_16k(init, runs / f"compare_at_{step}", data_root, runs, args.seeds)}
+    result = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    result["at_pairs"] = entry
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(entry, indent=2))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-root", required=True, type=Path)
+    p.add_argument("--runs", type=Path, default=Path.home() / "runs" / "frontier", help="run folders (outside the checkout)")
+    p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds (default %(default)s)")
+    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--at-pairs", type=int, help="instead: score the run's checkpoint closest to this many pairs seen "
+                                                "(the run may have trained past the config's steps)")
+    args = p.parse_args()
+    data_root, runs = args.data_root.resolve(), args.runs.expanduser().resolve()
+    run = runs / "multi"
+    if args.at_pairs:
+        return at_pairs(run, runs, data_root, args)
+
+    train = ["meta-train", str(CONFIG), "--set", f"data.root={data_root}", "--output-dir", str(run)]
+    metanmt(*train, *(["--resume"] if (run / "metanmt.yaml").is_file() else []))
+    from metanmt.engine.checkpoint import latest_checkpoint
+
+    state = json.loads((latest_checkpoint(run) / "trainer_state.json").read_text())
+    fi16k = finnish_16k(run, runs / "compare", data_root, runs, args.seeds)
     minutes = state["seconds"] / 60
     plain = None
     if THROUGHPUT.is_file():
@@ -104,6 +139,8 @@ def main() -> None:
                      "(patience 3), greedy decoding of the 500 test segments",
         "threads": os.environ.get("OMP_NUM_THREADS"),
     }
+    if args.out.is_file() and "at_pairs" in json.loads(args.out.read_text()):
+        result["at_pairs"] = json.loads(args.out.read_text())["at_pairs"]
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

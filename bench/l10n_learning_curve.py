@@ -82,7 +82,9 @@ def main() -> None:
         cached[step] = score_checkpoint(loaded, path)
         print(json.dumps(cached[step]), flush=True)
         rows = [cached[s] for s in sorted(cached)]
-        result = {"run": run.name, "config": loaded.cfg.to_dict(), "rows": rows,
+        config = loaded.cfg.to_dict()
+        config["suite"] = Path(config["suite"]).name  # its file name: the absolute path of the run means nothing elsewhere
+        result = {"run": run.name, "config": config, "rows": rows,
                   "validation": "TranslationFamily.validate: dev language ro, "
                                 f"{loaded.cfg.task['dev_finetune_steps']}-update fine-tune on its {loaded.cfg.task['dev_budget']} set, "
                                 f"first {loaded.cfg.task['dev_max_segments']} dev segments, greedy"}

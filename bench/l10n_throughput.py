@@ -16,6 +16,12 @@ English tokens from its token-length order). Cases:
   step, lr 0.3, as configs/l10n_fomaml.yaml) and takes the outer gradient on the query; reptile
   adapts on support then query (one SGD step each) and moves towards the adapted weights.
 
+- ``random``: the machine's reference, independent of the corpus and the engine: the plain step
+  on random ids, 16, 32 and 64 pairs of 25 source and 25 target tokens (400, 800, 1,600 target
+  tokens). 16 x 25 is the shape of the calibration pilot's plain-step timing (159 ms at 2 threads on
+  a 2-core Intel Xeon with AVX-512); the ratio says how much of a per-minute gap to the pilot is the
+  machine (``machine`` in the results names the CPU and its vector extension).
+
 English tokens are the target tokens of support and query (``</s>`` included, padding not), the
 unit ``train.*_tokens`` and ``tokens_seen`` count; every case sees the same ones. Timing: the
 median and the sum of ``--steps`` steps after ``--warmup``; steps that log are excluded (the
@@ -42,7 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 OUT = ROOT / "bench" / "results" / "l10n_throughput.json"
 CONFIG = ROOT / "configs" / "l10n_frontier.yaml"
-CASES = ["plain", "multitask", "fomaml", "reptile"]
+CASES = ["plain", "multitask", "fomaml", "reptile", "random"]
+RANDOM_SHAPES = [(16, 25), (32, 25), (64, 25)]  # (pairs, tokens per side)
 ALGORITHMS = {
     "multitask": ["algorithm.name=multitask"],
     "fomaml": ["algorithm.name=fomaml", "algorithm.inner_steps=1", "algorithm.inner_optimizer=sgd", "algorithm.inner_lr=0.3"],
@@ -50,8 +57,53 @@ ALGORITHMS = {
 }
 
 
+def cpu() -> dict:
+    """The CPU's model name and widest vector extension (step times move with both)."""
+    import torch
+
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.processor() or platform.machine())
+    return {"cpu": name, "vector_isa": torch.backends.cpu.get_cpu_capability()}
+
+
+def run_random(steps: int, warmup: int) -> dict:
+    """The plain step (forward, backward, clipping, AdamW) on random ids of fixed shapes."""
+    import torch
+    from transformers import MarianConfig, MarianMTModel
+
+    from metanmt.config import load_config
+
+    cfg = load_config(CONFIG, ["data.root=unused"]).model  # the family's model keys, as a dict
+    torch.manual_seed(0)
+    model = MarianMTModel(MarianConfig(vocab_size=8000, d_model=cfg["d_model"], encoder_layers=cfg["encoder_layers"],
+                                       decoder_layers=cfg["decoder_layers"], encoder_attention_heads=cfg["attention_heads"],
+                                       decoder_attention_heads=cfg["attention_heads"], encoder_ffn_dim=cfg["ffn_dim"],
+                                       decoder_ffn_dim=cfg["ffn_dim"], dropout=cfg["dropout"], max_position_embeddings=256,
+                                       pad_token_id=0, decoder_start_token_id=0, attn_implementation="eager"))
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4)
+    shapes = {}
+    for pairs, length in RANDOM_SHAPES:
+        times = []
+        for _ in range(warmup + steps):
+            src, tgt = torch.randint(4, 8000, (pairs, length)), torch.randint(4, 8000, (pairs, length))
+            start = time.perf_counter()
+            model(input_ids=src, attention_mask=torch.ones_like(src), labels=tgt).loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - start)
+        shapes[f"{pairs}x{length}"] = {"target_tokens": pairs * length, "median_step_ms": 1000 * statistics.median(times[warmup:])}
+    return {"case": "random", "steps": steps, "shapes": shapes, "threads": torch.get_num_threads(),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
 def run_case(case: str, data_root: str, steps: int, warmup: int) -> dict:
     import torch
+
+    if case == "random":
+        return run_random(steps, warmup)
 
     from metanmt.config import load_config
     from metanmt.engine.trainer import MetaTrainer
@@ -120,9 +172,10 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     plain = next(r for r in rows if r["case"] == "plain")
     for row in rows:
-        row["cost_in_plain_steps"] = plain["english_tokens_per_s"] / row["english_tokens_per_s"]
+        if row["case"] != "random":
+            row["cost_in_plain_steps"] = plain["english_tokens_per_s"] / row["english_tokens_per_s"]
     result = {"config": str(CONFIG.relative_to(ROOT)), "rows": rows,
-              "machine": {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+              "machine": {**cpu(), "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "torch": torch.__version__,
                           "transformers": transformers.__version__, "python": platform.python_version()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)

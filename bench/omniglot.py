@@ -82,7 +82,7 @@ from metanmt.engine.checkpoint import CONFIG_FILE, latest_checkpoint
 from metanmt.engine.run import Run, load_run
 from metanmt.engine.trainer import MetaTrainer, build_family
 from metanmt.errors import UserError
-from metanmt.evaluation.omniglot import BN_PROTOCOLS, evaluate_episodes, evaluate_official_runs, select_eval_settings
+from metanmt.evaluation.omniglot import evaluate_episodes, evaluate_official_runs, select_eval_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "omniglot_small1_maml.yaml"

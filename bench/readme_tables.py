@@ -3,7 +3,8 @@
     python bench/readme_tables.py compare      # bench/results/l10n_compare/results.csv (mean ± 95% t interval, n, p)
     python bench/readme_tables.py curve        # its adaptation curve columns (nll_at_K)
     python bench/readme_tables.py meta_step    # bench/results/meta_step.json
-    python bench/readme_tables.py recipes      # bench/results/meta_recipes.csv
+    python bench/readme_tables.py recipes      # bench/results/meta_recipes.csv (the screening rows)
+    python bench/readme_tables.py frontier_recipes   # its rows with a budget and fine-tuning preset
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ def recipes_table() -> None:
     results = ROOT / "bench" / "results"
     with open(results / "meta_recipes.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
+    rows = [r for r in rows if not r.get("budget")]  # the frontier rows have their own table
     info = json.loads((results / "meta_recipes.json").read_text(encoding="utf-8"))["recipes"]
     control = next((r for r in rows if r["recipe"] == "warm_multitask"), None)
     print("| recipe | algorithm | inner steps | inner adapt | warm start | pairs seen | train s | dev zero-shot NLL "
@@ -114,5 +116,24 @@ def recipes_table() -> None:
               f"| {r['dev_nll']} | {gap} |")
 
 
+def frontier_recipes_table() -> None:
+    """bench/l10n_frontier_recipes.py's rows: early-stopped dev scores with the Holm-corrected p against
+    the group's multi-task control, and the adaptation curve (dev NLL / chrF after k updates)."""
+    with open(ROOT / "bench" / "results" / "meta_recipes.csv", newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("budget")]
+    curve = [c.split("_")[-1] for c in rows[0] if c.startswith("nll_at_")] if rows else []
+    print("| fine-tune | budget | recipe | pairs seen | train s | n | dev BLEU | dev chrF | dev NLL | "
+          + " | ".join(f"NLL / chrF at {k}" for k in curve) + " |")
+    print("|---|---|---|---|---|---|---|---|---|" + "---|" * len(curve))
+    for r in sorted(rows, key=lambda r: (r["finetune"], r["budget"])):
+        p = {m: _p(r, m) for m in ("bleu", "chrf", "nll")}
+        points = " | ".join(f"{float(r[f'nll_at_{k}']):.3f} / {float(r[f'chrf_at_{k}']):.1f}" if r.get(f"nll_at_{k}") else "–"
+                            for k in curve)
+        print(f"| {r['finetune']} | {r['budget']} | {r['recipe']} | {int(float(r['pairs_seen'])):,} | {float(r['seconds']):.0f} "
+              f"| {r['n_seeds']} | {float(r['dev_bleu']):.2f}{p['bleu']} | {float(r['dev_chrf']):.1f}{p['chrf']} "
+              f"| {float(r['dev_nll']):.3f}{p['nll']} | {points} |")
+
+
 if __name__ == "__main__":
-    {"compare": compare_table, "curve": curve_table, "meta_step": meta_step_table, "recipes": recipes_table}[sys.argv[1]]()
+    {"compare": compare_table, "curve": curve_table, "meta_step": meta_step_table, "recipes": recipes_table,
+     "frontier_recipes": frontier_recipes_table}[sys.argv[1]]()

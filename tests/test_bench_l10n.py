@@ -67,3 +67,39 @@ def test_frontier_dev_set_is_the_last_pool_pairs_outside_every_budget(tmp_path: 
     assert [(r["src"], r["en"]) for r in rows] == pool[17:25]
     with pytest.raises(SystemExit, match="only 15 pairs"):
         frontier.held_out_dev(tmp_path, tmp_path / "out" / "big.tsv.gz", size=16)
+
+
+def test_frontier_recipe_rows_merge_into_meta_recipes_by_recipe_budget_and_preset(tmp_path: Path,
+                                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    recipes = bench_module("l10n_frontier_recipes", monkeypatch)
+    report = tmp_path / "dev" / "emb"
+    report.mkdir(parents=True)
+    base = {"lang": "ro", "init_pairs": "130000", "init_seconds": "1300", "p_bleu": "", "p_chrf": "", "p_nll": ""}
+    cells = [{**base, "init": "frontier_fomaml", "budget": "1k", "seed": s, "bleu": b, "chrf": "30", "nll": n,
+              "p_nll": "0.02", "nll_at_0": "4", "nll_at_100": "3.5", "chrf_at_0": "20", "chrf_at_100": "29"}
+             for s, b, n in ((0, "6", "3.2"), (1, "8", "3.4"))]
+    cells.append({**base, "init": "frontier_multitask", "budget": "1k", "seed": 0, "bleu": "5", "chrf": "28", "nll": "3.5"})
+    with (report / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=sorted({k for c in cells for k in c}))
+        writer.writeheader()
+        writer.writerows(cells)
+    rows = recipes.csv_rows(report, "emb", {"frontier_fomaml": 1500.0})
+    fomaml = next(r for r in rows if r["recipe"] == "frontier_fomaml")
+    assert (fomaml["dev_bleu"], fomaml["dev_nll"], fomaml["n_seeds"], fomaml["finetune"]) == ("7.0000", "3.3000", 2, "emb")
+    assert (fomaml["nll_at_100"], fomaml["chrf_at_0"], fomaml["nll_at_10"], fomaml["seconds"]) == ("3.5000", "20.0000", "", "1500.0")
+    assert fomaml["algo"] == "fomaml+sio" and fomaml["p_nll"] == "0.02"
+    multi = next(r for r in rows if r["recipe"] == "frontier_multitask")
+    assert multi["seconds"] == "1300.0" and multi["nll_at_0"] == ""  # no curve for that cell: blank, not zero
+
+    path = tmp_path / "meta_recipes.csv"
+    old = {"recipe": "warm_multitask", "algo": "multitask", "dev_nll": "4.18"}  # a row from before the new columns
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(old))
+        writer.writeheader()
+        writer.writerow(old)
+    recipes.write_rows(path, rows)
+    recipes.write_rows(path, [{**fomaml, "dev_nll": "3.1"}])  # a rerun of one cell replaces its row only
+    merged = list(csv.DictReader(path.open()))
+    assert list(merged[0]) == recipes.COLUMNS
+    assert [(r["recipe"], r["budget"], r["finetune"], r["dev_nll"]) for r in merged] == [
+        ("warm_multitask", "", "", "4.18"), ("frontier_fomaml", "1k", "emb", "3.1"), ("frontier_multitask", "1k", "emb", "3.5000")]

@@ -13,24 +13,24 @@ seed) is added as the floor::
 or ``metanmt compare --init meta=runs/meta --init multi=runs/multi --data-root DIR --langs lv fi tr ko
 --budgets 0 4k 16k 40k --seeds 3 --out report/``. It writes:
 
-- ``report/cells/<init>__<lang>__<budget>__s<seed>.json``: one finished cell each, written atomically;
+- ``OUT/cells/<init>__<lang>__<budget>__s<seed>.json``: one finished cell each, written atomically;
   a second run skips these (resumable). Each holds the cell's metrics, its test hypotheses
   (``hyps``), per-sentence test NLL (``sentence_nll``, nats summed over the sentence's
   ``sentence_tokens``) and its adaptation curve, so ``--report-only`` recomputes every number,
   p-values included, without translating again. An interrupted cell's fine-tune lives in
-  ``report/work/<cell>/`` and resumes from its last checkpoint.
-- ``report/results.csv``: ``init,lang,budget,seed,bleu,chrf,steps,seconds`` (``seconds`` is the
+  ``OUT/work/<cell>/`` and resumes from its last checkpoint.
+- ``OUT/results.csv``: ``init,lang,budget,seed,bleu,chrf,steps,seconds`` (``seconds`` is the
   cell's wall time: fine-tune + test decoding), then ``nll`` (test, nats/token), the data and
   compute of the fine-tune, the meta-training compute of the init (``init_*``, from its run's
   ``checkpoints/*/trainer_state.json``) for equal-compute accounting, ``n_seeds``, ``p_bleu``,
   ``p_chrf``, ``p_nll`` (paired tests against the reference init, Holm-corrected over the
   report: :mod:`.statistics`), and the adaptation curve ``nll_at_K``, ``chrf_at_K``.
-- ``report/results.md``: language x budget x init, BLEU / chrF / NLL mean ± 95% Student t interval
+- ``OUT/results.md``: language x budget x init, BLEU / chrF / NLL mean ± 95% Student t interval
   over seeds with n, the gaps of every init to the reference with p-values (``*`` = significant),
   the adaptation curve, the inits' training compute, and notes (skipped budgets: a missing file,
   or a budget the pool could not fill that repeats a smaller one; budgets cut from a larger file).
-- ``report/bleu_vs_budget.png``: one panel per language, BLEU against budget, one line per init;
-  ``report/adaptation_curve.png``: test NLL against fine-tuning updates per language and budget.
+- ``OUT/bleu_vs_budget.png``: one panel per language, BLEU against budget, one line per init;
+  ``OUT/adaptation_curve.png``: test NLL and chrF against fine-tuning updates per language and budget.
 
 A budget without a file of its own (``1k``) is the first that many English words of the smallest
 larger budget file (``4k``): the shared budget files are nested prefixes.
@@ -618,7 +618,10 @@ def write_report(out: Path, rows: list[dict[str, Any]], inits: list[str], langs:
                   "sentence's sufficient statistics averaged over an init's seeds; NLL by a paired sign-flip "
                   f"permutation test ({NLL_RESAMPLES} resamples) on per-sentence NLL averaged over seeds. "
                   f"p-values are Holm-corrected over the {len(sig)} (init, cell) comparisons of this report, per "
-                  f"metric; `*` marks p < {ALPHA}. Cells without stored hypotheses have no p.", "",
+                  f"metric; `*` marks p < {ALPHA}. Cells without stored hypotheses have no p. The tests resample "
+                  "sentences, not fine-tuning seeds: a small p says these fine-tuned systems differ on this test "
+                  "set; how much a gap moves between seeds is in the intervals above (with n = 1 there is none, "
+                  "and a significant gap may be one fine-tune's early stop rather than its init).", "",
                   "| lang | budget | init | n | Δ BLEU | Δ chrF | Δ NLL |", "|---|---|---|---|---|---|---|"]
         for lang in langs:
             for budget in budgets:
@@ -635,7 +638,7 @@ def write_report(out: Path, rows: list[dict[str, Any]], inits: list[str], langs:
         lines += ["", "## Adaptation curve (test NLL / chrF after k fine-tuning updates)", "",
                   f"The same recipe and seeds, a fixed learning rate and no early stopping, scored after "
                   f"{', '.join(map(str, curve))} updates (beam {settings.get('curve_beam', 1)}); mean ± 95% t interval "
-                  "over seeds. `adaptation_curve.png` plots the NLL.", "",
+                  "over seeds. `adaptation_curve.png` plots both.", "",
                   "| lang | budget | init | n | " + " | ".join(f"NLL / chrF at {k}" for k in curve) + " |",
                   "|---|---|---|---|" + "---|" * len(curve)]
         for lang in langs:
@@ -728,8 +731,10 @@ def plot(path: Path, table: dict[tuple[str, str, str], dict[str, list[float]]], 
 
 def plot_curve(path: Path, table: dict[tuple[str, str, str], dict[str, list[float]]], inits: list[str],
                langs: list[str], budgets: list[str], curve: list[int]) -> Path:
-    """The adaptation curve: one panel per language (row) and fine-tuned budget (column), test NLL
-    against fine-tuning updates, one line per init with its 95% Student t band over seeds."""
+    """The adaptation curve: for each language a row of test NLL and a row of test chrF against
+    fine-tuning updates, one panel per fine-tuned budget (column), one line per init with its 95%
+    Student t band over seeds. Both metrics, because they can part ways: on a few hundred pairs the
+    NLL rises from the first updates (the model grows over-confident) while chrF still climbs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -737,17 +742,19 @@ def plot_curve(path: Path, table: dict[tuple[str, str, str], dict[str, list[floa
 
     tuned = [b for b in budgets if budget_words(b) != 0
              and any(f"nll_at_{curve[-1]}" in table.get((i, lang, b), {}) for i in inits for lang in langs)]
-    rows, cols = max(1, len(langs)), max(1, len(tuned))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), squeeze=False, sharex=True)
+    metrics = [("nll", "test NLL (nats/token)"), ("chrf", "test chrF")]
+    panels = [(lang, metric, label) for lang in langs for metric, label in metrics]
+    rows, cols = max(1, len(panels)), max(1, len(tuned))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.6 * rows), squeeze=False, sharex=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for r, lang in enumerate(langs):
+    for r, (lang, metric, label) in enumerate(panels):
         for c, budget in enumerate(tuned):
             ax = axes[r][c]
             for index, init in enumerate(inits):
                 m = table.get((init, lang, budget), {})
                 xs, ys, lo, hi = [], [], [], []
                 for k in curve:
-                    mean, half, _ = t_interval(m.get(f"nll_at_{k}", []))
+                    mean, half, _ = t_interval(m.get(f"{metric}_at_{k}", []))
                     if not math.isnan(mean):
                         half = 0.0 if math.isnan(half) else half
                         xs.append(k), ys.append(mean), lo.append(mean - half), hi.append(mean + half)
@@ -760,7 +767,7 @@ def plot_curve(path: Path, table: dict[tuple[str, str, str], dict[str, list[floa
             ax.set_title(f"{lang} {budget}", fontsize=9)
             ax.grid(alpha=0.3)
             if c == 0:
-                ax.set_ylabel("test NLL (nats/token)")
+                ax.set_ylabel(label, fontsize=8)
             if r == rows - 1:
                 ax.set_xlabel("fine-tuning updates")
     handles: dict[str, Any] = {}
