@@ -61,6 +61,8 @@ import sys
 import time
 from pathlib import Path
 
+from metanmt.engine.checkpoint import latest_trainer_state
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "l10n_compare"
 
@@ -89,13 +91,6 @@ def quick_plan(minutes: float, multi_rate: float, meta_rate: float, calibration:
     return {"multi_steps": total, "warm_steps": warm, "meta_steps": meta}
 
 
-def _state(run: Path) -> dict:
-    from metanmt.engine.checkpoint import latest_checkpoint
-
-    checkpoint = latest_checkpoint(run)
-    return json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")) if checkpoint else {}
-
-
 def _train(config: str, out: Path, steps: int, args: argparse.Namespace, extra: list[str], dry: bool) -> list[str]:
     from l10n_meta_train import metanmt_command  # bench/ is on sys.path when this file runs as a script
 
@@ -104,7 +99,7 @@ def _train(config: str, out: Path, steps: int, args: argparse.Namespace, extra: 
            *extra, *[x for s in args.set for x in ("--set", s)]]
     if (out / "metanmt.yaml").is_file():
         cmd.append("--resume")
-        if not dry and _state(out).get("step", 0) >= steps:
+        if not dry and latest_trainer_state(out).get("step", 0) >= steps:
             return cmd  # trained (a rerun, or the calibration already reached it)
     print("+", " ".join(cmd), flush=True)
     if not dry:
@@ -117,9 +112,9 @@ def _rate(config: str, out: Path, args: argparse.Namespace, extra: list[str], gi
     """Seconds per step of ``config``: given, or measured by its first ``--calibration-steps`` steps."""
     if given:
         return given
-    if _state(out).get("step", 0) < args.calibration_steps:
+    if latest_trainer_state(out).get("step", 0) < args.calibration_steps:
         _train(config, out, args.calibration_steps, args, extra, False)
-    state = _state(out)
+    state = latest_trainer_state(out)
     return float(state["seconds"]) / max(1, int(state["step"]))
 
 
@@ -132,7 +127,7 @@ def _snapshot(run: Path, dest: Path) -> None:
     for item in run.iterdir():
         if item.is_file() and item.name != "metanmt.yaml":
             shutil.copy2(item, dest / item.name)
-    (dest / "trainer_state.json").write_text(json.dumps(_state(run), indent=2), encoding="utf-8")
+    (dest / "trainer_state.json").write_text(json.dumps(latest_trainer_state(run), indent=2), encoding="utf-8")
 
 
 def quick(args: argparse.Namespace) -> tuple[list[str], dict]:
@@ -160,7 +155,7 @@ def quick(args: argparse.Namespace) -> tuple[list[str], dict]:
         keep()
     warm = runs / f"multi_at_{plan['warm_steps']}"
     if not (warm / "trainer_state.json").is_file():
-        if _state(multi).get("step", 0) > plan["warm_steps"]:
+        if latest_trainer_state(multi).get("step", 0) > plan["warm_steps"]:
             if not args.dry_run:
                 from metanmt.engine.run import export_checkpoint
                 from metanmt.errors import UserError

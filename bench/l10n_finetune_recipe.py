@@ -1,20 +1,33 @@
-"""Tune the comparison's fine-tuning recipe on the dev language (Romanian) only, never a test language.
+"""Choose the comparison's fine-tuning length on the dev language (Romanian) only, never a test language.
 
-    python bench/l10n_finetune_recipe.py --init meta=runs/l10n/fomaml --init multi=runs/l10n/multitask \\
-        [--data-root ../shared/data/l10n] [--budgets 4k 16k] [--adapt all emb+enc]
+    OMP_NUM_THREADS=1 python bench/l10n_finetune_recipe.py --init multi=RUN [--init NAME=RUN ...] \\
+        [--data-root ../shared/data/l10n] [--budgets 1k 4k 16k 40k] [--epochs 5 10 20 40] [--min-steps 0 100]
 
-For every (init, budget, adapt) it fine-tunes on ``finetune/ro.{budget}.tsv.gz`` for 10
-epochs, scoring the dev loss on ``dev/ro.tsv.gz`` after every epoch (no early stopping), and then
-picks, per budget and adapt choice, the epoch count with the least mean regret over the inits
-(see :func:`choose`): one recipe for every init, so the only difference between compare rows stays the
-initialization. Writes ``bench/results/l10n_finetune_recipe.json`` (every curve, the choice, wall
-times and the machine). The dev loss, not dev BLEU, decides: at this scale BLEU moves by noise
-between seeds while the loss separates checkpoints (docs/design.md, "Why test NLL beside BLEU").
+The test languages have no dev set of their own (Latvian's 16k and 40k budgets are its whole pool),
+so the comparison's fine-tunes cannot stop early on their own language: they run a fixed number of
+updates, given by the recipe's scaling rule (:meth:`FinetuneRecipe.updates_for`)::
+
+    updates = min(max_steps, max(min_steps, ceil(epochs x batches per epoch)))
+
+This chooses ``epochs`` and ``min_steps`` (``max_steps`` fixed, ``--max-steps``) on Romanian. For each
+init and budget (1k = the first 1,000 English words of ro.4k, as compare cuts it) one fine-tune at the
+recipe's fixed learning rate (Adam 3e-4, ~1,000-token batches, all parameters, seed 0, no early
+stopping) scores ``dev/ro`` (500 segments, greedy) after every update count that some candidate rule
+gives that budget: compare's adaptation curve, so the weights at update k are those a k-update
+fine-tune ends with. The rule with the highest chrF, averaged over budgets and then over inits, wins;
+rules within 0.1 chrF of it count as tied and the one with fewer updates in all is taken. chrF, not
+the dev NLL, decides: at small budgets the NLL rises from the first updates while chrF goes on rising
+for a hundred (docs/design.md, "Fine-tuning defaults").
+
+Resumable: each (init, budget, adapt) curve is stored in the results file as it finishes, and a rerun
+(also one that adds an init) computes only what is missing. ``--rechoose`` recomputes the choice from
+the stored curves. Writes ``bench/results/l10n_finetune_recipe.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -25,87 +38,126 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "l10n_finetune_recipe.json"
+TIE = 0.1  # chrF points within which two rules count as tied
+
+
+def rule_updates(batches: int, epochs: float, min_steps: int, max_steps: int) -> int:
+    """The update count of one rule at one budget (FinetuneRecipe.updates_for)."""
+    from metanmt.adaptation.recipe import FinetuneRecipe
+
+    return FinetuneRecipe(epochs=epochs, min_steps=min_steps, max_steps=max_steps).updates_for(batches)
+
+
+def candidate_rules(epochs: list[float], min_steps: list[int], max_steps: int) -> list[dict]:
+    return [{"epochs": e, "min_steps": m, "max_steps": max_steps} for e, m in itertools.product(epochs, min_steps)]
+
+
+def choose(runs: list[dict], rules: list[dict]) -> dict:
+    """The rule with the highest chrF averaged over budgets, then over inits (each init weighs the
+    same, whatever budgets it has); within ``TIE`` of the best, the fewest updates in all."""
+    scored = []
+    for rule in rules:
+        by_init: dict[str, list[float]] = {}
+        updates = 0
+        for run in runs:
+            k = rule_updates(run["batches_per_epoch"], **rule)
+            if str(k) not in run["points"]:
+                break  # a curve made for another grid: this rule cannot be scored on it
+            by_init.setdefault(run["init"], []).append(run["points"][str(k)]["chrf"])
+            updates += k
+        else:
+            if by_init:
+                chrf = sum(sum(v) / len(v) for v in by_init.values()) / len(by_init)
+                scored.append({**rule, "mean_chrf": chrf, "total_updates": updates,
+                               "per_init": {i: sum(v) / len(v) for i, v in by_init.items()}})
+    if not scored:
+        raise ValueError("no rule can be scored on the stored curves")
+    best = max(s["mean_chrf"] for s in scored)
+    chosen = min((s for s in scored if s["mean_chrf"] >= best - TIE), key=lambda s: (s["total_updates"], -s["mean_chrf"]))
+    budgets = {r["budget"]: r["batches_per_epoch"] for r in runs}
+    chosen = {**chosen, "updates": {b: rule_updates(n, chosen["epochs"], chosen["min_steps"], chosen["max_steps"])
+                                    for b, n in budgets.items()}}
+    return {"choice": chosen, "scored": scored,
+            "rule": f"highest mean chrF over budgets then inits; within {TIE} chrF the fewest updates"}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--init", action="append", required=True, metavar="NAME=PATH")
+    parser.add_argument("--init", action="append", default=[], metavar="NAME=PATH")
     parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data" / "l10n")
     parser.add_argument("--dev-lang", default="ro")
-    parser.add_argument("--budgets", nargs="+", default=["4k", "16k"])
-    parser.add_argument("--adapt", nargs="+", default=["all"])
+    parser.add_argument("--budgets", nargs="+", default=["1k", "4k", "16k", "40k"])
+    parser.add_argument("--epochs", nargs="+", type=float, default=[5, 10, 20, 40])
+    parser.add_argument("--min-steps", nargs="+", type=int, default=[0, 100])
+    parser.add_argument("--max-steps", type=int, default=1000)
+    parser.add_argument("--adapt", default="all")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--rechoose", action="store_true", help="recompute the choice from --out's curves, run nothing")
     args = parser.parse_args()
+    info = json.loads(args.out.read_text(encoding="utf-8")) if args.out.is_file() else {"runs": []}
+    rules = candidate_rules(args.epochs, args.min_steps, args.max_steps)
     if args.rechoose:
-        info = json.loads(args.out.read_text(encoding="utf-8"))
-        budgets = sorted({r["budget"] for r in info["runs"]}, key=lambda b: float(b.rstrip("k")))
-        adapts = list(dict.fromkeys(r["adapt"] for r in info["runs"]))
-        info.update(choose(info["runs"], budgets, adapts))
-        args.out.write_text(json.dumps(info, indent=2), encoding="utf-8")
+        info.update(choose([r for r in info["runs"] if r["adapt"] == args.adapt], rules))
+        args.out.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         print(json.dumps(info["choice"], indent=2))
         return 0
+    if not args.init:
+        parser.error("give --init NAME=PATH (at least one), or --rechoose")
 
     import torch
 
-    from metanmt.adaptation.finetune import finetune_run
+    from metanmt.adaptation.finetune import take_budget
+    from metanmt.adaptation.loading import open_translation_model
     from metanmt.adaptation.recipe import FinetuneRecipe
+    from metanmt.data.corpus import read_pairs
+    from metanmt.evaluation.compare import adaptation_curve, plan_cells
+    from metanmt.tasks.translation.training import plan_batches
 
-    inits = dict(spec.split("=", 1) for spec in args.init)
-    dev = args.data_root / "dev" / f"{args.dev_lang}.tsv.gz"
-    runs: list[dict] = []
+    lang = args.dev_lang
+    dev = read_pairs(args.data_root / "dev" / f"{lang}.tsv.gz")
+    plan = plan_cells(["init"], set(), args.data_root, [lang], args.budgets, 1, "finetune/{lang}.{budget}.tsv.gz")
+    recipe = FinetuneRecipe(adapt=args.adapt, lr=3e-4, max_tokens=1000, seed=0)
     started = time.perf_counter()
-    for budget in args.budgets:
-        train = args.data_root / "finetune" / f"{args.dev_lang}.{budget}.tsv.gz"
-        for adapt in args.adapt:
-            for name, path in inits.items():
-                # eval_every 0 = updates/10: with 10 epochs that is one dev evaluation per epoch
-                recipe = FinetuneRecipe(adapt=adapt, epochs=10, eval_every=0, patience=0, dev_metric="loss",
-                                        max_steps=10**6)
-                with tempfile.TemporaryDirectory() as work:
-                    t0 = time.perf_counter()
-                    result = finetune_run(path, train, Path(work) / "ft", recipe, dev=dev)
-                    seconds = time.perf_counter() - t0
-                per_epoch = result["batches_per_epoch"]
-                curve = [{"epoch": d["step"] / per_epoch, "dev_loss": d["loss"]} for d in result["dev"]]
-                runs.append({"init": name, "budget": budget, "adapt": adapt, "batches_per_epoch": per_epoch,
-                             "seconds": seconds, "curve": curve})
-                best = min(curve, key=lambda c: c["dev_loss"])
-                print(f"{name:>8} {budget:>4} {adapt:>8}: best epoch {best['epoch']:.0f} dev loss {best['dev_loss']:.3f} "
-                      f"(epoch 0 {curve[0]['dev_loss']:.3f}) {seconds:.0f} s", flush=True)
-
-    info = choose(runs, args.budgets, args.adapt)
-    info.update({"inits": inits, "dev": str(dev), "epochs_tried": 10, "runs": runs,
-            "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "wall_seconds": time.perf_counter() - started})
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(info, indent=2), encoding="utf-8")
-    print(json.dumps(info["choice"], indent=2))
-    return 0 if all(math.isfinite(v["mean_regret"]) for v in info["choice"].values()) else 1
-
-
-def choose(runs: list[dict], budgets: list[str], adapts: list[str]) -> dict:
-    """Per budget and adapt choice, the epoch count (>= 1) with the least mean regret over the inits.
-
-    An init's regret at epoch e is its dev loss there minus its best dev loss over all epochs; the
-    mean over inits keeps one init's large losses (a far-from-converged init) from deciding alone.
-    """
-    choice: dict[str, dict] = {}
-    for budget in budgets:
-        for adapt in adapts:
-            group = [r for r in runs if r["budget"] == budget and r["adapt"] == adapt]
-            if not group:
+    for name, path in (spec.split("=", 1) for spec in args.init):
+        base = None
+        at_zero = None
+        for budget in args.budgets:
+            done = [r for r in info["runs"] if (r["init"], r["budget"], r["adapt"]) == (name, budget, args.adapt)]
+            if done:
+                if done[0]["path"] != str(Path(path).resolve()):
+                    raise SystemExit(f"{args.out}: {name} was measured on {done[0]['path']}, not {path}; "
+                                     "give it another name or move the results file away")
+                at_zero = done[0]["points"].get("0")
                 continue
-            epochs = min(len(r["curve"]) for r in group)
-            best = [min(c["dev_loss"] for c in r["curve"]) for r in group]
-            regret = [sum(r["curve"][e]["dev_loss"] - b for r, b in zip(group, best)) / len(group) for e in range(epochs)]
-            epoch = min(range(1, epochs), key=lambda e: regret[e])
-            choice[f"{budget}/{adapt}"] = {"epochs": epoch, "mean_regret": regret[epoch],
-                                           "dev_loss": {r["init"]: r["curve"][epoch]["dev_loss"] for r in group},
-                                           "best_epoch": {r["init"]: min(range(epochs), key=lambda e: r["curve"][e]["dev_loss"])
-                                                          for r in group}}
-    return {"choice": choice, "rule": "least mean regret over inits (dev loss minus the init's best)"}
+            base = base or open_translation_model(path)
+            if (lang, budget) not in plan.files:
+                raise SystemExit(f"{lang} {budget}: {'; '.join(plan.notes)}")
+            train = read_pairs(plan.files[(lang, budget)])
+            if (lang, budget) in plan.cuts:  # 1k: the prefix of the 4k file, as compare cuts it
+                train, _ = take_budget(train, plan.cuts[(lang, budget)], "prefix")
+            batches = len(plan_batches([len(t) for _, t in base.family.encode(train)], recipe.max_tokens, None))
+            points = sorted({0, *(rule_updates(batches, **rule) for rule in rules)})
+            t0 = time.perf_counter()
+            with tempfile.TemporaryDirectory() as work:
+                curve = adaptation_curve(base, train, recipe, points, Path(work) / "ft", dev, 1, lang=lang,
+                                         at_zero=at_zero)
+            at_zero = curve["0"]
+            info["runs"].append({"init": name, "path": str(Path(path).resolve()), "budget": budget, "adapt": args.adapt,
+                                 "pairs": len(train), "batches_per_epoch": batches, "points": curve,
+                                 "seconds": time.perf_counter() - t0})
+            print(f"{name:>8} {budget:>4}: " + "  ".join(f"{k}:{v['chrf']:.1f}/{v['nll']:.3f}" for k, v in curve.items()),
+                  flush=True)
+            info.update({"dev": f"dev/{lang}.tsv.gz", "recipe": recipe.to_dict(), "grid": rules,
+                         "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+                         "torch": torch.__version__, "torch_threads": torch.get_num_threads()})
+            info["wall_seconds"] = info.get("wall_seconds", 0.0) + time.perf_counter() - t0
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    info.update(choose([r for r in info["runs"] if r["adapt"] == args.adapt], rules))
+    args.out.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(info["choice"], indent=2))
+    print(f"{time.perf_counter() - started:.0f} s")
+    return 0 if all(math.isfinite(r["mean_chrf"]) for r in info["scored"]) else 1
 
 
 if __name__ == "__main__":

@@ -85,29 +85,23 @@ COLUMNS = ["recipe", "algo", "inner_steps", "adapt", "warm_start", "pairs_seen",
            *[f"nll_at_{k}" for k in CURVE], *[f"chrf_at_{k}" for k in CURVE]]
 
 
-def train(name: str, runs: Path, data_root: Path, warm: Path) -> tuple[Path, list[str]]:
-    """``metanmt meta-train`` of one recipe into ``RUNS/recipes/NAME`` (a rerun resumes it)."""
+def train(name: str, out: Path, data_root: Path, warm: Path, extra: tuple[str, ...] = ()) -> tuple[Path, list[str]]:
+    """``metanmt meta-train`` of one recipe, warm-started from ``warm``, into ``out`` (a rerun resumes
+    it); ``extra``: more config overrides (steps, learning rate)."""
     overrides, *_ = RECIPES[name]
-    out = runs / "recipes" / name
     cmd = [sys.executable, "-m", "metanmt", "meta-train", str(ROOT / "configs" / "l10n_meta_frontier.yaml"),
            "--output-dir", str(out), "--set", f"data.root={data_root}", "--set", f"model.pretrained={warm}"]
-    for item in overrides:
+    for item in (*overrides, *extra):
         cmd += ["--set", item]
     if (out / "metanmt.yaml").is_file():
+        from metanmt.engine.checkpoint import run_finished
+
         cmd.append("--resume")
-        if finished(out):
+        if run_finished(out):
             return out, cmd
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
     return out, cmd
-
-
-def finished(run: Path) -> bool:
-    """The run has reached its config's ``train.steps`` (a rerun then trains nothing)."""
-    from metanmt.engine.checkpoint import latest_checkpoint, load_run_config
-
-    latest = latest_checkpoint(run)
-    return latest is not None and json.loads((latest / "trainer_state.json").read_text())["step"] >= load_run_config(run).train.steps
 
 
 def dev_compare(group: str, names: list[str], runs: Path, data_root: Path, dev: Path, adapt: str, seeds: int) -> dict:
@@ -176,7 +170,7 @@ def main() -> int:
     names = [n for n in group if not args.only or n in args.only]
 
     from l10n_frontier import held_out_dev
-    from metanmt.engine.checkpoint import latest_checkpoint
+    from metanmt.engine.checkpoint import latest_trainer_state
     from metanmt.engine.run import export_checkpoint
 
     warm = runs / f"multi_at_{WARM_STEP}"
@@ -186,8 +180,8 @@ def main() -> int:
     info = json.loads(info_path.read_text()) if info_path.is_file() else {"recipes": {}}
     seconds = {}
     for name in names:
-        run, cmd = train(name, runs, data_root, warm)
-        own = json.loads((latest_checkpoint(run) / "trainer_state.json").read_text())["seconds"]  # this stage's training
+        run, cmd = train(name, runs / "recipes" / name, data_root, warm)
+        own = latest_trainer_state(run)["seconds"]  # this stage's training
         seconds[name] = own + json.loads((warm / "trainer_state.json").read_text()).get("seconds", 0.0)
         info["recipes"][name] = {"command": " ".join(cmd[1:]).replace(" --resume", ""), "description": RECIPES[name][4],
                                  "own_seconds": own, "warm_start_seconds": seconds[name] - own}

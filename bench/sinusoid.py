@@ -48,7 +48,7 @@ from scipy import stats
 
 from metanmt.cli import main as metanmt_main
 from metanmt.config import load_config
-from metanmt.engine.checkpoint import CONFIG_FILE, latest_checkpoint, load_run_config
+from metanmt.engine.checkpoint import CONFIG_FILE, latest_checkpoint, latest_trainer_state, run_finished
 from metanmt.engine.run import load_run
 from metanmt.engine.trainer import MetaTrainer
 from metanmt.errors import UserError
@@ -113,7 +113,7 @@ def run_recipe(name: str, args: argparse.Namespace) -> dict:
         fail(f"recipe {name}: {exc}")
     run_dir = args.runs.expanduser() / name
     train(cfg, run_dir)
-    state = json.loads((latest_checkpoint(run_dir) / "trainer_state.json").read_text())
+    state = latest_trainer_state(run_dir)
     t0 = time.perf_counter()
     table = evaluate_sinusoid(load_run(run_dir), shots=SHOTS, steps=STEPS, episodes=args.episodes)
     eval_seconds = time.perf_counter() - t0
@@ -162,15 +162,6 @@ def write_results(path: Path, entries: dict) -> None:
     tmp.replace(path)
 
 
-def finished(run_dir: Path) -> bool:
-    """The run has reached its config's ``train.steps``."""
-    latest = latest_checkpoint(run_dir)
-    if latest is None:
-        return False
-    step = json.loads((latest / "trainer_state.json").read_text())["step"]
-    return step >= load_run_config(run_dir).train.steps
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", action="append", choices=list(RECIPES),
@@ -200,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # the figure once both runs are finished (drawn by whichever command finishes second)
     runs = [args.runs.expanduser() / n for n in ("maml", "pretrain")]
-    if not args.no_figure and all(finished(r) for r in runs):
+    if not args.no_figure and all(run_finished(r) for r in runs):
         if metanmt_main(["plot-sinusoid", *map(str, runs), "--out", str(args.figure)]) != 0:
             fail("plot-sinusoid failed (see above)")
 

@@ -103,3 +103,73 @@ def test_frontier_recipe_rows_merge_into_meta_recipes_by_recipe_budget_and_prese
     assert list(merged[0]) == recipes.COLUMNS
     assert [(r["recipe"], r["budget"], r["finetune"], r["dev_nll"]) for r in merged] == [
         ("warm_multitask", "", "", "4.18"), ("frontier_fomaml", "1k", "emb", "3.1"), ("frontier_multitask", "1k", "emb", "3.5000")]
+
+
+def test_finetune_rule_is_chosen_on_dev_curves_by_chrf_and_a_rerun_scores_nothing(tmp_path: Path,
+                                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/l10n_finetune_recipe.py: each budget's curve holds every update count a candidate rule
+    gives it; the choice is the rule with the highest mean chrF (the fewest updates within 0.1)."""
+    root = make_l10n(tmp_path / "l10n")
+    run = make_run(root, tmp_path / "run")
+    rule = bench_module("l10n_finetune_recipe", monkeypatch)
+    out = tmp_path / "rule.json"
+    argv = ["l10n_finetune_recipe.py", "--init", f"multi={run}", "--data-root", str(root), "--dev-lang", "xa",
+            "--budgets", "100", "300", "--epochs", "1", "2", "--min-steps", "0", "3", "--max-steps", "4", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert rule.main() == 0
+    info = json.loads(out.read_text())
+    rules = rule.candidate_rules([1, 2], [0, 3], 4)
+    for r in info["runs"]:
+        wanted = {0, *(rule.rule_updates(r["batches_per_epoch"], **c) for c in rules)}
+        assert set(map(int, r["points"])) == wanted and r["points"]["0"] == info["runs"][0]["points"]["0"]
+    scores = {(c["epochs"], c["min_steps"]): sum(r["points"][str(rule.rule_updates(r["batches_per_epoch"], **c))]["chrf"]
+                                                 for r in info["runs"]) / 2 for c in rules}
+    choice = info["choice"]
+    assert choice["mean_chrf"] == pytest.approx(scores[(choice["epochs"], choice["min_steps"])])
+    assert choice["mean_chrf"] >= max(scores.values()) - rule.TIE
+    # a rerun scores no curve again; --rechoose recomputes the same choice from the stored curves
+    monkeypatch.setattr("metanmt.evaluation.compare.adaptation_curve", lambda *a, **k: pytest.fail("scored again"))
+    assert rule.main() == 0
+    monkeypatch.setattr(sys, "argv", argv + ["--rechoose"])
+    assert rule.main() == 0 and json.loads(out.read_text())["choice"] == choice
+
+
+def test_finetune_rule_choice_breaks_ties_by_fewer_updates(monkeypatch: pytest.MonkeyPatch) -> None:
+    rule = bench_module("l10n_finetune_recipe", monkeypatch)
+    # two budgets of 3 and 30 batches; chrF rises to 100 updates at the small one, flat past 30 at the large one
+    small = {"0": 10.0, "15": 14.0, "30": 15.0, "60": 16.0, "100": 18.0, "120": 18.05}
+    large = {"0": 10.0, "150": 20.0, "300": 20.02, "600": 20.0, "1000": 19.0}
+    runs = [{"init": "multi", "budget": b, "batches_per_epoch": n, "points": {k: {"chrf": v} for k, v in p.items()}}
+            for b, n, p in (("1k", 3, small), ("16k", 30, large))]
+    rules = rule.candidate_rules([5, 10, 20, 40], [0, 100], 1000)
+    for r in runs:  # every count the grid gives is on the curve
+        assert {str(rule.rule_updates(r["batches_per_epoch"], **c)) for c in rules} <= set(r["points"])
+    # best: 10 epochs, at least 100 updates (100 and 300: 19.01); 5 epochs with 100 (100 and 150: 19.0)
+    # is within 0.1 with fewer updates, and wins
+    choice = rule.choose(runs, rules)["choice"]
+    assert (choice["epochs"], choice["min_steps"]) == (5, 100) and choice["updates"] == {"1k": 100, "16k": 150}
+    assert choice["mean_chrf"] == pytest.approx(19.0)
+    runs[1]["points"]["150"]["chrf"] = 19.0  # 5 epochs falls to 18.5: of the two left within 0.1, the fewer updates
+    choice = rule.choose(runs, rules)["choice"]
+    assert (choice["epochs"], choice["min_steps"]) == (10, 100) and choice["updates"] == {"1k": 100, "16k": 300}
+
+
+def test_converged_meta_inits_continue_at_the_learning_rate_the_multitask_run_had_reached(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The meta stage's constant lr is the multi-task schedule's lr for the update after the warm
+    start, as the run itself logged it; a comparison without the rule measured refuses to start."""
+    root = make_l10n(tmp_path / "l10n")
+    run = make_run(root, tmp_path / "run", "optim.schedule=inverse_sqrt", "optim.warmup_steps=2", "train.steps=4",
+                   "train.log_every=1")
+    converged = bench_module("l10n_converged_compare", monkeypatch)
+    logged = {r["step"]: r["lr"] for r in map(json.loads, (run / "history.jsonl").read_text().splitlines())
+              if r.get("kind") == "train"}
+    for step in (2, 3, 4):
+        assert converged.lr_at(run, step) == pytest.approx(logged[step], rel=1e-12)
+    monkeypatch.setattr(converged, "RULE", tmp_path / "rule.json")
+    with pytest.raises(SystemExit, match="run --stage rule first"):
+        converged.rule_flags(run)
+    (tmp_path / "rule.json").write_text(json.dumps({"runs": [{"path": str(run.resolve()), "budget": "1k"}],
+                                                    "choice": {"epochs": 5, "min_steps": 100, "max_steps": 1000}}))
+    with pytest.raises(SystemExit, match="not been measured on"):
+        converged.rule_flags(run)

@@ -109,6 +109,28 @@ def test_compare_writes_the_report_and_reuses_finished_cells(setup: tuple[Path, 
     assert main([*args[:-1], "chrf"]) == 2
 
 
+def test_curve_seeds_limits_the_adaptation_curve_to_the_first_seeds(setup: tuple[Path, Path, Path],
+                                                                      tmp_path: Path) -> None:
+    """--curve-seeds 1: every seed is fine-tuned and scored, only seed 0 runs the curve, and the
+    report's curve table says n = 1 beside the early-stopped n = 2."""
+    root, multi, _ = setup
+    kw = dict(inits=[("multi", str(multi))], data_root=root, langs=["xb"], budgets=["100"], seeds=2,
+              recipe=recipe(max_steps=2, dev_metric="loss"), scratch=False, num_beams=1, max_test_segments=4,
+              curve=[0, 2])
+    with pytest.raises(UserError, match="--curve-seeds: must be at least 1"):
+        compare(out=tmp_path / "bad", curve_seeds=0, **kw)
+    out = tmp_path / "report"
+    rows = compare(out=out, curve_seeds=1, **kw)["rows"]
+    assert sorted((r["seed"], "curve" in r) for r in rows) == [(0, True), (1, False)]
+    md = (out / "results.md").read_text(encoding="utf-8")
+    assert "| xb | 100 | multi | 1 |" in md  # the curve table's n
+    with open(out / "results.csv", newline="", encoding="utf-8") as f:
+        by_seed = {r["seed"]: r for r in csv.DictReader(f)}
+    assert by_seed["0"]["nll_at_2"] != "" and by_seed["1"]["nll_at_2"] == "" and by_seed["1"]["n_seeds"] == "2"
+    with pytest.raises(UserError, match="curve_seeds"):  # its cells were made with the limit
+        compare(out=out, curve_seeds=2, **kw)
+
+
 def test_an_interrupted_cell_restarts_cleanly(setup: tuple[Path, Path, Path], tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     root, multi, _ = setup

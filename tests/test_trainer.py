@@ -139,6 +139,19 @@ def test_export_checkpoint_gives_the_weights_and_compute_of_that_step(tmp_path):
         export_checkpoint(out, 3, tmp_path / "at3")
 
 
+def test_run_finished_reads_the_latest_checkpoint_against_the_config(tmp_path):
+    """What a benchmark's rerun asks before training again: nothing before the first checkpoint, the
+    latest checkpoint's state after, finished once that reaches train.steps (a resume may raise it)."""
+    out = tmp_path / "run"
+    assert ckpt.latest_trainer_state(out) == {}
+    MetaTrainer(small(steps=2), out).train()
+    assert ckpt.latest_trainer_state(out)["step"] == 2 and ckpt.run_finished(out)
+    resumed = MetaTrainer(small(steps=4), out, resume=True)  # train.steps raised on resume, not trained yet
+    assert resumed.state.step == 2 and not ckpt.run_finished(out)
+    resumed.train()
+    assert ckpt.latest_trainer_state(out)["step"] == 4 and ckpt.run_finished(out)
+
+
 class Crash(Exception):
     pass
 

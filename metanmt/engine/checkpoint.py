@@ -258,6 +258,19 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def latest_trainer_state(output_dir: Path) -> dict:
+    """``trainer_state.json`` of the run's latest checkpoint (step, seconds, pairs and tokens seen);
+    ``{}`` before the first checkpoint."""
+    latest = latest_checkpoint(Path(output_dir))
+    return json.loads((latest / "trainer_state.json").read_text(encoding="utf-8")) if latest else {}
+
+
+def run_finished(output_dir: Path) -> bool:
+    """The run has a checkpoint at (or past) its config's ``train.steps``: a rerun trains nothing."""
+    state = latest_trainer_state(output_dir)
+    return bool(state) and int(state["step"]) >= load_run_config(output_dir).train.steps
+
+
 def checkpoint_step(path: Path) -> int:
     match = _STEP_DIR.match(path.name)
     if not match:

@@ -127,7 +127,8 @@ def _compare(args: argparse.Namespace) -> int:
             scratch_seeds=args.scratch_seeds, dev=args.dev, report_only=args.report_only,
             test_pattern=args.test_pattern, finetune_pattern=args.finetune_pattern, num_beams=args.beam,
             max_test_segments=args.max_test_segments, keep_models=args.keep_models, overwrite=args.overwrite,
-            curve=args.curve, curve_beam=args.curve_beam, reference=args.reference, paired_test=args.paired_test,
+            curve=args.curve, curve_beam=args.curve_beam, curve_seeds=args.curve_seeds, reference=args.reference,
+            paired_test=args.paired_test,
             paired_samples=args.paired_samples, device=str(device),
         )
     done = f"report of the {len(summary['rows'])} finished cells" if args.report_only else \
@@ -196,6 +197,8 @@ def add_translation_commands(sub: Any) -> None:
                    help="adaptation curve: test NLL and chrF after K fine-tuning updates (fixed lr, no early "
                         "stopping); no values = no curve (default %(default)s)")
     p.add_argument("--curve-beam", type=int, default=1, help="beam of the curve's test decoding (default %(default)s)")
+    p.add_argument("--curve-seeds", type=int, metavar="N",
+                   help="the curve for the first N fine-tuning seeds of each cell only (default: every seed)")
     p.add_argument("--reference", help="the init the others are tested against (default: multi if given, else the first)")
     p.add_argument("--paired-test", choices=["bs", "ar"], default="bs",
                    help="sacreBLEU's paired bootstrap (bs) or approximate randomization (ar) for BLEU/chrF")

@@ -39,7 +39,8 @@ The adaptation curve (``--curve``, default 0 10 30 100 updates; ``curve`` in Pyt
 few updates, which a fine-tune run to convergence can hide, so each fine-tuned cell also runs the
 fine-tuning loop for exactly ``max(curve)`` updates (fixed learning rate, no early stopping) and
 scores the test set after each of those update counts. It costs ``max(curve)`` more updates and
-one decoding of the test set per point (greedy by default, ``curve_beam``).
+one decoding of the test set per point (greedy by default, ``curve_beam``); ``curve_seeds`` (``--curve-seeds``)
+limits it to the first N fine-tuning seeds of each cell, the report's curve table giving that n.
 
 ``report/compare.json`` holds the settings; rerunning with a different recipe refuses (the finished
 cells would no longer be comparable) unless ``overwrite``.
@@ -305,11 +306,13 @@ def compare(inits: list[tuple[str, str]], data_root: str | Path, langs: list[str
             test_pattern: str = "test/{lang}.tsv.gz", finetune_pattern: str = "finetune/{lang}.{budget}.tsv.gz",
             num_beams: int = 4, max_test_segments: Optional[int] = None, keep_models: bool = False,
             overwrite: bool = False, device: str = "cpu", curve: Sequence[int] = (), curve_beam: int = 1,
-            reference: Optional[str] = None, paired_test: str = "bs", paired_samples: int = 0) -> dict[str, Any]:
+            curve_seeds: Optional[int] = None, reference: Optional[str] = None, paired_test: str = "bs",
+            paired_samples: int = 0) -> dict[str, Any]:
     """Run (or resume) every cell and write the report; returns ``{"rows": [...], "ran": n, "skipped": m, ...}``.
 
     ``curve``: fine-tuning updates after which the adaptation curve scores the test set (e.g.
-    :data:`CURVE`, the command line's default; empty: none), decoded with beam ``curve_beam``.
+    :data:`CURVE`, the command line's default; empty: none), decoded with beam ``curve_beam``, for
+    fine-tuning seeds below ``curve_seeds`` (default: every seed).
     ``reference``: the init every other init is tested against (default ``multi`` if present, else
     the first); ``paired_test``: ``bs`` or ``ar`` (:mod:`.statistics`) with ``paired_samples``
     resamples (0: sacreBLEU's default).
@@ -320,6 +323,8 @@ def compare(inits: list[tuple[str, str]], data_root: str | Path, langs: list[str
         raise UserError(f"--curve: update counts must not be negative, got {curve}")
     if curve_beam < 1:
         raise UserError(f"--curve-beam: must be at least 1, got {curve_beam}")
+    if curve_seeds is not None and curve_seeds < 1:
+        raise UserError(f"--curve-seeds: must be at least 1, got {curve_seeds}")
     if paired_test not in TESTS:
         raise UserError(f"--paired-test: expected one of {', '.join(TESTS)}, got {paired_test!r}")
     if paired_samples < 0:
@@ -365,7 +370,7 @@ def compare(inits: list[tuple[str, str]], data_root: str | Path, langs: list[str
     settings = {"recipe": recipe.to_dict(), "inits": {n: (p if p == RANDOM else str(Path(p).resolve())) for n, p in paths.items()},
                 "scratch_seed": scratch_seed, "dev": dev, "test_pattern": test_pattern, "finetune_pattern": finetune_pattern,
                 "num_beams": num_beams, "max_test_segments": max_test_segments, "data_root": str(data_root.resolve()),
-                "curve": curve, "curve_beam": curve_beam}
+                "curve": curve, "curve_beam": curve_beam, "curve_seeds": curve_seeds}
     settings = _claim(out, settings, overwrite)
     plan = plan_cells(names, scratch_names, data_root, langs, budgets, seeds, finetune_pattern, scratch_seeds)
     cells_dir, work_dir = out / "cells", out / "work"
@@ -435,7 +440,7 @@ def compare(inits: list[tuple[str, str]], data_root: str | Path, langs: list[str
                         float(tuned_info.get("seconds", 0.0)) + evaluation["translate_seconds"], note)
         row.update(hyps=evaluation["hyps"], sentence_nll=evaluation["sentence_nll"],
                    sentence_tokens=evaluation["sentence_tokens"])
-        if curve and budget_words(budget) != 0:
+        if curve and budget_words(budget) != 0 and (curve_seeds is None or seed < curve_seeds):
             del model
             t_curve = time.perf_counter()
             row["curve"] = adaptation_curve(base, train, cell_recipe, curve, work_dir / f"{name}__curve", test, curve_beam,
@@ -467,7 +472,7 @@ def _claim(out: Path, settings: dict[str, Any], overwrite: bool) -> dict[str, An
         old_inits, new_inits = old.get("inits", {}), new.get("inits", {})
         ignore = {f"inits.{n}" for n in set(old_inits) ^ set(new_inits)}
         # a report made before the adaptation curve existed: its cells have none, new cells add it
-        ignore |= {k for k in ("curve", "curve_beam") if k not in old}
+        ignore |= {k for k in ("curve", "curve_beam", "curve_seeds") if k not in old}
         details = describe_changes(old, new, ignore=ignore, limit=4)
         if details:
             raise UserError(f"{out}: its finished cells were made with other settings ({details}); "
