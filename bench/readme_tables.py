@@ -5,6 +5,7 @@
     python bench/readme_tables.py meta_step    # bench/results/meta_step.json
     python bench/readme_tables.py recipes      # bench/results/meta_recipes.csv (the screening rows)
     python bench/readme_tables.py frontier_recipes   # its rows with a budget and fine-tuning preset
+    python bench/readme_tables.py finetune_rule      # bench/results/l10n_finetune_recipe.json
 """
 
 from __future__ import annotations
@@ -134,6 +135,32 @@ def frontier_recipes_table() -> None:
               f"| {float(r['dev_nll']):.3f}{p['nll']} | {points} |")
 
 
+def finetune_rule_table() -> None:
+    """bench/l10n_finetune_recipe.py: dev chrF / NLL after each update count of each budget's curve,
+    the rules' mean chrF, and the choice."""
+    info = json.loads((ROOT / "bench" / "results" / "l10n_finetune_recipe.json").read_text(encoding="utf-8"))
+    for run in info["runs"]:
+        points = " · ".join(f"{k}: {v['chrf']:.1f} / {v['nll']:.3f}" for k, v in run["points"].items())
+        print(f"- {run['init']}, ro {run['budget']} ({run['pairs']} pairs, {run['batches_per_epoch']} batches an epoch, "
+              f"{run['seconds']:.0f} s): {points}")
+    print()
+    first = [run for run in info["runs"] if run["init"] == info["runs"][0]["init"]]
+    print(f"| epochs | min updates | max updates | mean dev chrF | updates at {', '.join(r['budget'] for r in first)} |")
+    print("|---|---|---|---|---|")
+    choice = info["choice"]
+    for rule in sorted(info["scored"], key=lambda r: -r["mean_chrf"]):
+        counts = [str(_rule_updates(run["batches_per_epoch"], rule)) for run in first]
+        chosen = " (chosen)" if (rule["epochs"], rule["min_steps"]) == (choice["epochs"], choice["min_steps"]) else ""
+        print(f"| {rule['epochs']:g}{chosen} | {rule['min_steps']} | {rule['max_steps']} | {rule['mean_chrf']:.2f} "
+              f"| {', '.join(counts)} |")
+
+
+def _rule_updates(batches: int, rule: dict) -> int:
+    from metanmt.adaptation.recipe import FinetuneRecipe
+
+    return FinetuneRecipe(epochs=rule["epochs"], min_steps=rule["min_steps"], max_steps=rule["max_steps"]).updates_for(batches)
+
+
 if __name__ == "__main__":
     {"compare": compare_table, "curve": curve_table, "meta_step": meta_step_table, "recipes": recipes_table,
-     "frontier_recipes": frontier_recipes_table}[sys.argv[1]]()
+     "frontier_recipes": frontier_recipes_table, "finetune_rule": finetune_rule_table}[sys.argv[1]]()
