@@ -154,6 +154,15 @@ def write_rows(path: Path, new: list[dict]) -> None:
             writer.writerow({c: row.get(c, "") for c in COLUMNS})
 
 
+def record(section: str, key: str, value: dict) -> None:
+    """``meta_recipes.json[section][key] = value``, the file read anew each time, so that two groups
+    running side by side do not overwrite each other's entries."""
+    path = RESULTS / "meta_recipes.json"
+    info = json.loads(path.read_text()) if path.is_file() else {"recipes": {}}
+    info.setdefault(section, {})[key] = value
+    path.write_text(json.dumps(info, indent=2) + "\n")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-root", required=True, type=Path)
@@ -176,16 +185,13 @@ def main() -> int:
     warm = runs / f"multi_at_{WARM_STEP}"
     if not (warm / "trainer_state.json").is_file():
         export_checkpoint(runs / "multi", WARM_STEP, warm)
-    info_path = RESULTS / "meta_recipes.json"
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {"recipes": {}}
     seconds = {}
     for name in names:
         run, cmd = train(name, runs / "recipes" / name, data_root, warm)
         own = latest_trainer_state(run)["seconds"]  # this stage's training
         seconds[name] = own + json.loads((warm / "trainer_state.json").read_text()).get("seconds", 0.0)
-        info["recipes"][name] = {"command": " ".join(cmd[1:]).replace(" --resume", ""), "description": RECIPES[name][4],
-                                 "own_seconds": own, "warm_start_seconds": seconds[name] - own}
-        info_path.write_text(json.dumps(info, indent=2) + "\n")
+        record("recipes", name, {"command": " ".join(cmd[1:]).replace(" --resume", ""), "description": RECIPES[name][4],
+                                 "own_seconds": own, "warm_start_seconds": seconds[name] - own})
     if args.train_only:
         return 0
     dev = runs / "ro_dev.tsv.gz"
@@ -198,9 +204,7 @@ def main() -> int:
         keep = RESULTS / "l10n_frontier_recipes" / folder.name  # the report and its cells, not the work folders
         shutil.rmtree(keep, ignore_errors=True)
         shutil.copytree(folder, keep, ignore=shutil.ignore_patterns("work", "*.lock"))
-        info.setdefault("frontier_dev", {})[folder.name] = {"report": str(keep.relative_to(ROOT)),
-                                                           "runs": str(folder)}
-        info_path.write_text(json.dumps(info, indent=2) + "\n")
+        record("frontier_dev", folder.name, {"report": str(keep.relative_to(ROOT)), "runs": str(folder)})
     return 0
 
 
