@@ -111,6 +111,7 @@ def main() -> int:
     from metanmt.adaptation.recipe import FinetuneRecipe
     from metanmt.data.corpus import read_pairs
     from metanmt.evaluation.compare import adaptation_curve, plan_cells
+    from metanmt.files import atomic_write_text
     from metanmt.tasks.translation.training import plan_batches
 
     lang = args.dev_lang
@@ -120,14 +121,15 @@ def main() -> int:
     started = time.perf_counter()
     for name, path in (spec.split("=", 1) for spec in args.init):
         base = None
-        at_zero = None
+        # the init's own scores (0 updates) are the same at every budget: reuse them where measured
+        at_zero = next((r["points"]["0"] for r in info["runs"]
+                        if r["init"] == name and r["path"] == str(Path(path).resolve()) and "0" in r["points"]), None)
         for budget in args.budgets:
             done = [r for r in info["runs"] if (r["init"], r["budget"], r["adapt"]) == (name, budget, args.adapt)]
             if done:
                 if done[0]["path"] != str(Path(path).resolve()):
                     raise SystemExit(f"{args.out}: {name} was measured on {done[0]['path']}, not {path}; "
                                      "give it another name or move the results file away")
-                at_zero = done[0]["points"].get("0")
                 continue
             base = base or open_translation_model(path)
             if (lang, budget) not in plan.files:
@@ -142,19 +144,22 @@ def main() -> int:
                 curve = adaptation_curve(base, train, recipe, points, Path(work) / "ft", dev, 1, lang=lang,
                                          at_zero=at_zero)
             at_zero = curve["0"]
-            info["runs"].append({"init": name, "path": str(Path(path).resolve()), "budget": budget, "adapt": args.adapt,
-                                 "pairs": len(train), "batches_per_epoch": batches, "points": curve,
-                                 "seconds": time.perf_counter() - t0})
+            seconds = time.perf_counter() - t0
             print(f"{name:>8} {budget:>4}: " + "  ".join(f"{k}:{v['chrf']:.1f}/{v['nll']:.3f}" for k, v in curve.items()),
                   flush=True)
+            # read anew: processes measuring other budgets (``--budgets 16k`` beside ``--budgets 40k``) write here too
+            info = json.loads(args.out.read_text(encoding="utf-8")) if args.out.is_file() else {"runs": []}
+            info["runs"].append({"init": name, "path": str(Path(path).resolve()), "budget": budget, "adapt": args.adapt,
+                                 "pairs": len(train), "batches_per_epoch": batches, "points": curve, "seconds": seconds})
             info.update({"dev": f"dev/{lang}.tsv.gz", "recipe": recipe.to_dict(), "grid": rules,
                          "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                          "torch": torch.__version__, "torch_threads": torch.get_num_threads()})
-            info["wall_seconds"] = info.get("wall_seconds", 0.0) + time.perf_counter() - t0
+            info["wall_seconds"] = info.get("wall_seconds", 0.0) + seconds
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+            atomic_write_text(args.out, json.dumps(info, indent=2) + "\n")
+    info = json.loads(args.out.read_text(encoding="utf-8"))
     info.update(choose([r for r in info["runs"] if r["adapt"] == args.adapt], rules))
-    args.out.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(args.out, json.dumps(info, indent=2) + "\n")
     print(json.dumps(info["choice"], indent=2))
     print(f"{time.perf_counter() - started:.0f} s")
     return 0 if all(math.isfinite(r["mean_chrf"]) for r in info["scored"]) else 1

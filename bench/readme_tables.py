@@ -4,7 +4,7 @@
     python bench/readme_tables.py curve        # its adaptation curve columns (nll_at_K)
     python bench/readme_tables.py meta_step    # bench/results/meta_step.json
     python bench/readme_tables.py recipes      # bench/results/meta_recipes.csv (the screening rows)
-    python bench/readme_tables.py frontier_recipes   # its rows with a budget and fine-tuning preset
+    python bench/readme_tables.py frontier_recipes [lora]   # its rows with a budget and fine-tuning preset
     python bench/readme_tables.py finetune_rule      # bench/results/l10n_finetune_recipe.json
 """
 
@@ -117,11 +117,12 @@ def recipes_table() -> None:
               f"| {r['dev_nll']} | {gap} |")
 
 
-def frontier_recipes_table() -> None:
-    """bench/l10n_frontier_recipes.py's rows: early-stopped dev scores with the Holm-corrected p against
-    the group's multi-task control, and the adaptation curve (dev NLL / chrF after k updates)."""
+def frontier_recipes_table(group: str = "mechanism") -> None:
+    """bench/l10n_frontier_recipes.py's rows of one group (``mechanism`` or ``lora``): early-stopped dev
+    scores with the Holm-corrected p against the group's multi-task control, and the adaptation curve
+    (dev NLL / chrF after k updates)."""
     with open(ROOT / "bench" / "results" / "meta_recipes.csv", newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("budget")]
+        rows = [r for r in csv.DictReader(f) if r.get("budget") and ("lora" in r["recipe"]) == (group == "lora")]
     curve = [c.split("_")[-1] for c in rows[0] if c.startswith("nll_at_")] if rows else []
     print("| fine-tune | budget | recipe | pairs seen | train s | n | dev BLEU | dev chrF | dev NLL | "
           + " | ".join(f"NLL / chrF at {k}" for k in curve) + " |")
@@ -163,4 +164,4 @@ def _rule_updates(batches: int, rule: dict) -> int:
 
 if __name__ == "__main__":
     {"compare": compare_table, "curve": curve_table, "meta_step": meta_step_table, "recipes": recipes_table,
-     "frontier_recipes": frontier_recipes_table, "finetune_rule": finetune_rule_table}[sys.argv[1]]()
+     "frontier_recipes": frontier_recipes_table, "finetune_rule": finetune_rule_table}[sys.argv[1]](*sys.argv[2:])
