@@ -47,6 +47,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+from l10n_frontier import exported  # noqa: E402 (bench/ is not a package)
 FINAL, WARM = 10_000, 8_750
 META = {"fomaml": "frontier_fomaml", "metanmt": "frontier_metanmt"}  # init name -> recipe of l10n_frontier_recipes
 RULE = ROOT / "bench" / "results" / "l10n_finetune_recipe.json"
@@ -65,16 +66,6 @@ def lr_at(run: Path, step: int) -> float:
     if optim.schedule != "inverse_sqrt":
         raise SystemExit(f"{run}: expected an inverse_sqrt schedule, found {optim.schedule}")
     return optim.lr * math.sqrt(max(1, optim.warmup_steps) / (step + 1))
-
-
-def exported(runs: Path, step: int) -> Path:
-    """The frontier multi-task run's model at ``step`` (with its trainer state, so compare counts it)."""
-    from metanmt.engine.run import export_checkpoint
-
-    dest = runs / f"multi_at_{step}"
-    if not (dest / "trainer_state.json").is_file():
-        export_checkpoint(runs / "multi", step, dest)
-    return dest
 
 
 def meta_inits(runs: Path, data_root: Path, only: list[str] | None = None) -> dict[str, Path]:

@@ -178,13 +178,10 @@ def main() -> int:
     group, _, presets = GROUPS[args.group]
     names = [n for n in group if not args.only or n in args.only]
 
-    from l10n_frontier import held_out_dev
+    from l10n_frontier import exported, held_out_dev
     from metanmt.engine.checkpoint import latest_trainer_state
-    from metanmt.engine.run import export_checkpoint
 
-    warm = runs / f"multi_at_{WARM_STEP}"
-    if not (warm / "trainer_state.json").is_file():
-        export_checkpoint(runs / "multi", WARM_STEP, warm)
+    warm = exported(runs, WARM_STEP)
     seconds = {}
     for name in names:
         run, cmd = train(name, runs / "recipes" / name, data_root, warm)

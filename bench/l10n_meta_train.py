@@ -46,10 +46,10 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
     subprocess.run(cmd, env=env, check=True, cwd=ROOT)
     wall = time.perf_counter() - started
 
-    from metanmt.engine.checkpoint import latest_checkpoint
+    from metanmt.engine.checkpoint import latest_trainer_state
     from metanmt.engine.trainer import read_history
 
-    state = json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())
+    state = latest_trainer_state(out)
     curve = [{k: r[k] for k in ("step", "examples_seen", "tokens_seen", "seconds", "dev_bleu", "dev_chrf", "dev_loss",
                                 "dev_loss_zero_shot") if k in r} for r in read_history(out, "validation")]
     train = read_history(out, "train")

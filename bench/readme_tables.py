@@ -139,6 +139,8 @@ def frontier_recipes_table(group: str = "mechanism") -> None:
 def finetune_rule_table() -> None:
     """bench/l10n_finetune_recipe.py: dev chrF / NLL after each update count of each budget's curve,
     the rules' mean chrF, and the choice."""
+    from l10n_finetune_recipe import rule_updates  # bench/ is on sys.path when this file runs as a script
+
     info = json.loads((ROOT / "bench" / "results" / "l10n_finetune_recipe.json").read_text(encoding="utf-8"))
     for run in info["runs"]:
         points = " · ".join(f"{k}: {v['chrf']:.1f} / {v['nll']:.3f}" for k, v in run["points"].items())
@@ -150,16 +152,11 @@ def finetune_rule_table() -> None:
     print("|---|---|---|---|---|")
     choice = info["choice"]
     for rule in sorted(info["scored"], key=lambda r: -r["mean_chrf"]):
-        counts = [str(_rule_updates(run["batches_per_epoch"], rule)) for run in first]
+        counts = [str(rule_updates(run["batches_per_epoch"], rule["epochs"], rule["min_steps"], rule["max_steps"]))
+                  for run in first]
         chosen = " (chosen)" if (rule["epochs"], rule["min_steps"]) == (choice["epochs"], choice["min_steps"]) else ""
         print(f"| {rule['epochs']:g}{chosen} | {rule['min_steps']} | {rule['max_steps']} | {rule['mean_chrf']:.2f} "
               f"| {', '.join(counts)} |")
-
-
-def _rule_updates(batches: int, rule: dict) -> int:
-    from metanmt.adaptation.recipe import FinetuneRecipe
-
-    return FinetuneRecipe(epochs=rule["epochs"], min_steps=rule["min_steps"], max_steps=rule["max_steps"]).updates_for(batches)
 
 
 if __name__ == "__main__":
