@@ -675,25 +675,37 @@ def read_history(output_dir: str | Path, kind: str) -> list[dict[str, Any]]:
     return [by_step[k] for k in sorted(by_step)]
 
 
+_PEAK_RSS_SEEN_MB = 0.0
+
+
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB.
+    """Peak resident memory of this process so far, in MiB; never below a value it returned before.
 
     Linux: VmHWM of /proc/self/status, this program's own high-water mark. ``ru_maxrss`` is not
     used there because it survives exec: a process started by a large parent reports at least the
-    parent's size at the fork. Elsewhere ``ru_maxrss`` (KiB on Linux, bytes on macOS).
+    parent's size at the fork. Elsewhere ``ru_maxrss`` (KiB on Linux, bytes on macOS). VmHWM has
+    been seen to read lower than a value it gave earlier in the same process (the kernel reports the
+    larger of a high-water mark it updates only on some paths and the current RSS), so the running
+    maximum of what was read keeps a peak a peak.
     """
     import resource
     import sys
 
+    global _PEAK_RSS_SEEN_MB
+    peak = None
     try:
         with open("/proc/self/status", encoding="ascii") as status:
             for line in status:
                 if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
+                    peak = int(line.split()[1]) / 1024
+                    break
     except OSError:
         pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+    if peak is None:
+        rusage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak = rusage / 2**20 if sys.platform == "darwin" else rusage / 1024
+    _PEAK_RSS_SEEN_MB = max(_PEAK_RSS_SEEN_MB, peak)
+    return _PEAK_RSS_SEEN_MB
 
 
 def peak_cuda_mb(device: torch.device) -> float:
