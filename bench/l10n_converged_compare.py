@@ -47,10 +47,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from l10n_frontier import exported  # noqa: E402 (bench/ is not a package)
+from l10n_frontier import RULE, exported  # noqa: E402 (bench/ is not a package)
+from l10n_frontier import rule_flags as chosen_rule_flags  # noqa: E402
 FINAL, WARM = 10_000, 8_750
 META = {"fomaml": "frontier_fomaml", "metanmt": "frontier_metanmt"}  # init name -> recipe of l10n_frontier_recipes
-RULE = ROOT / "bench" / "results" / "l10n_finetune_recipe.json"
 REPORT = ROOT / "bench" / "results" / "l10n_compare"
 LANGS = ["lv", "fi", "tr", "ko"]
 # the budgets in phases, the small ones (where meta-learning should show) first: 16k and 40k cost
@@ -85,9 +85,7 @@ def rule_flags(multi: Path) -> list[str]:
     measured = {r["budget"] for r in info["runs"] if r["path"] == str(multi.resolve())}
     if not {"1k", "4k", "16k", "40k"} <= measured:
         raise SystemExit(f"{RULE}: the rule has not been measured on {multi} at every budget; run --stage rule")
-    choice = info["choice"]
-    return ["--epochs", str(choice["epochs"]), "--min-steps", str(choice["min_steps"]),
-            "--max-steps", str(choice["max_steps"]), "--patience", "0"]
+    return chosen_rule_flags(RULE)
 
 
 def main() -> int:

@@ -16,6 +16,11 @@ folder records, English tokens/s of the training, the plain `transformers` loop'
 the throughput benchmark, and Finnish 16k BLEU / chrF / test NLL. Targets: >= 6.2 BLEU,
 >= 25.6 chrF, NLL <= 3.34 (the calibration pilot's 20-minute multi-task run).
 
+``--fine-tune rule`` fine-tunes for the fixed length chosen on the dev language Romanian
+(``bench/l10n_finetune_recipe.py``: 700 updates at 16k) instead of stopping on Finnish dev NLL, and
+keeps its scores beside the others (``fi16k_rule``, ``met_rule``); the model scored is the run's
+checkpoint at the config's steps, also when the run has been resumed past them.
+
 ``--at-pairs 208000`` instead scores (the same way, into ``RUNS/compare_at_STEP``) the checkpoint of
 ``RUNS/multi`` whose pairs seen are closest to that count, e.g. the pilot's 208K pairs once the run
 has been resumed past them, and keeps it under ``at_pairs`` in the results file: the quality per
@@ -37,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 CONFIG = ROOT / "configs" / "l10n_frontier.yaml"
 OUT = ROOT / "bench" / "results" / "l10n_frontier.json"
 THROUGHPUT = ROOT / "bench" / "results" / "l10n_throughput.json"
+RULE = ROOT / "bench" / "results" / "l10n_finetune_recipe.json"  # the fine-tuning length chosen on Romanian
 TARGETS = {"bleu": 6.2, "chrf": 25.6, "nll": 3.34}
 
 
@@ -68,17 +74,40 @@ def exported(runs: Path, step: int) -> Path:
     return dest
 
 
-def finnish_16k(init: Path, out: Path, data_root: Path, runs: Path, seeds: int) -> dict:
-    """Fine-tune ``init`` on Finnish 16k (``seeds`` seeds) and score the test set; mean, Student-t
-    half-width (n = seeds) and the per-seed values of BLEU, chrF and test NLL, and the updates."""
+def rule_flags(rule: Path = RULE) -> list[str]:
+    """compare's flags for the fine-tuning length chosen on Romanian by ``bench/l10n_finetune_recipe.py``
+    (its results file ``rule``): a fixed number of updates per budget, no early stopping."""
+    if not rule.is_file():
+        raise SystemExit(f"{rule} is missing: run bench/l10n_finetune_recipe.py first")
+    choice = json.loads(rule.read_text(encoding="utf-8"))["choice"]
+    return ["--epochs", str(choice["epochs"]), "--min-steps", str(choice["min_steps"]),
+            "--max-steps", str(choice["max_steps"]), "--patience", "0"]
+
+
+# how the fine-tune stops: "nll" = early stopping on dev NLL of held-out fi.pool pairs (patience 3);
+# "rule" = the fixed length chosen on the dev language Romanian (rule_flags)
+FINE_TUNE = {
+    "nll": "all parameters, Adam 3e-4, ~1,000-token batches, dev NLL on 200 held-out fi.pool pairs (patience 3), "
+           "greedy decoding of the 500 test segments",
+    "rule": "all parameters, Adam 3e-4, ~1,000-token batches, the fixed length chosen on Romanian dev chrF "
+            "(bench/results/l10n_finetune_recipe.json; no early stopping), greedy decoding of the 500 test segments",
+}
+
+
+def finnish_16k(init: Path, out: Path, data_root: Path, runs: Path, seeds: int, fine_tune: str = "nll") -> dict:
+    """Fine-tune ``init`` on Finnish 16k (``seeds`` seeds; ``fine_tune``: see FINE_TUNE) and score the test
+    set; mean, Student-t half-width (n = seeds) and the per-seed values of BLEU, chrF and test NLL, and
+    the updates."""
     import math
 
     from metanmt.evaluation.statistics import t_interval
 
-    dev = held_out_dev(data_root, runs / "fi_dev.tsv.gz")
+    if fine_tune == "rule":
+        stop = rule_flags()
+    else:
+        stop = ["--dev", str(held_out_dev(data_root, runs / "fi_dev.tsv.gz")), "--dev-metric", "loss", "--patience", "3"]
     metanmt("compare", "--init", f"multi={init}", "--data-root", str(data_root), "--langs", "fi", "--budgets", "16k",
-            "--seeds", str(seeds), "--no-scratch", "--beam", "1", "--curve", "--dev", str(dev),
-            "--dev-metric", "loss", "--patience", "3", "--out", str(out))
+            "--seeds", str(seeds), "--no-scratch", "--beam", "1", "--curve", *stop, "--out", str(out))
     with open(out / "results.csv", encoding="utf-8") as f:
         cells = [r for r in csv.DictReader(f) if r["init"] == "multi" and r["budget"] == "16k"]
     fi16k = {}
@@ -93,19 +122,33 @@ def finnish_16k(init: Path, out: Path, data_root: Path, runs: Path, seeds: int) 
     return fi16k
 
 
+def met(fi16k: dict) -> dict:
+    return {"bleu": fi16k["bleu"] >= TARGETS["bleu"], "chrf": fi16k["chrf"] >= TARGETS["chrf"],
+            "nll": fi16k["nll"] <= TARGETS["nll"]}
+
+
+def key(fine_tune: str) -> str:
+    """Where a protocol's scores go in the results file: ``fi16k`` (nll), ``fi16k_rule`` (rule)."""
+    return "fi16k" if fine_tune == "nll" else f"fi16k_{fine_tune}"
+
+
 def at_pairs(run: Path, runs: Path, data_root: Path, args: argparse.Namespace) -> None:
     """The run's checkpoint whose pairs seen are closest to ``--at-pairs`` (a rule fixed before any
-    score: the pilot's 208K pairs), on Finnish 16k; stored under ``at_pairs`` in the results file."""
+    score: the pilot's 208K pairs), on Finnish 16k; stored under ``at_pairs`` in the results file
+    (each ``--fine-tune`` protocol under its own key)."""
     from metanmt.engine import checkpoint as ckpt
 
     states = {ckpt.checkpoint_step(c): json.loads((c / "trainer_state.json").read_text()) for c in ckpt.list_checkpoints(run)}
     step = min(states, key=lambda s: abs(states[s]["examples_seen"] - args.at_pairs))
     init = exported(runs, step)
     state = states[step]
-    entry = {"asked_pairs": args.at_pairs, "updates": step, "pairs_seen": state["examples_seen"],
-             "tokens_seen": state["tokens_seen"], "minutes": round(state["seconds"] / 60, 2),
-             "fi16k": finnish_16k(init, runs / f"compare_at_{step}", data_root, runs, args.seeds)}
+    suffix = "" if args.fine_tune == "nll" else f"_{args.fine_tune}"
+    scores = finnish_16k(init, runs / f"compare_at_{step}{suffix}", data_root, runs, args.seeds, args.fine_tune)
     result = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    entry = result.get("at_pairs", {}) if result.get("at_pairs", {}).get("updates") == step else {}
+    entry.update({"asked_pairs": args.at_pairs, "updates": step, "pairs_seen": state["examples_seen"],
+                  "tokens_seen": state["tokens_seen"], "minutes": round(state["seconds"] / 60, 2),
+                  key(args.fine_tune): scores})
     result["at_pairs"] = entry
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(entry, indent=2))
@@ -119,37 +162,41 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--at-pairs", type=int, help="instead: score the run's checkpoint closest to this many pairs seen "
                                                 "(the run may have trained past the config's steps)")
+    p.add_argument("--fine-tune", choices=list(FINE_TUNE), default="nll",
+                   help="nll: early stopping on Finnish held-out dev NLL (default); rule: the fixed length chosen on "
+                        "Romanian. Each protocol's scores are kept under their own key")
     args = p.parse_args()
     data_root, runs = args.data_root.resolve(), args.runs.expanduser().resolve()
     run = runs / "multi"
     if args.at_pairs:
         return at_pairs(run, runs, data_root, args)
 
-    train = ["meta-train", str(CONFIG), "--set", f"data.root={data_root}", "--output-dir", str(run)]
-    metanmt(*train, *(["--resume"] if (run / "metanmt.yaml").is_file() else []))
+    from metanmt.config import load_config
     from metanmt.engine.checkpoint import latest_trainer_state
 
-    state = latest_trainer_state(run)
-    fi16k = finnish_16k(run, runs / "compare", data_root, runs, args.seeds)
-    minutes = state["seconds"] / 60
+    steps = load_config(CONFIG, []).train.steps  # the 20 minutes: the config's updates
+    if latest_trainer_state(run).get("step", 0) < steps:
+        train = ["meta-train", str(CONFIG), "--set", f"data.root={data_root}", "--output-dir", str(run)]
+        metanmt(*train, *(["--resume"] if (run / "metanmt.yaml").is_file() else []))
+    # the run may have been resumed past the config's steps (the learning curve): its checkpoint at them
+    trained_now = latest_trainer_state(run)["step"] == steps
+    init = run if trained_now else exported(runs, steps)
+    state = latest_trainer_state(run) if trained_now else json.loads((init / "trainer_state.json").read_text())
+    suffix = "" if args.fine_tune == "nll" else f"_{args.fine_tune}"
+    scores = finnish_16k(init, runs / f"compare{suffix}", data_root, runs, args.seeds, args.fine_tune)
     plain = None
     if THROUGHPUT.is_file():
         rows = json.loads(THROUGHPUT.read_text())["rows"]
         plain = next((r["english_tokens_per_s"] for r in rows if r["case"] == "plain"), None)
-    result = {
-        "config": str(CONFIG.relative_to(ROOT)), "minutes": round(minutes, 2), "updates": state["step"],
+    result = json.loads(args.out.read_text()) if args.out.is_file() else {}  # other protocols and at_pairs are kept
+    result.update({
+        "config": str(CONFIG.relative_to(ROOT)), "minutes": round(state["seconds"] / 60, 2), "updates": state["step"],
         "pairs_seen": state["examples_seen"], "tokens_seen": state["tokens_seen"],
         "tokens_per_s": round(state["tokens_seen"] / state["seconds"], 1), "plain_loop_tokens_per_s": plain,
-        "fi16k": fi16k, "targets": TARGETS,
-        "met": {"bleu": fi16k["bleu"] >= TARGETS["bleu"], "chrf": fi16k["chrf"] >= TARGETS["chrf"],
-                "nll": fi16k["nll"] <= TARGETS["nll"]},
-        "fine_tune": "all parameters, Adam 3e-4, ~1,000-token batches, dev NLL on 200 held-out fi.pool pairs "
-                     "(patience 3), greedy decoding of the 500 test segments",
-        "threads": os.environ.get("OMP_NUM_THREADS"),
-    }
-    earlier = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    if "at_pairs" in earlier:  # kept: --at-pairs writes it, a rerun of the timed run does not
-        result["at_pairs"] = earlier["at_pairs"]
+        key(args.fine_tune): scores, "targets": TARGETS, f"met{suffix}": met(scores),
+        f"fine_tune{suffix}": FINE_TUNE[args.fine_tune],
+    })
+    result.setdefault("threads", os.environ.get("OMP_NUM_THREADS"))  # of the timed training run
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

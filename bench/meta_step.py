@@ -25,7 +25,11 @@ is compared with metanmt's per-task loop: ``max_grad_diff`` is the largest absol
 Then the median of ``--steps`` (default 20) steps after ``--warmup`` (3). Peak memory is the
 process's own peak RSS (VmHWM; each case runs in a fresh process). The timed steps are steps that do
 not log (``train.log_every`` is beyond the run), i.e. the training hot path. Every metanmt row gets
-``meta_step_cost_in_plain_steps`` (the plain step's steps/s over its own).
+``meta_step_cost_in_plain_steps``: after its timed steps the case times ``--paired`` (default 10)
+pairs of a meta-step and a plain step on the same examples, back to back in the same process, and
+takes the median of the pairs' ratios (``paired_with_plain``: robust to the drift of a shared
+machine's speed between cases); the ratio of the two cases' own medians is kept beside it
+(``cost_in_plain_steps_unpaired``).
 
 Then, unless ``--no-profile``, one profile per metanmt case (``PROFILE_CASES``, each in a fresh
 process; see ``profile_case``): the ``profile`` entry of the results holds, per family/algorithm,
@@ -207,7 +211,8 @@ def build_trainer(family_name: str, algo: str, variant: str) -> Any:
     return MetaTrainer(run_config(family_name, algo, variant), Path(tempfile.mkdtemp(prefix="meta_step_")) / "run")
 
 
-def measure(impl: str, family_name: str, algo: str, variant: str, steps: int, warmup: int, grad_file: Path) -> dict:
+def measure(impl: str, family_name: str, algo: str, variant: str, steps: int, warmup: int, grad_file: Path,
+            paired: int = 0) -> dict:
     import torch
 
     from metanmt.engine.sampler import TaskSampler
@@ -223,17 +228,19 @@ def measure(impl: str, family_name: str, algo: str, variant: str, steps: int, wa
     def episodes(step: int) -> list:
         return [e for _, e in TaskSampler(family, SEED, cfg.train.meta_batch_size).local_episodes(step)]
 
+    def plain_step(step: int) -> None:
+        eps = episodes(step)
+        batch = functools.reduce(family.merge_batches, [b for e in eps for b in (e.support, e.query)])
+        loss = direct_loss(family_name, family, model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
     step_fn: Callable[[int], None]
     if impl == "metanmt":
         step_fn = trainer.meta_step
     elif impl == "plain":
-        def step_fn(step: int) -> None:
-            eps = episodes(step)
-            batch = functools.reduce(family.merge_batches, [b for e in eps for b in (e.support, e.query)])
-            loss = direct_loss(family_name, family, model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        step_fn = plain_step
     elif impl == "learn2learn":
         l2l = importlib.import_module("learn2learn")
 
@@ -295,9 +302,41 @@ def measure(impl: str, family_name: str, algo: str, variant: str, steps: int, wa
         step_fn(step)
         times.append(time.perf_counter() - t0)
     median = statistics.median(times)
-    return {"impl": impl, "family": family_name, "algo": algo, "variant": variant, "steps_per_s": 1.0 / median,
-            "ms_per_step": 1000.0 * median, "peak_mb": peak_rss_mb(),
-            "timed_steps": steps, "threads": torch.get_num_threads()}
+    row = {"impl": impl, "family": family_name, "algo": algo, "variant": variant, "steps_per_s": 1.0 / median,
+           "ms_per_step": 1000.0 * median, "peak_mb": peak_rss_mb(),  # read before any plain step below
+           "timed_steps": steps, "threads": torch.get_num_threads()}
+    if impl == "metanmt" and paired:
+        row.update(paired_with_plain(step_fn, plain_step, warmup + steps, paired))
+    return row
+
+
+def paired_with_plain(meta_step: Callable[[int], None], plain_step: Callable[[int], None], first: int,
+                      pairs: int) -> dict:
+    """The meta-step's cost in plain steps, measured in pairs: a meta-step, then a plain step on the
+    same examples, in the same process, ``pairs`` times; the median of the pairs' ratios.
+
+    On a shared machine the speed of a core drifts by tens of percent within minutes, so a ratio of
+    two medians taken minutes apart (two cases, two processes) carries that drift; two steps timed
+    back to back share the machine's state. They also share the memory allocator's state: where the
+    meta-step grows the heap far beyond the plain step's (vmap over many tasks), the plain step runs
+    faster than in its own process and the ratio reads high (bench/README.md, "Meta-step speed").
+    The plain steps run after the meta-step's peak memory was read, on the same model and optimizer
+    (the values of the weights do not change the cost)."""
+    plain_step(first)  # its own warm-up: a batch of the merged shape has not run in this process yet
+    ratios, meta_times, plain_times = [], [], []
+    for step in range(first + 1, first + 1 + pairs):
+        t0 = time.perf_counter()
+        meta_step(step)
+        t1 = time.perf_counter()
+        plain_step(step)
+        t2 = time.perf_counter()
+        meta_times.append(t1 - t0)
+        plain_times.append(t2 - t1)
+        ratios.append((t1 - t0) / (t2 - t1))
+    return {"paired_steps": pairs, "paired_meta_ms": 1000.0 * statistics.median(meta_times),
+            "paired_plain_ms": 1000.0 * statistics.median(plain_times),
+            "cost_in_plain_steps_paired": statistics.median(ratios),
+            "cost_in_plain_steps_paired_range": [min(ratios), max(ratios)]}
 
 
 # top-level ops of the engine's bookkeeping rather than the model's arithmetic (zero-filled dicts,
@@ -431,13 +470,18 @@ def main() -> int:
     parser.add_argument("--case", nargs=4, metavar=("IMPL", "FAMILY", "ALGO", "VARIANT"))
     parser.add_argument("--profile", nargs=3, metavar=("FAMILY", "ALGO", "VARIANT"),
                         help="profile metanmt's meta-step on one case and print one JSON line (no timing)")
-    parser.add_argument("--profile-steps", type=int, default=2)
+    parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--profile-threads", type=int, default=1,
+                        help="threads of the profiled runs (1: as the recorded 'before' profiles were taken)")
     parser.add_argument("--no-profile", action="store_true", help="skip the profiles after the timed cases")
     parser.add_argument("--family", choices=["omniglot", "translation"], action="append")
     parser.add_argument("--algo", choices=["maml", "fomaml", "reptile", "multitask", "plain"], action="append")
     parser.add_argument("--impl", choices=["metanmt", "learn2learn", "higher", "plain"], action="append")
+    parser.add_argument("--variant", action="append", help="only these variants (e.g. loop; the plain step's is -)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--paired", type=int, default=10,
+                        help="metanmt cases: then time this many (meta-step, plain step) pairs in the same process")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--grad-file", type=Path)
     parser.add_argument("--out", type=Path, default=OUT)
@@ -456,13 +500,13 @@ def main() -> int:
 
         torch.set_num_threads(args.threads)
         impl, family, algo, variant = args.case
-        row = measure(impl, family, algo, variant, args.steps, args.warmup, args.grad_file)
+        row = measure(impl, family, algo, variant, args.steps, args.warmup, args.grad_file, args.paired)
         print("ROW " + json.dumps(row), flush=True)
         return 0
 
     info = versions()
     cases = [c for c in CASES if (not args.family or c[1] in args.family) and (not args.algo or c[2] in args.algo)
-             and (not args.impl or c[0] in args.impl)]
+             and (not args.impl or c[0] in args.impl) and (not args.variant or c[3] in args.variant)]
     # every checked gradient needs metanmt's per-task loop on the same case, run first
     needed = [("metanmt", f, a, "loop+steps5" if inner_steps(v) == 5 else "loop") for _, f, a, v in cases if a != "plain"]
     cases = list(dict.fromkeys([c for c in CASES if c in needed] + cases))
@@ -477,7 +521,8 @@ def main() -> int:
             grad_file = Path(tmp) / f"{impl}-{family}-{algo}-{variant}.pt".replace("+", "_")
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
             proc = subprocess.run([sys.executable, __file__, "--case", impl, family, algo, variant, "--steps", str(args.steps),
-                                   "--warmup", str(args.warmup), "--threads", str(args.threads), "--grad-file", str(grad_file)],
+                                   "--warmup", str(args.warmup), "--threads", str(args.threads), "--grad-file", str(grad_file),
+                                   "--paired", str(args.paired)],
                                   capture_output=True, text=True, env=env, cwd=ROOT)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("ROW ")]
             if proc.returncode != 0 or not lines:
@@ -497,7 +542,9 @@ def main() -> int:
             row["max_abs_grad"] = float(grad.abs().max())
             rows.append(row)
             print(f"{impl:>11} {family:>11} {algo:>9} {variant:>15}: {row['steps_per_s']:6.3f} steps/s "
-                  f"{row['ms_per_step']:8.1f} ms {row['peak_mb']:7.0f} MB  grad diff {row['max_grad_diff']}", flush=True)
+                  f"{row['ms_per_step']:8.1f} ms {row['peak_mb']:7.0f} MB  grad diff {row['max_grad_diff']}"
+                  + (f"  {row['cost_in_plain_steps_paired']:.2f} plain steps (paired)" if "cost_in_plain_steps_paired" in row else ""),
+                  flush=True)
 
     def find(impl: str, family: str, algo: str, variant: str = "-") -> dict | None:
         return next((r for r in rows if (r["impl"], r["family"], r["algo"], r["variant"]) == (impl, family, algo, variant)
@@ -506,7 +553,9 @@ def main() -> int:
     for row in rows:  # every metanmt row, reptile and multitask included, in units of a plain step
         plain = find("plain", row["family"], "plain")
         if row["impl"] == "metanmt" and "steps_per_s" in row and plain:
-            row["meta_step_cost_in_plain_steps"] = plain["steps_per_s"] / row["steps_per_s"]
+            # the paired ratio where measured (see paired_with_plain); the ratio of the two cases' medians beside it
+            row["cost_in_plain_steps_unpaired"] = plain["steps_per_s"] / row["steps_per_s"]
+            row["meta_step_cost_in_plain_steps"] = row.get("cost_in_plain_steps_paired", row["cost_in_plain_steps_unpaired"])
 
     ratios = []
     for family in ("omniglot", "translation"):
@@ -532,14 +581,14 @@ def main() -> int:
                         entry[f"lowest_memory_variant_vs_{peer}"] = {"variant": lowest["variant"],
                                                                      "memory": lowest["peak_mb"] / other["peak_mb"],
                                                                      "speed": lowest["steps_per_s"] / other["steps_per_s"]}
-                if plain and steps == 1:
-                    entry["meta_step_cost_in_plain_steps"] = plain["steps_per_s"] / best["steps_per_s"]
+                if "meta_step_cost_in_plain_steps" in best and steps == 1:
+                    entry["meta_step_cost_in_plain_steps"] = best["meta_step_cost_in_plain_steps"]
                 if len(entry) > 6 or steps == 1:
                     ratios.append(entry)
                     print(json.dumps(entry))
     profiles = [] if args.no_profile else run_profiles(
         [c for c in PROFILE_CASES if (not args.family or c[0] in args.family) and (not args.algo or c[1] in args.algo)
-         and (not args.impl or "metanmt" in args.impl)], args.threads, args.profile_steps)
+         and (not args.impl or "metanmt" in args.impl)], args.profile_threads, args.profile_steps)
     result = {"rows": rows, "ratios": ratios, "profile": profiles, "settings": SETTINGS, "steps": args.steps,
               "warmup": args.warmup,
               "hardware": {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "threads": args.threads,

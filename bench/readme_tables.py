@@ -2,7 +2,7 @@
 
     python bench/readme_tables.py compare      # bench/results/l10n_compare/results.csv (mean ± 95% t interval, n, p)
     python bench/readme_tables.py curve        # its adaptation curve columns (nll_at_K)
-    python bench/readme_tables.py meta_step    # bench/results/meta_step.json
+    python bench/readme_tables.py meta_step [meta_step_1thread]   # bench/results/meta_step.json (or that file)
     python bench/readme_tables.py recipes      # bench/results/meta_recipes.csv (the screening rows)
     python bench/readme_tables.py frontier_recipes [lora]   # its rows with a budget and fine-tuning preset
     python bench/readme_tables.py finetune_rule      # bench/results/l10n_finetune_recipe.json
@@ -78,20 +78,28 @@ def curve_table() -> None:
                   + " | ".join(format_mean_ci(m.get(f"nll_at_{k}", []), 3) for k in points) + " |")
 
 
-def meta_step_table() -> None:
-    data = json.loads((ROOT / "bench" / "results" / "meta_step.json").read_text(encoding="utf-8"))
-    print("| family | algorithm | implementation | inner steps | meta-steps/s | ms/step | peak RSS MB | max grad diff |")
-    print("|---|---|---|---|---|---|---|---|")
+def meta_step_table(name: str = "meta_step") -> None:
+    """``name``: the results file under bench/results (meta_step_1thread: the one-thread rows)."""
+    data = json.loads((ROOT / "bench" / "results" / f"{name}.json").read_text(encoding="utf-8"))
+    print("| family | algorithm | implementation | inner steps | meta-steps/s | ms/step | peak RSS MB | max grad diff "
+          "| plain steps: paired (range) / unpaired |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in data["rows"]:
         if "steps_per_s" not in r:
-            print(f"| {r['family']} | {r['algo']} | {r['impl']} {r['variant']} | | {r.get('error') or r.get('skipped')} | | | |")
+            print(f"| {r['family']} | {r['algo']} | {r['impl']} {r['variant']} | | {r.get('error') or r.get('skipped')} | | | | |")
             continue
         steps = 5 if "steps5" in r["variant"] else 1
         variant = r["variant"].replace("+steps5", "").replace("steps5", "-")
         name = r["impl"] + ("" if variant == "-" else f" ({variant})")
         diff = "–" if r.get("max_grad_diff") is None else f"{r['max_grad_diff']:.1e}"
+        cost = "–"
+        if "cost_in_plain_steps_paired" in r:
+            low, high = r["cost_in_plain_steps_paired_range"]
+            cost = f"{r['cost_in_plain_steps_paired']:.2f} ({low:.2f}-{high:.2f}) / {r['cost_in_plain_steps_unpaired']:.2f}"
+        elif "meta_step_cost_in_plain_steps" in r:
+            cost = f"– / {r['meta_step_cost_in_plain_steps']:.2f}"
         print(f"| {r['family']} | {r['algo']} | {name} | {steps} | {r['steps_per_s']:.3f} | {r['ms_per_step']:.0f} "
-              f"| {r['peak_mb']:.0f} | {diff} |")
+              f"| {r['peak_mb']:.0f} | {diff} | {cost} |")
     print()
     for e in data["ratios"]:
         print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in e.items()}))

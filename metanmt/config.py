@@ -102,8 +102,9 @@ class TrainConfig:
     on_nonfinite: Literal["stop", "skip"] = "stop"
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
     # execution only, never the gradients: run a process's tasks as one torch.vmap computation
-    # (fixed-shape families; maml and fomaml), in groups of `tasks_per_vmap` (0 = all at once)
-    task_batching: Literal["loop", "vmap"] = "loop"
+    # (fixed-shape families; maml and fomaml), in groups of `tasks_per_vmap` (0 = all at once);
+    # auto: vmap where the family and the algorithm allow it, else the loop
+    task_batching: Literal["loop", "vmap", "auto"] = "loop"
     tasks_per_vmap: int = field(default=0, metadata=at_least(0))
     checkpoint_inner: bool = False  # recompute second-order inner steps in backward: memory for time
     # at the end of training, show this many held-out examples from the family (translation: source,

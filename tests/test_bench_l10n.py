@@ -173,3 +173,7 @@ def test_converged_meta_inits_continue_at_the_learning_rate_the_multitask_run_ha
                                                     "choice": {"epochs": 5, "min_steps": 100, "max_steps": 1000}}))
     with pytest.raises(SystemExit, match="not been measured on"):
         converged.rule_flags(run)
+    (tmp_path / "rule.json").write_text(json.dumps({"runs": [{"path": str(run.resolve()), "budget": b} for b in
+                                                             ("1k", "4k", "16k", "40k")],
+                                                    "choice": {"epochs": 20, "min_steps": 0, "max_steps": 1000}}))
+    assert converged.rule_flags(run) == ["--epochs", "20", "--min-steps", "0", "--max-steps", "1000", "--patience", "0"]

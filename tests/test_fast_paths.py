@@ -79,11 +79,13 @@ def test_task_batched_inner_loop_equals_the_per_task_loop(algo, cfg, inner, sine
     assert any(float(g.abs().sum()) > 0 for g in loop.values())
 
 
-def test_task_batched_meta_sgd_rates_get_the_loop_gradient(sine_family) -> None:
+@pytest.mark.parametrize("multi_step_loss", [False, True])  # True: configs/sinusoid_metasgd_multistep.yaml's recipe
+def test_task_batched_meta_sgd_rates_get_the_loop_gradient(sine_family, multi_step_loss) -> None:
     torch.manual_seed(0)
     model = sine_family.build_model().double()
     rates = {n: torch.full_like(p, 0.03, requires_grad=True) for n, p in model.named_parameters()}
-    loop, _, batched, _ = loop_and_batched(MAML(AlgorithmConfig(meta_sgd=True)), sine_family, model,
+    loop, _, batched, _ = loop_and_batched(MAML(AlgorithmConfig(meta_sgd=True, multi_step_loss=multi_step_loss)),
+                                           sine_family, model,
                                            sine_episodes(sine_family, 3), {"steps": 2}, learned_lrs=rates)
     assert any(n.startswith("inner_lr:") for n in loop)
     for name in loop:
@@ -148,7 +150,7 @@ def test_fused_and_primitive_batch_norm_give_the_same_meta_gradient(monkeypatch:
 
 
 def sine_config(**extra):
-    sets = ["train.steps=2", "train.meta_batch_size=5", "train.save_every=2", "train.trackers=[]",
+    sets = ["train.task_batching=loop", "train.steps=2", "train.meta_batch_size=5", "train.save_every=2", "train.trackers=[]",
             "model.hidden=[8, 8]", "task.shots=4", "task.query=4"] + [f"{k}={v}" for k, v in extra.items()]
     return load_config("configs/sinusoid_maml.yaml", sets)
 
@@ -189,3 +191,14 @@ def test_vmap_is_refused_where_it_cannot_apply(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="tasks_per_vmap"):
         MetaTrainer(sine_config(**{"train.tasks_per_vmap": -1}), tmp_path / "b")
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("algo,expected", [("maml", "vmap"), ("fomaml", "vmap"), ("reptile", "loop"), ("multitask", "loop")])
+def test_auto_task_batching_takes_vmap_where_it_applies_and_the_loop_elsewhere(tmp_path: Path, algo: str,
+                                                                               expected: str) -> None:
+    trainer = MetaTrainer(sine_config(**{"algorithm.name": algo, "train.task_batching": "auto"}), tmp_path / "run")
+    assert trainer.task_batching == expected
+    groups = trainer._task_groups(list(range(5)))
+    assert groups == ([[0, 1, 2, 3, 4]] if expected == "vmap" else [[i] for i in range(5)])
+    trainer.train()  # and it trains
+    assert trainer.state.step == 2

@@ -20,7 +20,8 @@ LR, STEPS = 0.05, 2
 
 
 def sine_config(**extra):
-    sets = ["train.steps=1", "train.meta_batch_size=3", "train.save_every=100", "train.log_every=1",
+    sets = ["train.task_batching=loop",  # the per-task path, whose forward passes are counted; vmap cases set it
+            "train.steps=1", "train.meta_batch_size=3", "train.save_every=100", "train.log_every=1",
             "train.trackers=[]", "model.hidden=[8, 8]", "task.shots=4", "task.query=5",
             f"algorithm.inner_lr={LR}", f"algorithm.inner_steps={STEPS}"] + [f"{k}={v}" for k, v in extra.items()]
     return load_config(SINE, sets)
@@ -178,3 +179,40 @@ def test_fomaml_is_maml_with_the_order_flag_off():
     assert issubclass(FOMAML, MAML) and MAML.second_order and not FOMAML.second_order
     assert FOMAML.task_gradient is MAML.task_gradient
     assert registry.algorithm("maml") is MAML and registry.algorithm("fomaml") is FOMAML
+
+
+def _bench_meta_step():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_meta_step", Path(__file__).resolve().parents[1] / "bench" / "meta_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paired_cost_is_the_median_ratio_of_back_to_back_steps(monkeypatch):
+    """bench/meta_step.py's paired timing: a meta-step then a plain step, the median of their ratios;
+    the machine's speed drifting between pairs (here x1, x3, x1, x1, x2) leaves the ratio alone."""
+    bench = _bench_meta_step()
+    clock = {"t": 0.0, "speed": 1.0}
+    drift = iter([1.0, 3.0, 1.0, 1.0, 2.0])  # the machine's speed during each pair
+    calls = []
+
+    def meta(step):
+        clock["speed"] = next(drift)
+        calls.append(("meta", step))
+        clock["t"] += 0.3 * clock["speed"]
+
+    def plain(step):
+        calls.append(("plain", step))
+        clock["t"] += 0.2 * clock["speed"]
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock["t"])
+    out = bench.paired_with_plain(meta, plain, first=7, pairs=5)
+    # the plain step's own warm-up first, then meta/plain pairs on the steps after it
+    assert calls == [("plain", 7)] + [(kind, s) for s in range(8, 13) for kind in ("meta", "plain")]
+    assert out["cost_in_plain_steps_paired"] == pytest.approx(1.5)
+    assert out["cost_in_plain_steps_paired_range"] == pytest.approx([1.5, 1.5])
+    assert out["paired_steps"] == 5
+    assert out["paired_meta_ms"] == pytest.approx(300.0) and out["paired_plain_ms"] == pytest.approx(200.0)

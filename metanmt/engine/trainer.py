@@ -153,17 +153,22 @@ def make_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer) -> torch.op
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def check_task_batching(cfg: RunConfig, family: TaskFamily, algorithm: Any) -> None:
+def check_task_batching(cfg: RunConfig, family: TaskFamily, algorithm: Any) -> str:
+    """The task batching a run uses (``auto`` resolved: vmap where the family and algorithm allow it);
+    an explicit ``vmap`` they do not allow is an error."""
     t = cfg.train
     if t.tasks_per_vmap < 0:
         raise ConfigError(f"train.tasks_per_vmap: must be >= 0 (0 = all of a process's tasks), got {t.tasks_per_vmap}")
+    if t.task_batching == "auto":
+        return "vmap" if family.supports_vmap and algorithm.supports_task_batching else "loop"
     if t.task_batching == "vmap":
         if not family.supports_vmap:
             raise ConfigError(f"train.task_batching: vmap needs episodes of fixed shapes; the {family.name} family has "
                               "variable-size batches, use loop")
         if not algorithm.supports_task_batching:
             raise ConfigError(f"train.task_batching: vmap is implemented for maml and fomaml, not {algorithm.name}; "
-                              "use loop")
+                              "use loop or auto")
+    return t.task_batching
 
 
 def _finite(result: TaskResult) -> bool:
@@ -308,7 +313,7 @@ class MetaTrainer:
         # config, the folder itself, the data, the validation data, the vocabulary and the model
         self.family = build_family(cfg)
         self.algorithm = registry.algorithm(cfg.algorithm.name)(cfg.algorithm)
-        check_task_batching(cfg, self.family, self.algorithm)
+        self.task_batching = check_task_batching(cfg, self.family, self.algorithm)  # "loop" or "vmap"
         self._fresh = True
         self.family.use_double_backward(self.algorithm.double_backward)
         if acc.is_main_process:
@@ -390,7 +395,7 @@ class MetaTrainer:
 
     def _task_groups(self, episodes: list[Any]) -> list[list[Any]]:
         """Which of this process's tasks run together: all (or ``tasks_per_vmap``) with vmap, else one each."""
-        if self.cfg.train.task_batching != "vmap":
+        if self.task_batching != "vmap":
             return [[item] for item in episodes]
         size = self.cfg.train.tasks_per_vmap or len(episodes) or 1
         return [episodes[i : i + size] for i in range(0, len(episodes), size)]
