@@ -23,7 +23,7 @@ its learned rates), mean and the half-width of the 95% interval
 recipes can be run by separate commands (or ``--only``) into one file::
 
     {"maml": {"5": {"1": mse, "5": mse, "10": mse}, "10": {...}, "20": {...}},
-     "maml_ci95": {...}, "pretrain": {...}, "pretrain_ci95": {...}, "maml_multistep": {...}, ...,
+     "maml_ci95": {...}, "maml_median": {...}, "pretrain": {...}, "pretrain_ci95": {...}, "maml_multistep": {...}, ...,
      "meta_steps": {"maml": 70000, ...}, "tables": {"maml": "| K-shot | ... markdown ..."},
      "config": {"maml": {"config": ..., "overrides": [...], "meta_steps": n, "train_seconds": t,
                          "interval": "...", ...}},
@@ -119,10 +119,12 @@ def run_recipe(name: str, args: argparse.Namespace) -> dict:
     eval_seconds = time.perf_counter() - t0
     mse = {k: {s: v for s, v in row.items() if s != "0"} for k, row in table["mse"].items()}
     ci95 = {k: {s: v for s, v in row.items() if s != "0"} for k, row in table["ci95"].items()}
+    median = {k: {s: v for s, v in row.items() if s != "0"} for k, row in table["median"].items()}
     print(f"{name}: {state['step']} meta-steps, {state['seconds']:.0f} s of training\n{format_sinusoid(table)}", flush=True)
     return {
         name: mse,
         f"{name}_ci95": ci95,
+        f"{name}_median": median,
         "meta_steps": {name: int(state["step"])},
         "tables": {name: format_sinusoid({"mse": mse, "ci95": ci95})},
         "config": {

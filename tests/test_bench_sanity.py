@@ -37,6 +37,7 @@ def test_sinusoid_recipes_write_results_and_resume(tmp_path: Path, capsys: pytes
         assert set(result[r]) == {"5", "10", "20"} and all(set(row) == {"1", "5", "10"} for row in result[r].values())
         assert all(math.isfinite(v) and v >= 0 for row in result[r].values() for v in row.values())
         assert set(result[f"{r}_ci95"]) == {"5", "10", "20"}
+        assert set(result[f"{r}_median"]["5"]) == {"1", "5", "10"}
         assert result["config"][r]["meta_steps"] == 3 and result["config"][r]["train_seconds"] >= 0  # 3 tiny steps may round to 0.0 s
         assert result["tables"][r].startswith("| K-shot |") and "95%" in result["config"][r]["interval"]
         assert (runs / r / "checkpoints").is_dir()

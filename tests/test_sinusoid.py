@@ -63,3 +63,19 @@ def test_short_maml_run_adapts_far_better_than_pretraining(tmp_path):
         results[name] = evaluate_sinusoid(load_run(tmp_path / name), shots=[5], steps=[10], episodes=200)["mse"]["5"]
     assert results["maml"]["10"] < 0.6 * results["pretrain"]["10"], results
     assert results["maml"]["10"] < 0.6 * results["maml"]["0"], "MAML's initialization should adapt"
+
+
+def test_the_table_keeps_the_median_beside_the_mean(monkeypatch):
+    """One sine whose adaptation diverges moves the mean, not the median (both are reported)."""
+    from types import SimpleNamespace
+
+    import metanmt.evaluation.sinusoid as sinusoid
+
+    per_sine = [0.1, 0.2, 0.3, 0.4, 1000.0]
+    monkeypatch.setattr(sinusoid, "adaptation_curve",
+                        lambda inner, model, tasks, record: {s: {"mse": list(per_sine)} for s in record})
+    run = SimpleNamespace(family=SimpleNamespace(sample_episode=lambda *a, **k: None), model=None,
+                          inner_loop=lambda steps, lr: SimpleNamespace(lr=0.01))
+    table = sinusoid.evaluate_sinusoid(run, shots=[5], steps=[1], episodes=5)
+    assert table["mse"]["5"]["1"] == pytest.approx(200.2)
+    assert table["median"]["5"]["1"] == pytest.approx(0.3)
