@@ -177,3 +177,39 @@ def test_converged_meta_inits_continue_at_the_learning_rate_the_multitask_run_ha
                                                              ("1k", "4k", "16k", "40k")],
                                                     "choice": {"epochs": 20, "min_steps": 0, "max_steps": 1000}}))
     assert converged.rule_flags(run) == ["--epochs", "20", "--min-steps", "0", "--max-steps", "1000", "--patience", "0"]
+
+
+def test_frontier_rule_scores_the_checkpoint_at_the_configs_steps_beside_the_earlier_scores(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--fine-tune rule`` on a run resumed past the config's 2,000 updates: no training, the
+    checkpoint at 2,000 is scored with the Romanian rule, and the early-stopped scores stay."""
+    import sys
+
+    import metanmt.engine.checkpoint as ckpt
+
+    frontier = bench_module("l10n_frontier", monkeypatch)
+    runs, out = tmp_path / "runs", tmp_path / "frontier.json"
+    snapshot = runs / "multi_at_2000"
+    snapshot.mkdir(parents=True)
+    (snapshot / "trainer_state.json").write_text(json.dumps({"step": 2000, "seconds": 1297.0, "examples_seen": 129555,
+                                                             "tokens_seen": 1556988}))
+    out.write_text(json.dumps({"fi16k": {"bleu": 3.54}, "at_pairs": {"updates": 3250}, "threads": "2"}))
+    monkeypatch.setattr(ckpt, "latest_trainer_state", lambda run: {"step": 10250})
+    monkeypatch.setattr(frontier, "exported", lambda r, step: snapshot if step == 2000 else pytest.fail(f"step {step}"))
+    monkeypatch.setattr(frontier, "metanmt", lambda *a: pytest.fail(f"ran metanmt {a}"))
+    scored = []
+
+    def finnish_16k(init, where, data_root, runs_, seeds, fine_tune):
+        scored.append((init, where.name, fine_tune))
+        return {"bleu": 7.0, "chrf": 26.0, "nll": 3.5}
+
+    monkeypatch.setattr(frontier, "finnish_16k", finnish_16k)
+    monkeypatch.setattr(sys, "argv", ["l10n_frontier.py", "--data-root", str(tmp_path), "--runs", str(runs),
+                                      "--out", str(out), "--fine-tune", "rule", "--seeds", "1"])
+    frontier.main()
+    assert scored == [(snapshot, "compare_rule", "rule")]
+    result = json.loads(out.read_text())
+    assert result["fi16k"] == {"bleu": 3.54} and result["at_pairs"] == {"updates": 3250}  # kept
+    assert result["fi16k_rule"]["bleu"] == 7.0 and result["met_rule"] == {"bleu": True, "chrf": True, "nll": False}
+    assert (result["updates"], result["minutes"], result["threads"]) == (2000, 21.62, "2")
+    assert "Romanian" in result["fine_tune_rule"]
