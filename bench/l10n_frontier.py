@@ -127,9 +127,9 @@ def met(fi16k: dict) -> dict:
             "nll": fi16k["nll"] <= TARGETS["nll"]}
 
 
-def key(fine_tune: str) -> str:
-    """Where a protocol's scores go in the results file: ``fi16k`` (nll), ``fi16k_rule`` (rule)."""
-    return "fi16k" if fine_tune == "nll" else f"fi16k_{fine_tune}"
+def suffix(fine_tune: str) -> str:
+    """A protocol's suffix on its keys and report folders: "" (nll), "_rule" (``fi16k_rule``, ``met_rule``)."""
+    return "" if fine_tune == "nll" else f"_{fine_tune}"
 
 
 def at_pairs(run: Path, runs: Path, data_root: Path, args: argparse.Namespace) -> None:
@@ -142,13 +142,13 @@ def at_pairs(run: Path, runs: Path, data_root: Path, args: argparse.Namespace) -
     step = min(states, key=lambda s: abs(states[s]["examples_seen"] - args.at_pairs))
     init = exported(runs, step)
     state = states[step]
-    suffix = "" if args.fine_tune == "nll" else f"_{args.fine_tune}"
-    scores = finnish_16k(init, runs / f"compare_at_{step}{suffix}", data_root, runs, args.seeds, args.fine_tune)
+    scores = finnish_16k(init, runs / f"compare_at_{step}{suffix(args.fine_tune)}", data_root, runs, args.seeds,
+                         args.fine_tune)
     result = json.loads(args.out.read_text()) if args.out.is_file() else {}
     entry = result.get("at_pairs", {}) if result.get("at_pairs", {}).get("updates") == step else {}
     entry.update({"asked_pairs": args.at_pairs, "updates": step, "pairs_seen": state["examples_seen"],
                   "tokens_seen": state["tokens_seen"], "minutes": round(state["seconds"] / 60, 2),
-                  key(args.fine_tune): scores})
+                  f"fi16k{suffix(args.fine_tune)}": scores})
     result["at_pairs"] = entry
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(entry, indent=2))
@@ -178,12 +178,13 @@ def main() -> None:
     if latest_trainer_state(run).get("step", 0) < steps:
         train = ["meta-train", str(CONFIG), "--set", f"data.root={data_root}", "--output-dir", str(run)]
         metanmt(*train, *(["--resume"] if (run / "metanmt.yaml").is_file() else []))
-    # the run may have been resumed past the config's steps (the learning curve): its checkpoint at them
-    trained_now = latest_trainer_state(run)["step"] == steps
-    init = run if trained_now else exported(runs, steps)
-    state = latest_trainer_state(run) if trained_now else json.loads((init / "trainer_state.json").read_text())
-    suffix = "" if args.fine_tune == "nll" else f"_{args.fine_tune}"
-    scores = finnish_16k(init, runs / f"compare{suffix}", data_root, runs, args.seeds, args.fine_tune)
+    state = latest_trainer_state(run)
+    init = run
+    if state["step"] != steps:  # resumed past the config's steps (the learning curve): its checkpoint at them
+        init = exported(runs, steps)
+        state = json.loads((init / "trainer_state.json").read_text())
+    sfx = suffix(args.fine_tune)
+    scores = finnish_16k(init, runs / f"compare{sfx}", data_root, runs, args.seeds, args.fine_tune)
     plain = None
     if THROUGHPUT.is_file():
         rows = json.loads(THROUGHPUT.read_text())["rows"]
@@ -193,8 +194,7 @@ def main() -> None:
         "config": str(CONFIG.relative_to(ROOT)), "minutes": round(state["seconds"] / 60, 2), "updates": state["step"],
         "pairs_seen": state["examples_seen"], "tokens_seen": state["tokens_seen"],
         "tokens_per_s": round(state["tokens_seen"] / state["seconds"], 1), "plain_loop_tokens_per_s": plain,
-        key(args.fine_tune): scores, "targets": TARGETS, f"met{suffix}": met(scores),
-        f"fine_tune{suffix}": FINE_TUNE[args.fine_tune],
+        f"fi16k{sfx}": scores, "targets": TARGETS, f"met{sfx}": met(scores), f"fine_tune{sfx}": FINE_TUNE[args.fine_tune],
     })
     result.setdefault("threads", os.environ.get("OMP_NUM_THREADS"))  # of the timed training run
     args.out.write_text(json.dumps(result, indent=2) + "\n")

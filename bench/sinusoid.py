@@ -117,9 +117,9 @@ def run_recipe(name: str, args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     table = evaluate_sinusoid(load_run(run_dir), shots=SHOTS, steps=STEPS, episodes=args.episodes)
     eval_seconds = time.perf_counter() - t0
-    mse = {k: {s: v for s, v in row.items() if s != "0"} for k, row in table["mse"].items()}
-    ci95 = {k: {s: v for s, v in row.items() if s != "0"} for k, row in table["ci95"].items()}
-    median = {k: {s: v for s, v in row.items() if s != "0"} for k, row in table["median"].items()}
+    # the results file keeps the adapted columns (1/5/10 steps), not the initialization's (0)
+    mse, ci95, median = ({k: {s: v for s, v in row.items() if s != "0"} for k, row in table[part].items()}
+                         for part in ("mse", "ci95", "median"))
     print(f"{name}: {state['step']} meta-steps, {state['seconds']:.0f} s of training\n{format_sinusoid(table)}", flush=True)
     return {
         name: mse,
