@@ -133,6 +133,8 @@ def run_recipe(name: str, args: argparse.Namespace) -> dict:
                 "overrides": sets,
                 "meta_steps": int(state["step"]),
                 "train_seconds": round(float(state["seconds"]), 1),
+                # tasks dropped from their meta-batch for a non-finite loss (train.on_nonfinite: skip)
+                "skipped_tasks": int(state.get("skipped_tasks", 0)),
                 "eval_seconds": round(eval_seconds, 1),
                 "eval_inner_lr": table["inner_lr"],
                 "eval_episodes": args.episodes,

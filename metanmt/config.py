@@ -65,6 +65,9 @@ class AlgorithmConfig:
     eval_inner_lr: Optional[float] = field(default=None, metadata=above(0))  # None: same as inner_lr
     adapt: Optional[list[str]] = None  # fnmatch patterns over parameter names; None: the family's default
     meta_sgd: bool = False  # learn a per-parameter inner learning rate (Meta-SGD)
+    # the outer (Adam) learning rate of the Meta-SGD rates; None: optim.lr. Adam moves every tensor by
+    # about its lr per step, so at optim.lr=1e-3 a rate that starts at 0.01 can change 10% a step
+    meta_sgd_lr: Optional[float] = field(default=None, metadata=above(0))
     support_in_outer: bool = False  # fomaml/maml: add the support loss at the initialization to the outer loss
     multi_step_loss: bool = False  # MAML++: average the query loss over every inner step
 

@@ -13,6 +13,7 @@ from metanmt.config import load_config
 from metanmt.engine.algorithms.fomaml import FOMAML
 from metanmt.engine.algorithms.maml import MAML
 from metanmt.engine.trainer import MetaTrainer, make_scheduler, read_history
+from metanmt.errors import ConfigError
 from metanmt.tasks.sinusoid import SinusoidFamily
 
 SINE = "configs/sinusoid_maml.yaml"
@@ -143,6 +144,21 @@ def test_the_optimizer_reads_views_of_the_one_buffer(tmp_path):
     for name, grad in seen.items():  # no copies: every .grad lives in the one flat buffer
         assert grad.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr(), name
     assert all(p.grad is None for p in trainer.model.parameters())  # and is released after the step
+
+
+def test_meta_sgd_rates_take_their_own_outer_learning_rate(tmp_path):
+    """Adam's first step moves every tensor element with a gradient by its group's lr (m / sqrt(v) = +-1)."""
+    trainer = MetaTrainer(sine_config(**{"algorithm.meta_sgd": "true", "algorithm.meta_sgd_lr": "1e-5",
+                                         "optim.name": "adam", "optim.lr": "1e-3"}), tmp_path / "run")
+    before = {n: t.detach().clone() for n, t in trainer.targets().items()}
+    trainer.meta_step(0)
+    moved = {n: float((t.detach() - before[n]).abs().max()) for n, t in trainer.targets().items()}
+    rates = [m for n, m in moved.items() if n.startswith("inner_lr:")]
+    weights = [m for n, m in moved.items() if not n.startswith("inner_lr:")]
+    assert rates and weights
+    assert max(rates) == pytest.approx(1e-5, rel=1e-3) and max(weights) == pytest.approx(1e-3, rel=1e-3)
+    with pytest.raises(ConfigError, match="meta_sgd_lr.*meta_sgd is false"):
+        MetaTrainer(sine_config(**{"algorithm.meta_sgd_lr": "1e-5"}), tmp_path / "no_rates")
 
 
 @pytest.mark.parametrize("schedule", ["constant", "linear", "cosine", "inverse_sqrt"])

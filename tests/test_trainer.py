@@ -156,9 +156,11 @@ class Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("algo", ["maml", "reptile"])
-def test_resume_after_a_crash_gives_bitwise_the_same_parameters(tmp_path, monkeypatch, algo):
+@pytest.mark.parametrize("algo,rates_lr", [("maml", None), ("maml", 1e-4), ("reptile", None)])
+def test_resume_after_a_crash_gives_bitwise_the_same_parameters(tmp_path, monkeypatch, algo, rates_lr):
     extra = {"optim.schedule": "linear", "optim.warmup_steps": 2, "algorithm.meta_sgd": algo == "maml"}
+    if rates_lr is not None:  # the Meta-SGD rates in their own optimizer group
+        extra["algorithm.meta_sgd_lr"] = rates_lr
     whole = MetaTrainer(small(algo, steps=6, **extra), tmp_path / "whole")
     whole.train()
 
@@ -241,6 +243,23 @@ def test_nonfinite_tasks_can_be_skipped_and_counted(tmp_path, poisoned):
     summary = trainer.train()
     assert summary["skipped_tasks"] > 0
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_a_run_stopped_on_nonfinite_resumes_with_skip(tmp_path, poisoned):
+    """The stop error's advice works: the same run continues from its last good checkpoint with skip."""
+    cfg = small(steps=50)
+    cfg.family = "poisoned_sine"
+    with pytest.raises(NonFiniteError) as info:
+        MetaTrainer(cfg, tmp_path / "run").train()
+    assert "step_0000" in str(info.value), "the test needs a checkpoint before the bad step"
+    cfg = small(steps=50, **{"train.on_nonfinite": "skip"})
+    cfg.family = "poisoned_sine"
+    trainer = MetaTrainer(cfg, tmp_path / "run", resume=True)
+    assert trainer.state.step > 0
+    summary = trainer.train()
+    assert trainer.state.step == 50 and summary["skipped_tasks"] > 0
+    with pytest.raises(UserError, match="different run"):  # other changes are still refused
+        MetaTrainer(small(steps=50, **{"algorithm.inner_lr": 0.5}), tmp_path / "run", resume=True)
 
 
 def test_grad_clip_zero_means_no_clipping(tmp_path):

@@ -115,7 +115,8 @@ def build_family(cfg: RunConfig) -> TaskFamily:
     return family_cls(cfg.task, cfg.model, cfg.data.root)
 
 
-def make_optimizer(cfg: RunConfig, params: list[Tensor]) -> torch.optim.Optimizer:
+def make_optimizer(cfg: RunConfig, params: list) -> torch.optim.Optimizer:
+    """The outer optimizer over ``params`` (tensors, or param groups that may set their own ``lr``)."""
     o = cfg.optim
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
@@ -336,8 +337,10 @@ class MetaTrainer:
             if cfg.algorithm.meta_sgd
             else None
         )
-        tensors = [p for n, p in self.model.named_parameters() if p.requires_grad and n not in self.episode_only]
-        if self.learned_lrs is not None:
+        tensors: list = [p for n, p in self.model.named_parameters() if p.requires_grad and n not in self.episode_only]
+        if self.learned_lrs is not None and cfg.algorithm.meta_sgd_lr is not None:  # the rates as their own group
+            tensors = [{"params": tensors}, {"params": list(self.learned_lrs.parameters()), "lr": cfg.algorithm.meta_sgd_lr}]
+        elif self.learned_lrs is not None:
             tensors += list(self.learned_lrs.parameters())
         self.optimizer = make_optimizer(cfg, tensors)
         self.scheduler = make_scheduler(cfg, self.optimizer)

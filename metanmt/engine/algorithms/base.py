@@ -49,6 +49,8 @@ class Algorithm(abc.ABC):
     def __init__(self, cfg: AlgorithmConfig):
         if cfg.meta_sgd and not self.supports_meta_sgd:
             raise ConfigError(f"algorithm.meta_sgd: not supported by {self.name}; use maml or fomaml")
+        if cfg.meta_sgd_lr is not None and not cfg.meta_sgd:
+            raise ConfigError(f"algorithm.meta_sgd_lr: set to {cfg.meta_sgd_lr} but algorithm.meta_sgd is false (no rates to learn)")
         self.cfg = cfg
 
     @abc.abstractmethod
