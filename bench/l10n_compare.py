@@ -190,8 +190,10 @@ def main() -> int:
     parser.add_argument("--init", action="append", metavar="NAME=PATH")
     parser.add_argument("--quick", action="store_true", help="train both inits for --minutes each, then a reduced comparison")
     parser.add_argument("--minutes", type=float, default=20.0, help="--quick: training minutes per init (default %(default)s)")
-    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "quick",
-                        help="--quick: where the inits are trained; --jobs: where the jobs' compare folders are")
+    # outside the checkout, and not the quickstart's runs/quick (a run folder the inits would be trained into)
+    parser.add_argument("--runs", type=Path, default=Path.home() / "runs" / "l10n_compare",
+                        help="--quick: where the inits are trained; --jobs: where the jobs' compare folders are "
+                             "(default: %(default)s)")
     parser.add_argument("--calibration-steps", type=int, default=10, help="--quick: steps that measure the rate")
     parser.add_argument("--seconds-per-step", type=float, nargs=2, metavar=("MULTI", "META"),
                         help="--quick: known rates instead of measuring them")
@@ -211,6 +213,9 @@ def main() -> int:
     if args.dry_run and args.quick and not args.seconds_per_step:
         parser.error("--dry-run measures nothing: give --seconds-per-step MULTI META")
     args.data_root = args.data_root.resolve()
+    args.runs = args.runs.expanduser()
+    if (args.runs / "metanmt.yaml").is_file():  # its subfolders and plan would be mixed into that run
+        parser.error(f"--runs {args.runs}: is a metanmt run folder; give a folder for the runs to go into")
     args.out = args.out or (OUT.with_name(OUT.name + "_quick") if args.quick else OUT)
     defaults = {"--budgets": ["0", "4k", "16k", "40k"], "--seeds": ["3"]}
     flags = with_quick_defaults(recipe_flags) if args.quick else \

@@ -310,3 +310,11 @@ def test_quick_reproduction_plans_minutes_as_steps(monkeypatch: pytest.MonkeyPat
         with pytest.raises(SystemExit) as exit_info:
             bench.main()
         assert exit_info.value.code == 2
+    # a run folder (the quickstart's runs/quick, say) is not a place to train the inits into
+    runs.mkdir()
+    (runs / "metanmt.yaml").write_text("family: translation\n")
+    monkeypatch.setattr("sys.argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main()
+    assert exit_info.value.code == 2 and "is a metanmt run folder" in capsys.readouterr().err
+    assert sorted(p.name for p in runs.iterdir()) == ["metanmt.yaml"]  # nothing written into it
