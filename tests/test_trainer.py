@@ -258,8 +258,10 @@ def test_a_run_stopped_on_nonfinite_resumes_with_skip(tmp_path, poisoned):
     assert trainer.state.step > 0
     summary = trainer.train()
     assert trainer.state.step == 50 and summary["skipped_tasks"] > 0
-    with pytest.raises(UserError, match="different run"):  # other changes are still refused
-        MetaTrainer(small(steps=50, **{"algorithm.inner_lr": 0.5}), tmp_path / "run", resume=True)
+    cfg = small(steps=50, **{"train.on_nonfinite": "skip", "algorithm.inner_lr": 0.5})
+    cfg.family = "poisoned_sine"
+    with pytest.raises(UserError, match="different run.*inner_lr"):  # other changes are still refused
+        MetaTrainer(cfg, tmp_path / "run", resume=True)
 
 
 def test_grad_clip_zero_means_no_clipping(tmp_path):

@@ -32,10 +32,10 @@ from ..locking import LOCK_FILE, FolderLock
 CONFIG_FILE = "metanmt.yaml"
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-# keys that may change between a run and its resumption without changing what it computes
-# what a resumed run may change: bookkeeping, the length of the run, and the non-finite policy
-# (a run stopped by NonFiniteError under "stop" continues from its last good checkpoint with "skip",
-# as the error message says; until that step both policies trained identically)
+# keys that may change between a run and its resumption: bookkeeping and the length of the run, which
+# change nothing it computes, and the non-finite policy, so that a run stopped by NonFiniteError under
+# "stop" continues from its last good checkpoint with "skip", as the error says (up to that step both
+# policies train identically)
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.save_every", "train.keep_checkpoints", "train.trackers",
                      "train.collective_timeout_minutes", "train.on_nonfinite"}
 
