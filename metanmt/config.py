@@ -68,6 +68,10 @@ class AlgorithmConfig:
     # the outer (Adam) learning rate of the Meta-SGD rates; None: optim.lr. Adam moves every tensor by
     # about its lr per step, so at optim.lr=1e-3 a rate that starts at 0.01 can change 10% a step
     meta_sgd_lr: Optional[float] = field(default=None, metadata=above(0))
+    # the largest L2 norm of a task's inner gradient (over the adapted tensors) in each inner step; a
+    # larger one is scaled down to it, differentiably (None: off). It keeps a diverging inner loop
+    # finite, so that the meta-gradient can see the divergence instead of a non-finite loss
+    inner_grad_clip: Optional[float] = field(default=None, metadata=above(0))
     support_in_outer: bool = False  # fomaml/maml: add the support loss at the initialization to the outer loss
     multi_step_loss: bool = False  # MAML++: average the query loss over every inner step
 

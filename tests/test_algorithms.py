@@ -114,6 +114,32 @@ def test_meta_sgd_learning_rate_gradient_matches_finite_differences(sine_family)
     assert torch.allclose(flat(result.grads, names), fd_params, atol=1e-7, rtol=1e-5)
 
 
+def test_clipped_inner_gradient_matches_finite_differences(sine_family):
+    """algorithm.inner_grad_clip: the scaling is part of the graph, so MAML's meta-gradient through
+    a clipped inner loop is the derivative of what that loop computes."""
+    model, params, episode = setup(sine_family, seed=4)
+    names = list(params)
+    first = torch.autograd.grad(F.mse_loss(functional_call(model, params, (episode.support[0],)), episode.support[1]),
+                                list(params.values()))
+    clip = float(torch.sqrt(sum(g.pow(2).sum() for g in first))) / 3  # active: the first step is scaled by 1/3
+    cfg = AlgorithmConfig(name="maml", inner_steps=2, inner_lr=0.05, inner_grad_clip=clip)
+    inner = InnerLoop(sine_family, model, names, steps=2, lr=0.05, grad_clip=clip)
+    result = MAML(cfg).task_gradient(inner, params, episode, {})
+
+    def outer():
+        adapted = inner.adapt(params, episode.support, create_graph=False).params
+        return inner.loss(adapted, episode.query)
+
+    assert torch.allclose(flat(result.grads, names), finite_difference(outer, params, names), atol=1e-7, rtol=1e-5)
+    unclipped = MAML(AlgorithmConfig(name="maml", inner_steps=2, inner_lr=0.05)).task_gradient(
+        InnerLoop(sine_family, model, names, steps=2, lr=0.05), params, episode, {})
+    assert (flat(unclipped.grads, names) - flat(result.grads, names)).abs().max() > 1e-3
+    # the step itself: an SGD step of lr x a gradient of norm exactly ``clip``
+    adapted = InnerLoop(sine_family, model, names, steps=1, lr=0.05, grad_clip=clip).adapt(params, episode.support, False).params
+    moved = torch.sqrt(sum((adapted[n] - params[n]).pow(2).sum() for n in names))
+    assert float(moved) == pytest.approx(0.05 * clip, rel=1e-9)
+
+
 def test_maml_plus_plus_multi_step_loss_matches_finite_differences(sine_family):
     model, params, episode = setup(sine_family, seed=2)
     names = list(params)

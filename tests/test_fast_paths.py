@@ -65,6 +65,7 @@ def loop_and_batched(algorithm, family, model, episodes, inner_kwargs, learned_l
         (MAML, {}, {"steps": 3, "lr": 0.01, "optimizer": "adam"}),
         (MAML, {"multi_step_loss": True, "support_in_outer": True}, {"steps": 2, "lr": 0.05}),
         (FOMAML, {"support_in_outer": True}, {"steps": 2, "lr": 0.05}),
+        (MAML, {"multi_step_loss": True}, {"steps": 2, "lr": 0.05, "grad_clip": 1.0}),  # each task's own norm
     ],
 )
 def test_task_batched_inner_loop_equals_the_per_task_loop(algo, cfg, inner, sine_family) -> None:

@@ -12,6 +12,7 @@ from metanmt import registry
 from metanmt.config import load_config
 from metanmt.engine.algorithms.fomaml import FOMAML
 from metanmt.engine.algorithms.maml import MAML
+from metanmt.engine.run import load_run
 from metanmt.engine.trainer import MetaTrainer, make_scheduler, read_history
 from metanmt.errors import ConfigError
 from metanmt.tasks.sinusoid import SinusoidFamily
@@ -159,6 +160,14 @@ def test_meta_sgd_rates_take_their_own_outer_learning_rate(tmp_path):
     assert max(rates) == pytest.approx(1e-5, rel=1e-3) and max(weights) == pytest.approx(1e-3, rel=1e-3)
     with pytest.raises(ConfigError, match="meta_sgd_lr.*meta_sgd is false"):
         MetaTrainer(sine_config(**{"algorithm.meta_sgd_lr": "1e-5"}), tmp_path / "no_rates")
+
+
+def test_inner_grad_clip_reaches_training_and_evaluation_inner_loops(tmp_path):
+    trainer = MetaTrainer(sine_config(**{"algorithm.inner_grad_clip": "0.5"}), tmp_path / "run")
+    assert trainer.inner_loop().grad_clip == 0.5 and trainer.inner_loop(tasks=3).grad_clip == 0.5
+    trainer.train()
+    assert load_run(tmp_path / "run").inner_loop().grad_clip == 0.5  # the adaptation a user evaluates
+    assert MetaTrainer(sine_config(), tmp_path / "plain").inner_loop().grad_clip is None
 
 
 @pytest.mark.parametrize("schedule", ["constant", "linear", "cosine", "inverse_sqrt"])

@@ -75,6 +75,7 @@ class InnerLoop:
         tasks: int = 0,
         checkpoint: bool = False,
         log_metrics: bool = True,
+        grad_clip: Optional[float] = None,
     ):
         if steps < 0:
             raise ConfigError(f"algorithm.inner_steps: must be >= 0, got {steps}")
@@ -91,6 +92,7 @@ class InnerLoop:
         self.tasks = tasks  # 0: one task; T > 0: batches and adapted tensors are stacked over T tasks
         self.checkpoint = checkpoint
         self.log_metrics = log_metrics
+        self.grad_clip = grad_clip
         self._param_dims = {n: p.dim() for n, p in model.named_parameters()}
 
     def loss(self, params: Params, batch: Any) -> Tensor:
@@ -153,12 +155,27 @@ class InnerLoop:
             wrt_names += [n for n in current if n not in self.adapt_names and current[n].requires_grad]
         grads = torch.autograd.grad(loss, [current[n] for n in wrt_names], create_graph=create_graph, allow_unused=True)
         grads = {n: (torch.zeros_like(current[n]) if g is None else g) for n, g in zip(wrt_names, grads)}
+        initial = {n: g.detach() for n, g in grads.items()} if want_all_grads else {}
+        if self.grad_clip is not None:
+            grads.update(self._clipped({n: grads[n] for n in self.adapt_names}))
         m, v = dict(adam_state[0]), dict(adam_state[1])
         updated = dict(current)
         for name in self.adapt_names:
             updated[name] = current[name] - self._lr(name) * self._direction(name, grads[name], k, m, v)
-        initial = {n: g.detach() for n, g in grads.items()} if want_all_grads else {}
         return updated, (m, v), loss.detach(), initial
+
+    def _clipped(self, grads: Params) -> Params:
+        """Each task's gradient scaled to L2 norm <= ``grad_clip`` (a factor min(1, clip / norm), part of
+        the graph like the rest of the step); with ``tasks=T`` every tensor has the task dimension first."""
+        if self.tasks:
+            squares = sum(g.pow(2).flatten(1).sum(1) for g in grads.values())
+        else:
+            squares = sum(g.pow(2).sum() for g in grads.values())
+        # the tiny term keeps the derivative of the norm finite at a zero gradient
+        factor = torch.clamp(self.grad_clip / torch.sqrt(squares + 1e-24), max=1.0)
+        if self.tasks:
+            return {n: g * factor.view(-1, *[1] * (g.dim() - 1)) for n, g in grads.items()}
+        return {n: g * factor for n, g in grads.items()}
 
     def _lr(self, name: str) -> float | Tensor:
         return self.lr[name] if isinstance(self.lr, dict) else self.lr

@@ -389,7 +389,7 @@ class MetaTrainer:
             rate = self.learned_lrs.as_dict()
         return InnerLoop(
             self.family, self.model, self.adapt_names, a.inner_steps if steps is None else steps, rate, a.inner_optimizer,
-            tasks=tasks, checkpoint=self.cfg.train.checkpoint_inner, log_metrics=log_metrics,
+            tasks=tasks, checkpoint=self.cfg.train.checkpoint_inner, log_metrics=log_metrics, grad_clip=a.inner_grad_clip,
         )
 
     def is_log_step(self, completed: int) -> bool:
