@@ -143,6 +143,8 @@ def run_recipe(name: str, args: argparse.Namespace) -> dict:
                 "inner_steps": cfg.algorithm.inner_steps,
                 "multi_step_loss": cfg.algorithm.multi_step_loss,
                 "meta_sgd": cfg.algorithm.meta_sgd,
+                "meta_sgd_lr": cfg.algorithm.meta_sgd_lr,
+                "inner_grad_clip": cfg.algorithm.inner_grad_clip,  # also applied by the evaluation's inner loop
                 "run_dir": str(args.runs / name),
             }
         },
