@@ -57,7 +57,9 @@ class InnerLoop:
     """Functional SGD or Adam on the tensors named in ``adapt_names``.
 
     ``lr`` is a float, or a dict name -> tensor of learned per-parameter rates (Meta-SGD), which are
-    then differentiated like everything else. ``log_metrics=False`` lets an algorithm skip the
+    then differentiated like everything else. ``grad_clip`` scales each task's gradient (over the
+    adapted tensors) to that largest L2 norm in every step, inside the graph, so a diverging loop stays
+    finite and its meta-gradient says so. ``log_metrics=False`` lets an algorithm skip the
     forward passes that only feed logged metrics (see :func:`metric_forward`); gradients do not
     depend on it.
     """
