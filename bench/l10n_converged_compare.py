@@ -47,8 +47,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from l10n_frontier import RULE, exported  # noqa: E402 (bench/ is not a package)
-from l10n_frontier import rule_flags as chosen_rule_flags  # noqa: E402
+from l10n_frontier import RULE, exported, flags_of  # noqa: E402 (bench/ is not a package)
 FINAL, WARM = 10_000, 8_750
 META = {"fomaml": "frontier_fomaml", "metanmt": "frontier_metanmt"}  # init name -> recipe of l10n_frontier_recipes
 REPORT = ROOT / "bench" / "results" / "l10n_compare"
@@ -85,7 +84,7 @@ def rule_flags(multi: Path) -> list[str]:
     measured = {r["budget"] for r in info["runs"] if r["path"] == str(multi.resolve())}
     if not {"1k", "4k", "16k", "40k"} <= measured:
         raise SystemExit(f"{RULE}: the rule has not been measured on {multi} at every budget; run --stage rule")
-    return chosen_rule_flags(RULE)
+    return flags_of(info["choice"])
 
 
 def main() -> int:

@@ -79,7 +79,11 @@ def rule_flags(rule: Path = RULE) -> list[str]:
     (its results file ``rule``): a fixed number of updates per budget, no early stopping."""
     if not rule.is_file():
         raise SystemExit(f"{rule} is missing: run bench/l10n_finetune_recipe.py first")
-    choice = json.loads(rule.read_text(encoding="utf-8"))["choice"]
+    return flags_of(json.loads(rule.read_text(encoding="utf-8"))["choice"])
+
+
+def flags_of(choice: dict) -> list[str]:
+    """compare's flags for one ``choice`` of the rule file."""
     return ["--epochs", str(choice["epochs"]), "--min-steps", str(choice["min_steps"]),
             "--max-steps", str(choice["max_steps"]), "--patience", "0"]
 
