@@ -338,10 +338,10 @@ class MetaTrainer:
             else None
         )
         tensors: list = [p for n, p in self.model.named_parameters() if p.requires_grad and n not in self.episode_only]
-        if self.learned_lrs is not None and cfg.algorithm.meta_sgd_lr is not None:  # the rates as their own group
-            tensors = [{"params": tensors}, {"params": list(self.learned_lrs.parameters()), "lr": cfg.algorithm.meta_sgd_lr}]
-        elif self.learned_lrs is not None:
-            tensors += list(self.learned_lrs.parameters())
+        if self.learned_lrs is not None:
+            rates, rates_lr = list(self.learned_lrs.parameters()), cfg.algorithm.meta_sgd_lr
+            # with their own lr the rates are a second param group; else they join the weights' one
+            tensors = tensors + rates if rates_lr is None else [{"params": tensors}, {"params": rates, "lr": rates_lr}]
         self.optimizer = make_optimizer(cfg, tensors)
         self.scheduler = make_scheduler(cfg, self.optimizer)
         self.buffer = MetaGradientBuffer(self.targets())
