@@ -112,14 +112,15 @@ class GradCapture(TrainerCallback):
 ADAPT = {"maml": ["model.shared.*", "model.encoder.*"]}
 
 
-@pytest.mark.parametrize("algo", ["maml", "fomaml", "reptile", "multitask"])
-def test_first_meta_gradient_equals_the_engines(tmp_path, tok, train_ds, algo):
+@pytest.mark.parametrize("algo, clip", [("maml", None), ("fomaml", None), ("reptile", None), ("multitask", None),
+                                        ("maml", 0.05)])
+def test_first_meta_gradient_equals_the_engines(tmp_path, tok, train_ds, algo, clip):
     model = tiny_model(tok)
     reference = copy.deepcopy(model)
     inner_optimizer = "adam" if algo == "reptile" else "sgd"
     adapt = ADAPT.get(algo, ["*"])
     args = meta_args(tmp_path, meta_algorithm=algo, inner_optimizer=inner_optimizer, adapt=adapt, max_grad_norm=0.0,
-                     support_in_outer=algo == "fomaml")
+                     support_in_outer=algo == "fomaml", inner_grad_clip=clip)
     capture = GradCapture()
     trainer = MetaSeq2SeqTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tok,
                                  data_collator=DataCollatorForSeq2Seq(tok, model=model), callbacks=[capture])
@@ -132,7 +133,7 @@ def test_first_meta_gradient_equals_the_engines(tmp_path, tok, train_ds, algo):
                           support_in_outer=algo == "fomaml")
     algorithm = registry.algorithm(algo)(cfg)
     names = select_names(reference, adapt) if algorithm.uses_inner_loop else []
-    inner = InnerLoop(family, reference, names, 2, 0.1, inner_optimizer)
+    inner = InnerLoop(family, reference, names, 2, 0.1, inner_optimizer, grad_clip=clip)
     params = {n: p for n, p in reference.named_parameters() if p.requires_grad}
     reference.train()
     expected = {n: torch.zeros_like(p) for n, p in params.items()}
@@ -150,6 +151,13 @@ def test_first_meta_gradient_equals_the_engines(tmp_path, tok, train_ds, algo):
     for name, grad in expected.items():
         assert torch.allclose(capture.grads[name], grad, rtol=1e-5, atol=1e-7), name
     assert sum(float(g.abs().sum()) for g in expected.values()) > 0
+    if clip is not None:  # the bound was active: without it the engine's meta-gradient differs
+        unclipped = InnerLoop(family, reference, names, 2, 0.1, inner_optimizer)
+        torch.manual_seed(episode_torch_seed(0, 0, episodes[0][0]))
+        free = algorithm.task_gradient(unclipped, params, episodes[0][1], {})
+        torch.manual_seed(episode_torch_seed(0, 0, episodes[0][0]))
+        bounded = algorithm.task_gradient(inner, params, episodes[0][1], {})
+        assert any(not torch.allclose(free.grads[n], bounded.grads[n]) for n in free.grads)
     logged = [r for r in trainer.state.log_history if "loss" in r]
     assert logged[0]["loss"] == pytest.approx(float(np.mean(losses)), rel=1e-4)
 
@@ -248,6 +256,7 @@ def test_a_task_too_small_for_an_episode_is_one_clear_error(tmp_path, tok, train
     ({"fp16": True}, "fp16: not supported.*use bf16"),
     ({"meta_algorithm": "nope"}, "meta_algorithm: unknown algorithm 'nope'"),
     ({"adapt": ["decoder.*"]}, "adapt: patterns \\['decoder.\\*'\\] match no trainable parameter"),
+    ({"inner_grad_clip": 0.0}, "inner_grad_clip: must be positive"),
 ])
 def test_unsupported_settings_fail_at_construction(tmp_path, tok, train_ds, overrides, message):
     with pytest.raises(MetaArgumentsError, match=message):

@@ -90,6 +90,7 @@ class MetaSeq2SeqTrainingArguments(Seq2SeqTrainingArguments):
     inner_steps: int = field(default=1, metadata={"help": "Inner-loop steps per episode (ignored by multitask)."})
     inner_lr: float = field(default=0.01, metadata={"help": "Inner-loop learning rate."})
     inner_optimizer: str = field(default="sgd", metadata={"help": "Inner-loop optimizer: sgd or adam."})
+    inner_grad_clip: Optional[float] = field(default=None, metadata={"help": "Scale each episode's inner gradient to at most this L2 norm (inside the graph, so MAML differentiates through it); unset: no clipping."})
     adapt: list[str] = field(default_factory=lambda: ["*"], metadata={"help": "fnmatch patterns of the parameters the inner loop adapts (the others are still meta-learned), e.g. 'model.shared.*' 'model.encoder.*'."})
     support_in_outer: bool = field(default=False, metadata={"help": "maml/fomaml: the support loss at the initialization joins the outer loss."})
     multi_step_loss: bool = field(default=False, metadata={"help": "maml/fomaml: MAML++ query loss after every inner step."})
@@ -110,6 +111,8 @@ class MetaSeq2SeqTrainingArguments(Seq2SeqTrainingArguments):
             raise MetaArgumentsError(f"inner_steps: must be >= 0, got {self.inner_steps}")
         if self.inner_optimizer not in ("sgd", "adam"):
             raise MetaArgumentsError(f"inner_optimizer: {self.inner_optimizer!r}; allowed values: sgd, adam")
+        if self.inner_grad_clip is not None and not self.inner_grad_clip > 0:
+            raise MetaArgumentsError(f"inner_grad_clip: must be positive (or unset for no clipping), got {self.inner_grad_clip}")
         if self.task_temperature <= 0:
             raise MetaArgumentsError(f"task_temperature: must be positive, got {self.task_temperature}")
 
@@ -117,7 +120,8 @@ class MetaSeq2SeqTrainingArguments(Seq2SeqTrainingArguments):
         """The engine's algorithm options from these arguments."""
         return AlgorithmConfig(name=self.meta_algorithm, inner_steps=self.inner_steps, inner_lr=self.inner_lr,
                                inner_optimizer=self.inner_optimizer, adapt=list(self.adapt),
-                               support_in_outer=self.support_in_outer, multi_step_loss=self.multi_step_loss)
+                               support_in_outer=self.support_in_outer, multi_step_loss=self.multi_step_loss,
+                               inner_grad_clip=self.inner_grad_clip)
 
 
 class _MetaSteps(Dataset):
@@ -261,7 +265,8 @@ class MetaSeq2SeqTrainer(Seq2SeqTrainer):
         assert tasks is not None
         seed = a.seed if a.data_seed is None else a.data_seed
         sampler = TaskSampler(tasks, seed, a.meta_batch_size, a.process_index, a.world_size)
-        inner = InnerLoop(tasks, module, self._adapt_names(module), a.inner_steps, a.inner_lr, a.inner_optimizer)
+        inner = InnerLoop(tasks, module, self._adapt_names(module), a.inner_steps, a.inner_lr, a.inner_optimizer,
+                          grad_clip=a.inner_grad_clip)
         # every step reports its loss and inner-loop metrics: the Trainer averages the loss over all the
         # steps of a logging window (engines that skip metric-only forward passes read this flag)
         inner.log_metrics = True
