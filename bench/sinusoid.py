@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="run directories: RUNS/<recipe> (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sinusoid.json")
     parser.add_argument("--figure", type=Path, default=ROOT / "bench" / "results" / "sinusoid.png",
-                        help="MAML vs pretraining figure, redrawn when both runs are finished")
+                        help="MAML vs pretraining figure (K=10), redrawn when both runs are finished; every recipe "
+                             "at K=5 goes to its _5shot sibling once all are finished")
     parser.add_argument("--no-figure", action="store_true")
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 1:
@@ -195,11 +196,15 @@ def main(argv: list[str] | None = None) -> None:
         write_results(args.out, run_recipe(name, args))
         print(f"wrote {args.out} ({name})", flush=True)
 
-    # the figure once both runs are finished (drawn by whichever command finishes second)
-    runs = [args.runs.expanduser() / n for n in ("maml", "pretrain")]
-    if not args.no_figure and all(run_finished(r) for r in runs):
-        if metanmt_main(["plot-sinusoid", *map(str, runs), "--out", str(args.figure)]) != 0:
-            fail("plot-sinusoid failed (see above)")
+    # each figure once its runs are finished (drawn by whichever command finishes last): the paper's
+    # MAML vs pretraining at K=10, and every recipe at K=5, the shot count of both 5-shot targets
+    figures = [(args.figure, ("maml", "pretrain"), 10),
+               (args.figure.with_name(f"{args.figure.stem}_5shot{args.figure.suffix}"), tuple(RECIPES), 5)]
+    for figure, names, shots in figures:
+        runs = [args.runs.expanduser() / n for n in names]
+        if not args.no_figure and all(run_finished(r) for r in runs):
+            if metanmt_main(["plot-sinusoid", *map(str, runs), "--shots", str(shots), "--out", str(figure)]) != 0:
+                fail("plot-sinusoid failed (see above)")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ def test_sinusoid_recipes_write_results_and_resume(tmp_path: Path, capsys: pytes
     assert result["config"]["maml_multistep"]["inner_steps"] == 5 and result["config"]["maml_multistep"]["multi_step_loss"]
     assert result["seconds"] == pytest.approx(sum(c["train_seconds"] for c in result["config"].values()), abs=0.2)
     assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "sine_5shot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # every recipe at K=5
 
     # one recipe, more steps: it resumes at 3, the other recipes' entries stay as they were
     capsys.readouterr()
