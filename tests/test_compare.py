@@ -318,3 +318,25 @@ def test_quick_reproduction_plans_minutes_as_steps(monkeypatch: pytest.MonkeyPat
         bench.main()
     assert exit_info.value.code == 2 and "is a metanmt run folder" in capsys.readouterr().err
     assert sorted(p.name for p in runs.iterdir()) == ["metanmt.yaml"]  # nothing written into it
+
+
+def test_jobs_reuse_the_cells_an_earlier_run_left_in_out(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``--jobs N`` runs each language group into its own folder; the cells ``--out`` already holds
+    (a one-process run of the same comparison) are given to the job of their language, once, and
+    only where the settings are the same."""
+    bench = _bench_compare(monkeypatch)
+    out, job = tmp_path / "out", tmp_path / "jobs" / "out-fi"
+    assert bench.seed_job_folder(out, job, ["fi"]) == 0 and not job.exists()  # nothing in out yet
+    (out / "cells").mkdir(parents=True)
+    (out / "compare.json").write_text(json.dumps({"recipe": {"lr": 3e-4}}))
+    for init, lang in [("multi", "fi"), ("meta", "fi"), ("multi", "tr")]:
+        (out / "cells" / f"{init}__{lang}__1k__s0.json").write_text(json.dumps({"init": init, "lang": lang, "bleu": 1.0}))
+    assert bench.seed_job_folder(out, job, ["fi"]) == 2
+    assert sorted(p.name for p in (job / "cells").iterdir()) == ["meta__fi__1k__s0.json", "multi__fi__1k__s0.json"]
+    assert json.loads((job / "compare.json").read_text()) == {"recipe": {"lr": 3e-4}}
+    assert bench.seed_job_folder(out, job, ["fi"]) == 0  # already there: not copied again
+
+    other = tmp_path / "jobs" / "out-tr"  # a job folder made with other settings keeps its own cells
+    (other / "cells").mkdir(parents=True)
+    (other / "compare.json").write_text(json.dumps({"recipe": {"lr": 1e-4}}))
+    assert bench.seed_job_folder(out, other, ["tr"]) == 0 and not any((other / "cells").iterdir())
