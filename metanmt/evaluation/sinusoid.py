@@ -79,7 +79,8 @@ def plot_sinusoid(runs: list[Run], out: Path, shots: int = 10, steps: tuple[int,
             ax.plot(grid.squeeze(1), fits[k], "--" if k == 0 else "-", label=f"after {k} step{'s' if k != 1 else ''}")
         x, y = episode.support
         ax.scatter(x.squeeze(1), y.squeeze(1), marker="^", color="k", zorder=5, label=f"{shots} points used")
-        ax.set_title(f"{run.cfg.algorithm.name} ({run.directory.name}), K={shots}")
+        algorithm = run.cfg.algorithm.name + (" + Meta-SGD" if run.cfg.algorithm.meta_sgd else "")
+        ax.set_title(f"{algorithm} ({run.directory.name}), K={shots}")
         ax.legend(fontsize=8)
     fig.tight_layout()
     out = Path(out)
