@@ -145,6 +145,7 @@ def run_recipe(name: str, args: argparse.Namespace) -> dict:
                 "meta_sgd": cfg.algorithm.meta_sgd,
                 "meta_sgd_lr": cfg.algorithm.meta_sgd_lr,
                 "inner_grad_clip": cfg.algorithm.inner_grad_clip,  # also applied by the evaluation's inner loop
+                "outer_grad_clip": cfg.optim.grad_clip,  # the meta-gradient's largest norm
                 "run_dir": str(args.runs / name),
             }
         },
