@@ -45,7 +45,10 @@ BASE_DIR = "base"  # a base saved alongside the adapter, and the reference that 
 
 def is_adapter_model(model: nn.Module) -> bool:
     """Whether ``model`` is a ``peft`` model (adapters around a base)."""
-    from peft import PeftModel
+    try:
+        from peft import PeftModel
+    except ImportError:  # no peft, so no peft model: plain models save and load without it
+        return False
 
     return isinstance(getattr(model, "module", model), PeftModel)
 
