@@ -45,7 +45,8 @@ trainer state, so its compute is counted) to ``RUNS/multi_at_W``, and it is then
 checkpoint at ``W`` where it kept one). Minutes become steps through a measured rate, not a
 wall-clock stop (the trainer counts steps, and a step count keeps equal-compute accounting and
 resuming exact): each config first runs ``--calibration-steps`` steps into its real run folder,
-the seconds per step its trainer state records set the step count, and the run is resumed to it.
+the seconds per step of their last third (the first steps of a process are several times slower)
+set the step count, and the run is resumed to it.
 Validation is off in the timed part (``train.eval_every=0``). ``--dry-run`` prints the plan
 (``--seconds-per-step MULTI META`` skips the calibration); a rerun of the command resumes.
 """
@@ -109,12 +110,34 @@ def _train(config: str, out: Path, steps: int, args: argparse.Namespace, extra: 
     return cmd
 
 
+def steady_rate(history: Path, until: int) -> float | None:
+    """Seconds per step over the last third of a run's first ``until`` steps, from its logged
+    cumulative ``seconds``; None with fewer than two logged steps there. The first steps of a process
+    are slow (the allocator and caches warm up: at the frontier config's size on 2 threads, ~1 s a step
+    for the first 20 against ~0.3 from step 80 on), so a rate measured from step 0 plans too few steps."""
+    if not history.is_file():
+        return None
+    points = {}
+    for line in history.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if record.get("kind") == "train" and 2 * until / 3 <= record["step"] <= until:
+            points[record["step"]] = float(record["seconds"])
+    if len(points) < 2:
+        return None
+    first, last = min(points), max(points)
+    return (points[last] - points[first]) / (last - first)
+
+
 def _rate(config: str, out: Path, args: argparse.Namespace, extra: list[str], given: float | None) -> float:
-    """Seconds per step of ``config``: given, or measured by its first ``--calibration-steps`` steps."""
+    """Seconds per step of ``config``: given, or measured over the last third of its first
+    ``--calibration-steps`` steps (all of them where the log has too few points)."""
     if given:
         return given
     if latest_trainer_state(out).get("step", 0) < args.calibration_steps:
         _train(config, out, args.calibration_steps, args, extra, False)
+    rate = steady_rate(out / "history.jsonl", args.calibration_steps)
+    if rate is not None and rate > 0:
+        return rate
     state = latest_trainer_state(out)
     return float(state["seconds"]) / max(1, int(state["step"]))
 
@@ -218,7 +241,8 @@ def main() -> int:
     parser.add_argument("--runs", type=Path, default=Path.home() / "runs" / "l10n_compare",
                         help="--quick: where the inits are trained; --jobs: where the jobs' compare folders are "
                              "(default: %(default)s)")
-    parser.add_argument("--calibration-steps", type=int, default=10, help="--quick: steps that measure the rate")
+    parser.add_argument("--calibration-steps", type=int, default=120,
+                        help="--quick: steps that measure the rate (over their last third)")
     parser.add_argument("--seconds-per-step", type=float, nargs=2, metavar=("MULTI", "META"),
                         help="--quick: known rates instead of measuring them")
     parser.add_argument("--processes", type=int, default=1, help="--quick: meta-train processes (accelerate launch if > 1)")

@@ -288,7 +288,7 @@ def test_quick_reproduction_plans_minutes_as_steps(monkeypatch: pytest.MonkeyPat
 
     runs = tmp_path / "runs"
     argv = ["l10n_compare.py", "--quick", "--data-root", str(tmp_path), "--langs", "fi", "tr", "--minutes", "20",
-            "--seconds-per-step", "2.0", "4.0", "--runs", str(runs), "--dry-run", "--seeds", "1"]
+            "--seconds-per-step", "2.0", "4.0", "--calibration-steps", "10", "--runs", str(runs), "--dry-run", "--seeds", "1"]
     monkeypatch.setattr("sys.argv", argv)
     assert bench.main() == 0
     out = capsys.readouterr().out
@@ -318,6 +318,21 @@ def test_quick_reproduction_plans_minutes_as_steps(monkeypatch: pytest.MonkeyPat
         bench.main()
     assert exit_info.value.code == 2 and "is a metanmt run folder" in capsys.readouterr().err
     assert sorted(p.name for p in runs.iterdir()) == ["metanmt.yaml"]  # nothing written into it
+
+
+def test_the_quick_rate_skips_the_slow_first_steps(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Minutes become steps through the rate of the calibration's last third: the first steps of a
+    process run several times slower, and a rate from step 0 would plan far fewer steps than fit."""
+    bench = _bench_compare(monkeypatch)
+    history = tmp_path / "history.jsonl"
+    assert bench.steady_rate(history, 120) is None  # no log yet
+    # 1.0 s a step to step 20, 0.7 to 60, then 0.3 (cumulative seconds, logged every 20 steps)
+    seconds = {20: 20.0, 40: 34.0, 60: 48.0, 80: 54.0, 100: 60.0, 120: 66.0, 140: 99.0}
+    lines = [json.dumps({"kind": "train", "step": k, "seconds": v}) for k, v in seconds.items()]
+    history.write_text("\n".join([*lines, json.dumps({"kind": "eval", "step": 100, "seconds": 1e9})]) + "\n")
+    assert bench.steady_rate(history, 120) == pytest.approx(0.3)  # steps 80-120; later ones are not read
+    assert bench.steady_rate(history, 60) == pytest.approx(0.7)   # steps 40-60
+    assert bench.steady_rate(history, 20) is None                  # one logged step in its last third
 
 
 def test_jobs_reuse_the_cells_an_earlier_run_left_in_out(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
