@@ -220,3 +220,22 @@ def test_meta_sgd_is_refused_where_it_has_no_meaning():
 def test_adapt_patterns_that_match_nothing_name_the_parameters(sine_family):
     with pytest.raises(ConfigError, match="layers.0.weight"):
         select_names(sine_family.build_model(), ["encoder.*"])
+
+
+def test_every_inner_loop_option_reaches_the_inner_loop_of_every_caller(sine_family):
+    """Meta-training, evaluation and the Trainer plugin build their inner loops from the same options
+    (``InnerLoop.for_algorithm``): each option arrives, and the callers' overrides replace only theirs."""
+    from metanmt.hf import MetaSeq2SeqTrainingArguments
+
+    model = sine_family.build_model()
+    names = select_names(model, ["*"])
+    config = AlgorithmConfig(name="maml", inner_steps=4, inner_lr=0.02, inner_optimizer="adam", inner_grad_clip=3.0)
+    plugin = MetaSeq2SeqTrainingArguments(output_dir="unused", meta_algorithm="maml", inner_steps=4, inner_lr=0.02,
+                                          inner_optimizer="adam", inner_grad_clip=3.0)
+    for options in (config, plugin):
+        inner = InnerLoop.for_algorithm(sine_family, model, names, options, tasks=2, log_metrics=False)
+        assert (inner.steps, inner.lr, inner.optimizer, inner.grad_clip) == (4, 0.02, "adam", 3.0)
+        assert (inner.tasks, inner.log_metrics) == (2, False)
+    rates = {n: torch.full_like(p, 0.1) for n, p in model.named_parameters()}
+    inner = InnerLoop.for_algorithm(sine_family, model, names, config, steps=1, lr=rates)
+    assert (inner.steps, inner.lr, inner.optimizer, inner.grad_clip) == (1, rates, "adam", 3.0)

@@ -97,6 +97,20 @@ class InnerLoop:
         self.grad_clip = grad_clip
         self._param_dims = {n: p.dim() for n, p in model.named_parameters()}
 
+    @classmethod
+    def for_algorithm(cls, family: Any, model: nn.Module, adapt_names: list[str], options: Any,
+                      steps: Optional[int] = None, lr: Optional[float | dict[str, Tensor]] = None,
+                      **execution: Any) -> "InnerLoop":
+        """The inner loop that an algorithm's options describe: ``options`` is a config's
+        ``algorithm:`` section or the Trainer plugin's arguments (both name them ``inner_steps``,
+        ``inner_lr``, ``inner_optimizer``, ``inner_grad_clip``), so an inner-loop option added there
+        reaches meta-training, evaluation and the plugin alike. ``steps`` and ``lr`` replace the
+        options' (evaluation's steps, Meta-SGD's learned rates); ``execution`` is ``tasks``,
+        ``checkpoint`` or ``log_metrics``."""
+        return cls(family, model, adapt_names, options.inner_steps if steps is None else steps,
+                   options.inner_lr if lr is None else lr, options.inner_optimizer,
+                   grad_clip=options.inner_grad_clip, **execution)
+
     def loss(self, params: Params, batch: Any) -> Tensor:
         """The task's loss; with ``tasks=T``, the sum of the T task losses."""
         if not self.tasks:

@@ -41,8 +41,8 @@ class Run:
         rate: Any = a.lr_at_eval if lr is None else lr
         if self.learned_lrs is not None and lr is None:
             rate = self.learned_lrs
-        return InnerLoop(self.family, self.model, self.adapt_names(patterns), a.steps_at_eval if steps is None else steps, rate,
-                         a.inner_optimizer, grad_clip=a.inner_grad_clip)
+        return InnerLoop.for_algorithm(self.family, self.model, self.adapt_names(patterns), a,
+                                       a.steps_at_eval if steps is None else steps, rate)
 
 
 def load_run(directory: str | Path, device: str | torch.device = "cpu", model_dir: str | Path | None = None,

@@ -383,14 +383,10 @@ class MetaTrainer:
 
     def inner_loop(self, steps: int | None = None, lr: float | None = None, tasks: int = 0,
                    log_metrics: bool = True) -> InnerLoop:
-        a = self.cfg.algorithm
-        rate: float | dict[str, Tensor] = a.inner_lr if lr is None else lr
         if self.learned_lrs is not None and lr is None:
-            rate = self.learned_lrs.as_dict()
-        return InnerLoop(
-            self.family, self.model, self.adapt_names, a.inner_steps if steps is None else steps, rate, a.inner_optimizer,
-            tasks=tasks, checkpoint=self.cfg.train.checkpoint_inner, log_metrics=log_metrics, grad_clip=a.inner_grad_clip,
-        )
+            lr = self.learned_lrs.as_dict()
+        return InnerLoop.for_algorithm(self.family, self.model, self.adapt_names, self.cfg.algorithm, steps, lr,
+                                       tasks=tasks, checkpoint=self.cfg.train.checkpoint_inner, log_metrics=log_metrics)
 
     def is_log_step(self, completed: int) -> bool:
         """Whether the step after which ``completed`` steps are done writes a log record."""

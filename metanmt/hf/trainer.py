@@ -265,11 +265,9 @@ class MetaSeq2SeqTrainer(Seq2SeqTrainer):
         assert tasks is not None
         seed = a.seed if a.data_seed is None else a.data_seed
         sampler = TaskSampler(tasks, seed, a.meta_batch_size, a.process_index, a.world_size)
-        inner = InnerLoop(tasks, module, self._adapt_names(module), a.inner_steps, a.inner_lr, a.inner_optimizer,
-                          grad_clip=a.inner_grad_clip)
-        # every step reports its loss and inner-loop metrics: the Trainer averages the loss over all the
-        # steps of a logging window (engines that skip metric-only forward passes read this flag)
-        inner.log_metrics = True
+        # every step reports its loss and inner-loop metrics (log_metrics): the Trainer averages the loss
+        # over all the steps of a logging window (engines that skip metric-only forward passes read it)
+        inner = InnerLoop.for_algorithm(tasks, module, self._adapt_names(module), a, log_metrics=True)
         totals = {n: torch.zeros_like(p) for n, p in params.items()}
         losses: list[tuple[int, str, Tensor]] = []
         source_tokens = count = 0
