@@ -21,6 +21,10 @@ the throughput benchmark, and Finnish 16k BLEU / chrF / test NLL. Targets: >= 6.
 keeps its scores beside the others (``fi16k_rule``, ``met_rule``); the model scored is the run's
 checkpoint at the config's steps, also when the run has been resumed past them.
 
+``--within-minutes 20`` instead scores the run's last checkpoint within 20 minutes of training (on
+the machine that trained it: a faster CPU fits more of the config's updates in them; a run resumed
+past the config's steps has them) and keeps it, with that CPU's name, under ``within_minutes``.
+
 ``--at-pairs 208000`` instead scores (the same way, into ``RUNS/compare_at_STEP``) the checkpoint of
 ``RUNS/multi`` whose pairs seen are closest to that count, e.g. the pilot's 208K pairs once the run
 has been resumed past them, and keeps it under ``at_pairs`` in the results file: the quality per
@@ -158,6 +162,35 @@ def at_pairs(run: Path, runs: Path, data_root: Path, args: argparse.Namespace) -
     print(json.dumps(entry, indent=2))
 
 
+def within_minutes(run: Path, runs: Path, data_root: Path, args: argparse.Namespace) -> None:
+    """What ``--within-minutes`` of training buy on the machine that trained ``run``: its last checkpoint
+    whose training seconds (the trainer's, startups and checkpoint writes excluded) fit in them (a rule
+    fixed before any score), on Finnish 16k; stored under ``within_minutes`` with the CPU that trained it
+    (``--cpu``, default this machine's), each ``--fine-tune`` protocol under its own key. The config's
+    2,000 updates are the 20 minutes of a 2-core AMD EPYC; a faster CPU fits more updates in them."""
+    from l10n_throughput import cpu
+    from metanmt.engine import checkpoint as ckpt
+
+    states = {ckpt.checkpoint_step(c): json.loads((c / "trainer_state.json").read_text()) for c in ckpt.list_checkpoints(run)}
+    fitting = [s for s in states if states[s]["seconds"] <= args.within_minutes * 60]
+    if not fitting:
+        raise SystemExit(f"{run}: no checkpoint within {args.within_minutes} minutes of training")
+    step = max(fitting)
+    state = states[step]
+    scores = finnish_16k(exported(runs, step), runs / f"compare_at_{step}{suffix(args.fine_tune)}", data_root, runs,
+                         args.seeds, args.fine_tune)
+    result = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    entry = result.get("within_minutes", {}) if result.get("within_minutes", {}).get("updates") == step else {}
+    entry.update({"asked_minutes": args.within_minutes, "updates": step, "pairs_seen": state["examples_seen"],
+                  "tokens_seen": state["tokens_seen"], "minutes": round(state["seconds"] / 60, 2),
+                  "tokens_per_s": round(state["tokens_seen"] / state["seconds"], 1),
+                  "cpu": args.cpu or cpu()["cpu"], f"fi16k{suffix(args.fine_tune)}": scores,
+                  f"met{suffix(args.fine_tune)}": met(scores)})
+    result["within_minutes"] = entry
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(entry, indent=2))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-root", required=True, type=Path)
@@ -166,14 +199,21 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--at-pairs", type=int, help="instead: score the run's checkpoint closest to this many pairs seen "
                                                 "(the run may have trained past the config's steps)")
+    p.add_argument("--within-minutes", type=float, help="instead: score the run's last checkpoint within this many "
+                                                        "minutes of training (a faster CPU fits more updates)")
+    p.add_argument("--cpu", help="--within-minutes: the CPU that trained the run (default: this machine's)")
     p.add_argument("--fine-tune", choices=list(FINE_TUNE), default="nll",
                    help="nll: early stopping on Finnish held-out dev NLL (default); rule: the fixed length chosen on "
                         "Romanian. Each protocol's scores are kept under their own key")
     args = p.parse_args()
     data_root, runs = args.data_root.resolve(), args.runs.expanduser().resolve()
     run = runs / "multi"
+    if args.at_pairs and args.within_minutes:
+        p.error("give --at-pairs or --within-minutes, not both")
     if args.at_pairs:
         return at_pairs(run, runs, data_root, args)
+    if args.within_minutes:
+        return within_minutes(run, runs, data_root, args)
 
     from metanmt.config import load_config
     from metanmt.engine.checkpoint import latest_trainer_state

@@ -213,3 +213,47 @@ def test_frontier_rule_scores_the_checkpoint_at_the_configs_steps_beside_the_ear
     assert result["fi16k_rule"]["bleu"] == 7.0 and result["met_rule"] == {"bleu": True, "chrf": True, "nll": False}
     assert (result["updates"], result["minutes"], result["threads"]) == (2000, 21.62, "2")
     assert "Romanian" in result["fine_tune_rule"]
+
+
+def test_frontier_within_minutes_scores_the_last_checkpoint_that_fits_in_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--within-minutes 20``: of a run's checkpoints, the last whose training seconds fit in 20
+    minutes is scored (not the closest, not a later one), with the CPU that trained it; the
+    earlier keys of the results file stay, and no checkpoint within the minutes is an error."""
+    import sys
+
+    import metanmt.engine.checkpoint as ckpt
+
+    frontier = bench_module("l10n_frontier", monkeypatch)
+    runs, out = tmp_path / "runs", tmp_path / "frontier.json"
+    seconds = {3250: 1130.0, 3500: 1190.0, 3750: 1205.0}  # 3,750 is 5 s past 20 minutes
+    folders = []
+    for step, secs in seconds.items():
+        folder = runs / "multi" / "checkpoints" / f"step_{step:08d}"
+        folder.mkdir(parents=True)
+        (folder / "trainer_state.json").write_text(json.dumps({"step": step, "seconds": secs, "examples_seen": 65 * step,
+                                                               "tokens_seen": 800 * step}))
+        folders.append(folder)
+    monkeypatch.setattr(ckpt, "list_checkpoints", lambda run: folders)
+    out.write_text(json.dumps({"fi16k": {"bleu": 3.54}, "at_pairs": {"updates": 3250}}))
+    monkeypatch.setattr(frontier, "exported", lambda r, step: tmp_path / f"multi_at_{step}")
+    scored = []
+
+    def finnish_16k(init, where, data_root, runs_, seeds, fine_tune):
+        scored.append((init.name, where.name, seeds))
+        return {"bleu": 6.3, "chrf": 25.0, "nll": 3.3}
+
+    monkeypatch.setattr(frontier, "finnish_16k", finnish_16k)
+    argv = ["l10n_frontier.py", "--data-root", str(tmp_path), "--runs", str(runs), "--out", str(out),
+            "--within-minutes", "20", "--cpu", "Some CPU"]
+    monkeypatch.setattr(sys, "argv", argv)
+    frontier.main()
+    assert scored == [("multi_at_3500", "compare_at_3500", 3)]
+    result = json.loads(out.read_text())
+    assert result["fi16k"] == {"bleu": 3.54} and result["at_pairs"] == {"updates": 3250}  # kept
+    entry = result["within_minutes"]
+    assert (entry["updates"], entry["minutes"], entry["pairs_seen"], entry["cpu"]) == (3500, 19.83, 227500, "Some CPU")
+    assert entry["met"] == {"bleu": True, "chrf": False, "nll": True} and entry["fi16k"]["bleu"] == 6.3
+    monkeypatch.setattr(sys, "argv", [*argv[:-4], "--within-minutes", "18"])
+    with pytest.raises(SystemExit, match="no checkpoint within 18"):
+        frontier.main()
