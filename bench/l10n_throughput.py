@@ -154,7 +154,9 @@ def main() -> None:
     p.add_argument("--data-root", required=True)
     p.add_argument("--case", choices=CASES, help="run one case in this process and print its row")
     p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--warmup", type=int, default=5)
+    # the first ~80 steps of a process run up to 3x slower on these variable-shape batches
+    # (docs/design.md, "The first steps of a process"): time the steady state after them
+    p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args()
     if args.case:
@@ -174,7 +176,7 @@ def main() -> None:
     for row in rows:
         if row["case"] != "random":
             row["cost_in_plain_steps"] = plain["english_tokens_per_s"] / row["english_tokens_per_s"]
-    result = {"config": str(CONFIG.relative_to(ROOT)), "rows": rows,
+    result = {"config": str(CONFIG.relative_to(ROOT)), "steps": args.steps, "warmup": args.warmup, "rows": rows,
               "machine": {**cpu(), "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "torch": torch.__version__,
                           "transformers": transformers.__version__, "python": platform.python_version()}}
