@@ -226,6 +226,31 @@ def seed_job_folder(out: Path, folder: Path, langs: list[str]) -> int:
     return copied
 
 
+def gather_job_cells(folders: list[Path], out: Path) -> int:
+    """Copy the finished cells of the ``--jobs`` folders into ``out`` with the settings they were made
+    with (``compare.json``: the same for every job, the languages are not in it), so that compare
+    then finds ``out`` a report of those settings with every cell finished; returns the cells copied.
+    Jobs made with settings other than each other's or ``out``'s are refused, not mixed."""
+    records = {folder: json.loads((folder / "compare.json").read_text(encoding="utf-8")) for folder in folders}
+    mine = out / "compare.json"
+    if mine.is_file():
+        records[out] = json.loads(mine.read_text(encoding="utf-8"))
+    first = next(iter(records.values()), None)
+    different = [str(folder) for folder, record in records.items() if record != first]
+    if different:
+        raise SystemExit(f"{', '.join(different)}: made with other settings than {next(iter(records))}; "
+                         "not gathered (use another --out or --runs)")
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    if not mine.is_file() and folders:
+        shutil.copy2(folders[0] / "compare.json", mine)
+    copied = 0
+    for folder in folders:
+        for cell in sorted((folder / "cells").glob("*.json")):
+            shutil.copy2(cell, out / "cells" / cell.name)
+            copied += 1
+    return copied
+
+
 def with_quick_defaults(flags: list[str]) -> list[str]:
     """The quick comparison's flags: the defaults above unless the command line gives the flag."""
     given = {f for f in flags if f.startswith("--")}
@@ -306,10 +331,7 @@ def main() -> int:
             jobs.append(subprocess.Popen([sys.executable, "-m", "metanmt", *job_command], env=env, cwd=ROOT))
         if any(job.wait() != 0 for job in jobs):
             return 1
-        (args.out / "cells").mkdir(parents=True, exist_ok=True)
-        for folder in folders:
-            for cell in sorted((folder / "cells").glob("*.json")):
-                shutil.copy2(cell, args.out / "cells" / cell.name)
+        gather_job_cells(folders, args.out)
     status = cli(command)
     if status == 0:
         info = {

@@ -355,3 +355,25 @@ def test_jobs_reuse_the_cells_an_earlier_run_left_in_out(monkeypatch: pytest.Mon
     (other / "cells").mkdir(parents=True)
     (other / "compare.json").write_text(json.dumps({"recipe": {"lr": 1e-4}}))
     assert bench.seed_job_folder(out, other, ["tr"]) == 0 and not any((other / "cells").iterdir())
+
+
+def test_jobs_gather_into_a_new_out_as_a_report_of_their_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The ``--jobs`` folders' cells land in a new ``--out`` with the settings they were made with, so
+    compare takes ``out`` as a report to finish (not a foreign folder); jobs of other settings are refused."""
+    from metanmt.engine.checkpoint import inspect_directory
+
+    bench = _bench_compare(monkeypatch)
+    jobs, out = tmp_path / "jobs", tmp_path / "out"
+    for lang in ("fi", "tr"):
+        (jobs / lang / "cells").mkdir(parents=True)
+        (jobs / lang / "compare.json").write_text(json.dumps({"recipe": {"lr": 3e-4}}))
+        for init in ("meta", "multi"):
+            (jobs / lang / "cells" / f"{init}__{lang}__1k__s0.json").write_text(json.dumps({"init": init, "lang": lang}))
+    assert bench.gather_job_cells([jobs / "fi", jobs / "tr"], out) == 4
+    assert json.loads((out / "compare.json").read_text()) == {"recipe": {"lr": 3e-4}}
+    assert len(list((out / "cells").iterdir())) == 4
+    assert inspect_directory(out, out / "compare.json", "compare report", resume=True, overwrite=False, out_flag="--out")
+    (jobs / "tr" / "compare.json").write_text(json.dumps({"recipe": {"lr": 1e-4}}))
+    with pytest.raises(SystemExit, match="other settings"):
+        bench.gather_job_cells([jobs / "fi", jobs / "tr"], tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()  # nothing gathered
