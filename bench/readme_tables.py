@@ -1,7 +1,7 @@
 """Print the README's result tables from committed benchmark results (so the README quotes files, not memory).
 
-    python bench/readme_tables.py compare      # bench/results/l10n_compare/results.csv (mean ± 95% t interval, n, p)
-    python bench/readme_tables.py curve        # its adaptation curve columns (nll_at_K)
+    python bench/readme_tables.py compare [l10n_compare_quick]   # bench/results/l10n_compare/results.csv (mean ± 95% t interval, n, p)
+    python bench/readme_tables.py curve [l10n_compare_quick]     # its adaptation curve columns (nll_at_K)
     python bench/readme_tables.py meta_step [meta_step_1thread]   # bench/results/meta_step.json (or that file)
     python bench/readme_tables.py recipes      # bench/results/meta_recipes.csv (the screening rows)
     python bench/readme_tables.py frontier_recipes [lora]   # its rows with a budget and fine-tuning preset
@@ -20,8 +20,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _compare_rows() -> list[dict[str, str]]:
-    with open(ROOT / "bench" / "results" / "l10n_compare" / "results.csv", newline="", encoding="utf-8") as f:
+def _compare_rows(report: str = "l10n_compare") -> list[dict[str, str]]:
+    with open(ROOT / "bench" / "results" / report / "results.csv", newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 
@@ -31,12 +31,12 @@ def _p(row: dict[str, str], metric: str) -> str:
     return "" if value in ("", None) else f" (p={float(value):.2g}{'*' if float(value) < 0.05 else ''})"
 
 
-def compare_table() -> None:
+def compare_table(report: str = "l10n_compare") -> None:
     """Mean ± 95% Student t interval over the n seeds of each cell; the meta − multi gap with the
     Holm-corrected p-values of the paired tests stored in results.csv."""
     from metanmt.evaluation.compare import format_mean_ci, summarize
 
-    rows = _compare_rows()
+    rows = _compare_rows(report)
     table = summarize(rows)
     inits = list(dict.fromkeys(r["init"] for r in rows))
     print("| lang | budget | " + " | ".join(f"{i} BLEU / chrF / NLL" for i in inits) + " | n (" + " / ".join(inits)
@@ -60,11 +60,11 @@ def compare_table() -> None:
             print(f"| {lang} | {budget} | " + " | ".join(cells) + f" | {' / '.join(ns)} | {gap} |")
 
 
-def curve_table() -> None:
+def curve_table(report: str = "l10n_compare") -> None:
     """The adaptation curve: test NLL after K fine-tuning updates, mean ± 95% t interval over n seeds."""
     from metanmt.evaluation.compare import format_mean_ci, summarize
 
-    rows = _compare_rows()
+    rows = _compare_rows(report)
     points = sorted(int(k[len("nll_at_"):]) for k in (rows[0] if rows else {}) if k.startswith("nll_at_"))
     if not points:
         print("results.csv has no adaptation curve (nll_at_K) columns")
