@@ -11,6 +11,8 @@ rerun does only what is missing, so the study may span sittings):
    budget (the test languages have no dev set to stop on). Tuned on the reference init only: a bias
    from that can only favour the reference, so a gap in a meta init's favour is conservative.
 
+The frontier multi-task run itself (``RUNS/multi``) is trained or resumed to ``FINAL`` first.
+
 2. **inits**, at equal compute (the same updates of the same episode sizes, so about the same pairs
    and tokens; compare counts each init's steps, pairs, tokens and seconds, warm starts included):
 
@@ -76,6 +78,23 @@ def meta_inits(runs: Path, data_root: Path, only: list[str] | None = None) -> di
             for name, recipe in META.items() if not only or name in only}
 
 
+def train_multi(runs: Path, data_root: Path) -> list[str] | None:
+    """The frontier multi-task run (``RUNS/multi``) to ``FINAL`` updates: trained, or resumed where an
+    earlier sitting left it (the inverse_sqrt schedule does not depend on ``train.steps``, so the run
+    is the same whatever it was first planned for). Returns the command run, None when it is there."""
+    from metanmt.engine.checkpoint import latest_trainer_state
+
+    run = runs / "multi"
+    if latest_trainer_state(run).get("step", 0) >= FINAL:
+        return None
+    command = [sys.executable, "-m", "metanmt", "meta-train", str(ROOT / "configs" / "l10n_frontier.yaml"),
+               "--output-dir", str(run), "--set", f"data.root={data_root}", "--set", f"train.steps={FINAL}",
+               *(["--resume"] if (run / "metanmt.yaml").is_file() else [])]
+    print("+", " ".join(command), flush=True)
+    subprocess.run(command, check=True, cwd=ROOT)
+    return command
+
+
 def rule_flags(multi: Path) -> list[str]:
     """compare's recipe flags from the rule chosen on Romanian (a fixed length, no early stopping)."""
     if not RULE.is_file():
@@ -100,6 +119,7 @@ def main() -> int:
     args = p.parse_args()
     data_root, runs = args.data_root.resolve(), args.runs.expanduser().resolve()
 
+    train_multi(runs, data_root)
     multi = exported(runs, FINAL)
     rule = [sys.executable, str(ROOT / "bench" / "l10n_finetune_recipe.py"), "--init", f"multi={multi}",
             "--data-root", str(data_root), "--out", str(RULE)]

@@ -257,3 +257,28 @@ def test_frontier_within_minutes_scores_the_last_checkpoint_that_fits_in_them(
     monkeypatch.setattr(sys, "argv", [*argv[:-4], "--within-minutes", "18"])
     with pytest.raises(SystemExit, match="no checkpoint within 18"):
         frontier.main()
+
+
+def test_converged_study_trains_or_resumes_the_multitask_run_to_its_final_update(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The study starts from nothing: the frontier multi-task run is trained to FINAL, resumed where a
+    sitting left it, and left alone once it is there."""
+    import subprocess
+
+    import metanmt.engine.checkpoint as ckpt
+
+    converged = bench_module("l10n_converged_compare", monkeypatch)
+    ran, state = [], {}
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: ran.append(cmd))
+    monkeypatch.setattr(ckpt, "latest_trainer_state", lambda run: state)
+    runs = tmp_path / "runs"
+    command = converged.train_multi(runs, tmp_path / "l10n")
+    assert ran == [command] and "--resume" not in command
+    assert "l10n_frontier.yaml" in command[4] and f"train.steps={converged.FINAL}" in command
+    assert command[command.index("--output-dir") + 1] == str(runs / "multi")
+    (runs / "multi").mkdir(parents=True)
+    (runs / "multi" / "metanmt.yaml").write_text("family: translation\n")
+    state["step"] = 3771
+    assert converged.train_multi(runs, tmp_path / "l10n")[-1] == "--resume"
+    state["step"] = converged.FINAL + 250
+    assert converged.train_multi(runs, tmp_path / "l10n") is None and len(ran) == 2
