@@ -113,8 +113,8 @@ def _train(config: str, out: Path, steps: int, args: argparse.Namespace, extra: 
 def steady_rate(history: Path, until: int) -> float | None:
     """Seconds per step over the last third of a run's first ``until`` steps, from its logged
     cumulative ``seconds``; None with fewer than two logged steps there. The first steps of a process
-    are slow (the allocator and caches warm up: at the frontier config's size on 2 threads, ~1 s a step
-    for the first 20 against ~0.3 from step 80 on), so a rate measured from step 0 plans too few steps."""
+    are slow (at the frontier config's size on 2 threads, ~1 s a step for the first 20 against ~0.3
+    from step 80 on; docs/design.md), so a rate measured from step 0 plans too few steps."""
     if not history.is_file():
         return None
     points = {}
