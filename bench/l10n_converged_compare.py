@@ -49,7 +49,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from l10n_frontier import RULE, exported, flags_of  # noqa: E402 (bench/ is not a package)
+from l10n_frontier import RULE, exported, flags_of, train_frontier  # noqa: E402 (bench/ is not a package)
 FINAL, WARM = 10_000, 8_750
 META = {"fomaml": "frontier_fomaml", "metanmt": "frontier_metanmt"}  # init name -> recipe of l10n_frontier_recipes
 REPORT = ROOT / "bench" / "results" / "l10n_compare"
@@ -79,20 +79,9 @@ def meta_inits(runs: Path, data_root: Path, only: list[str] | None = None) -> di
 
 
 def train_multi(runs: Path, data_root: Path) -> list[str] | None:
-    """The frontier multi-task run (``RUNS/multi``) to ``FINAL`` updates: trained, or resumed where an
-    earlier sitting left it (the inverse_sqrt schedule does not depend on ``train.steps``, so the run
-    is the same whatever it was first planned for). Returns the command run, None when it is there."""
-    from metanmt.engine.checkpoint import latest_trainer_state
-
-    run = runs / "multi"
-    if latest_trainer_state(run).get("step", 0) >= FINAL:
-        return None
-    command = [sys.executable, "-m", "metanmt", "meta-train", str(ROOT / "configs" / "l10n_frontier.yaml"),
-               "--output-dir", str(run), "--set", f"data.root={data_root}", "--set", f"train.steps={FINAL}",
-               *(["--resume"] if (run / "metanmt.yaml").is_file() else [])]
-    print("+", " ".join(command), flush=True)
-    subprocess.run(command, check=True, cwd=ROOT)
-    return command
+    """The frontier multi-task run (``RUNS/multi``) to ``FINAL`` updates, trained or resumed; the
+    command run, None when it is there."""
+    return train_frontier(runs / "multi", data_root, FINAL)
 
 
 def rule_flags(multi: Path) -> list[str]:

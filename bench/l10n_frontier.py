@@ -50,8 +50,11 @@ RULE = ROOT / "bench" / "results" / "l10n_finetune_recipe.json"  # the fine-tuni
 TARGETS = {"bleu": 6.2, "chrf": 25.6, "nll": 3.34}
 
 
-def metanmt(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "metanmt", *args], check=True, cwd=ROOT)
+def metanmt(*args: str) -> list[str]:
+    """Run the metanmt CLI in a subprocess; returns the command."""
+    command = [sys.executable, "-m", "metanmt", *args]
+    subprocess.run(command, check=True, cwd=ROOT)
+    return command
 
 
 def held_out_dev(data_root: Path, out: Path, lang: str = "fi", size: int = 200) -> Path:
@@ -140,26 +143,41 @@ def suffix(fine_tune: str) -> str:
     return "" if fine_tune == "nll" else f"_{fine_tune}"
 
 
+def checkpoint_states(run: Path) -> dict[int, dict]:
+    """``trainer_state.json`` of every kept checkpoint of ``run``, by step."""
+    from metanmt.engine import checkpoint as ckpt
+
+    return {ckpt.checkpoint_step(c): json.loads((c / "trainer_state.json").read_text()) for c in ckpt.list_checkpoints(run)}
+
+
+def score_checkpoint(key: str, step: int, state: dict, runs: Path, data_root: Path, args: argparse.Namespace,
+                     judged: bool = False, **fields) -> None:
+    """Checkpoint ``step`` of ``RUNS/multi`` (its trainer ``state``) on Finnish 16k (into
+    ``RUNS/compare_at_STEP``), stored under ``key`` of the results file with ``fields`` and where the
+    checkpoint stands; ``judged``: also its training tokens/s and whether it met the targets (which
+    are about minutes of training). An entry of the same checkpoint keeps its other ``--fine-tune``
+    protocols."""
+    sfx = suffix(args.fine_tune)
+    scores = finnish_16k(exported(runs, step), runs / f"compare_at_{step}{sfx}", data_root, runs, args.seeds,
+                         args.fine_tune)
+    result = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    entry = result.get(key, {}) if result.get(key, {}).get("updates") == step else {}
+    entry.update({**fields, "updates": step, "pairs_seen": state["examples_seen"], "tokens_seen": state["tokens_seen"],
+                  "minutes": round(state["seconds"] / 60, 2), f"fi16k{sfx}": scores})
+    if judged:
+        entry.update({"tokens_per_s": round(state["tokens_seen"] / state["seconds"], 1), f"met{sfx}": met(scores)})
+    result[key] = entry
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(entry, indent=2))
+
+
 def at_pairs(run: Path, runs: Path, data_root: Path, args: argparse.Namespace) -> None:
     """The run's checkpoint whose pairs seen are closest to ``--at-pairs`` (a rule fixed before any
     score: the pilot's 208K pairs), on Finnish 16k; stored under ``at_pairs`` in the results file
     (each ``--fine-tune`` protocol under its own key)."""
-    from metanmt.engine import checkpoint as ckpt
-
-    states = {ckpt.checkpoint_step(c): json.loads((c / "trainer_state.json").read_text()) for c in ckpt.list_checkpoints(run)}
+    states = checkpoint_states(run)
     step = min(states, key=lambda s: abs(states[s]["examples_seen"] - args.at_pairs))
-    init = exported(runs, step)
-    state = states[step]
-    scores = finnish_16k(init, runs / f"compare_at_{step}{suffix(args.fine_tune)}", data_root, runs, args.seeds,
-                         args.fine_tune)
-    result = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    entry = result.get("at_pairs", {}) if result.get("at_pairs", {}).get("updates") == step else {}
-    entry.update({"asked_pairs": args.at_pairs, "updates": step, "pairs_seen": state["examples_seen"],
-                  "tokens_seen": state["tokens_seen"], "minutes": round(state["seconds"] / 60, 2),
-                  f"fi16k{suffix(args.fine_tune)}": scores})
-    result["at_pairs"] = entry
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(entry, indent=2))
+    score_checkpoint("at_pairs", step, states[step], runs, data_root, args, asked_pairs=args.at_pairs)
 
 
 def within_minutes(run: Path, runs: Path, data_root: Path, args: argparse.Namespace) -> None:
@@ -169,26 +187,30 @@ def within_minutes(run: Path, runs: Path, data_root: Path, args: argparse.Namesp
     (``--cpu``, default this machine's), each ``--fine-tune`` protocol under its own key. The config's
     2,000 updates are the 20 minutes of a 2-core AMD EPYC; a faster CPU fits more updates in them."""
     from l10n_throughput import cpu
-    from metanmt.engine import checkpoint as ckpt
 
-    states = {ckpt.checkpoint_step(c): json.loads((c / "trainer_state.json").read_text()) for c in ckpt.list_checkpoints(run)}
+    states = checkpoint_states(run)
     fitting = [s for s in states if states[s]["seconds"] <= args.within_minutes * 60]
     if not fitting:
         raise SystemExit(f"{run}: no checkpoint within {args.within_minutes} minutes of training")
     step = max(fitting)
-    state = states[step]
-    scores = finnish_16k(exported(runs, step), runs / f"compare_at_{step}{suffix(args.fine_tune)}", data_root, runs,
-                         args.seeds, args.fine_tune)
-    result = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    entry = result.get("within_minutes", {}) if result.get("within_minutes", {}).get("updates") == step else {}
-    entry.update({"asked_minutes": args.within_minutes, "updates": step, "pairs_seen": state["examples_seen"],
-                  "tokens_seen": state["tokens_seen"], "minutes": round(state["seconds"] / 60, 2),
-                  "tokens_per_s": round(state["tokens_seen"] / state["seconds"], 1),
-                  "cpu": args.cpu or cpu()["cpu"], f"fi16k{suffix(args.fine_tune)}": scores,
-                  f"met{suffix(args.fine_tune)}": met(scores)})
-    result["within_minutes"] = entry
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(entry, indent=2))
+    score_checkpoint("within_minutes", step, states[step], runs, data_root, args, judged=True,
+                     asked_minutes=args.within_minutes, cpu=args.cpu or cpu()["cpu"])
+
+
+def train_frontier(run: Path, data_root: Path, steps: int | None = None) -> list[str] | None:
+    """``configs/l10n_frontier.yaml`` into ``run`` to ``steps`` updates (None: the config's), trained
+    or resumed where an earlier sitting left it (its inverse_sqrt schedule does not depend on
+    ``train.steps``). Returns the command run, None when the run is already there."""
+    from metanmt.config import load_config
+    from metanmt.engine.checkpoint import latest_trainer_state
+
+    if latest_trainer_state(run).get("step", 0) >= (steps or load_config(CONFIG, []).train.steps):
+        return None
+    command = ["meta-train", str(CONFIG), "--set", f"data.root={data_root}", "--output-dir", str(run),
+               *([] if steps is None else ["--set", f"train.steps={steps}"]),
+               *(["--resume"] if (run / "metanmt.yaml").is_file() else [])]
+    print("+ metanmt", " ".join(command), flush=True)
+    return metanmt(*command)
 
 
 def main() -> None:
@@ -219,9 +241,7 @@ def main() -> None:
     from metanmt.engine.checkpoint import latest_trainer_state
 
     steps = load_config(CONFIG, []).train.steps  # the 20 minutes: the config's updates
-    if latest_trainer_state(run).get("step", 0) < steps:
-        train = ["meta-train", str(CONFIG), "--set", f"data.root={data_root}", "--output-dir", str(run)]
-        metanmt(*train, *(["--resume"] if (run / "metanmt.yaml").is_file() else []))
+    train_frontier(run, data_root)
     state = latest_trainer_state(run)
     init = run
     if state["step"] != steps:  # resumed past the config's steps (the learning curve): its checkpoint at them
