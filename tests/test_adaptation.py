@@ -3,6 +3,7 @@ exact resume), translation and evaluation of a fine-tuned run, through the API a
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 import random
@@ -17,7 +18,8 @@ from metanmt.adaptation.finetune import Finetuner, FinetuneRecipe, adapt_pattern
 from metanmt.adaptation.loading import open_translation_model
 from metanmt.data.corpus import read_pairs
 from metanmt.tasks.base import select_names
-from metanmt.tasks.translation.batching import plan_batches
+from metanmt.tasks.translation.batching import evaluation_batches, micro_batches, plan_batches
+from metanmt.tasks.translation.training import LoopPosition, TrainingLoop
 from metanmt.cli import main
 from metanmt.data.corpus import Pair
 from metanmt.errors import DataError, UserError
@@ -174,6 +176,49 @@ def test_budget_takes_a_reproducible_prefix_or_sample_and_warns_past_the_pool(ca
     lengths = [3, 5, 2, 7, 1, 4]
     batches = plan_batches(lengths, 8, None)
     assert [i for b in batches for i in b] == list(range(6)) and all(sum(lengths[i] for i in b) <= 8 for b in batches)
+
+
+def test_micro_batches_and_evaluation_batches_cover_every_row_once_sorted_by_source_length() -> None:
+    rows = [([1] * s, [2] * t) for s, t in [(9, 3), (2, 4), (5, 2), (2, 1), (7, 5), (4, 3)]]  # 18 target tokens
+    parts = micro_batches(rows, 7)
+    assert len(parts) > 1 and all(sum(len(t) for _, t in p) <= 7 for p in parts)
+    flat = [r for p in parts for r in p]
+    assert sorted(map(str, flat)) == sorted(map(str, rows))  # each row once
+    assert [len(s) for s, _ in flat] == sorted(len(s) for s, _ in rows)  # by source length
+    assert micro_batches(rows, None) == [rows] == micro_batches(rows, 18)  # fits: the batch as it came
+    assert micro_batches(rows, 1) == [[r] for r in sorted(rows, key=lambda r: (len(r[0]), len(r[1])))]  # a row each
+    batches = evaluation_batches(rows, 6)
+    assert sorted(i for b in batches for i in b) == list(range(6)) and all(sum(len(rows[i][1]) for i in b) <= 6 for b in batches)
+    assert [len(rows[i][0]) for b in batches for i in b] == [2, 2, 4, 5, 7, 9]
+
+
+def test_micro_batched_updates_equal_whole_batch_updates(run_dir: Path, corpus: Path) -> None:
+    """The parts' summed token losses are the batch's token mean: same loss, same Adam updates
+    (dropout off, so that only the batching differs)."""
+    loaded = open_translation_model(run_dir)
+    pairs = read_pairs(corpus / "finetune" / "xa.300.tsv.gz")
+    results = {}
+    for micro in (None, 25):
+        model = copy.deepcopy(loaded.model).eval()
+        loop = TrainingLoop(loaded.family, model, pairs, select_names(model, ["*"]), 3e-3, 120, seed=1, grad_clip=1.0,
+                            micro_tokens=micro)
+        at = LoopPosition()
+        losses = [float(loop.update(at)[0]) for _ in range(4)]
+        results[micro] = losses, state(model)
+    at = LoopPosition()
+    assert min(len(micro_batches(loop.next_rows(at), 25)) for _ in range(4)) >= 3  # the batches really were split
+    assert results[25][0] == pytest.approx(results[None][0], rel=1e-5)
+    assert all(torch.allclose(results[25][1][n], results[None][1][n], atol=1e-5) for n in results[None][1])
+    assert TrainingLoop(loaded.family, model, pairs, ["model.shared.weight"], 1e-3, 60).micro_tokens == 250  # CPU: on
+
+
+def test_sentence_losses_equal_scoring_each_sentence_alone(run_dir: Path, corpus: Path) -> None:
+    loaded = open_translation_model(run_dir)
+    pairs = read_pairs(corpus / "test" / "xa.tsv.gz")[:12]
+    nats, tokens = loaded.family.sentence_losses(loaded.model, pairs, max_tokens=25)  # several sorted batches
+    alone = [loaded.family.sentence_losses(loaded.model, [p])[0][0] for p in pairs]  # no padding at all
+    assert nats == pytest.approx(alone, rel=1e-5) and tokens == [len(t) for _, t in loaded.family.encode(pairs)]
+    assert loaded.family.corpus_loss(loaded.model, pairs) == pytest.approx(sum(nats) / sum(tokens), rel=1e-6)
 
 
 # -- fine-tuning ------------------------------------------------------------------------------------

@@ -282,3 +282,21 @@ def test_converged_study_trains_or_resumes_the_multitask_run_to_its_final_update
     assert converged.train_multi(runs, tmp_path / "l10n")[-1] == "--resume"
     state["step"] = converged.FINAL + 250
     assert converged.train_multi(runs, tmp_path / "l10n") is None and len(ran) == 2
+
+
+def test_finetune_speed_benchmark_scores_both_ways_alike_and_times_both_loops(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    root = make_l10n(tmp_path / "l10n")
+    run = make_run(root, tmp_path / "run")
+    speed = bench_module("l10n_finetune_speed", monkeypatch)
+    out = tmp_path / "speed.json"
+    monkeypatch.setattr(sys, "argv", ["l10n_finetune_speed.py", "--init", str(run), "--data-root", str(root), "--langs",
+                                      "xa", "--budget", "300", "--updates", "2", "--warmup", "1", "--rounds", "1",
+                                      "--out", str(out)])
+    assert speed.main() == 0
+    result = json.loads(out.read_text())
+    row = result["rows"][0]
+    assert result["micro_tokens"] == 250 and result["init_step"] == 2 and row["lang"] == "xa"
+    assert row["whole_batch_s_per_update"] > 0 and row["micro_batch_s_per_update"] > 0 and row["sorted_scoring_s"] > 0
+    # the scorer as it was (file order) and the sorted one give the same NLLs
+    assert row["nll_sorted"] == pytest.approx(row["nll_file_order"], abs=1e-6) and row["max_sentence_nll_difference"] < 1e-4

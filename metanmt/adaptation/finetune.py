@@ -273,7 +273,7 @@ class Finetuner:
         r = self.recipe
         # evaluation must not move the RNG that dropout draws from (exact resume)
         with torch.random.fork_rng(devices=[]):
-            out = {"step": float(self.state.step), "loss": self.family.corpus_loss(self.model, self.dev_pairs, r.max_tokens * 2)}
+            out = {"step": float(self.state.step), "loss": self.family.corpus_loss(self.model, self.dev_pairs)}
             if r.dev_metric != "loss":
                 hyps = translate_batch(self.family, self.model, [p.src for p in self.dev_pairs], num_beams=r.dev_beam,
                                        max_new_tokens=r.max_new_tokens, progress=False)

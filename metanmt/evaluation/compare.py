@@ -72,9 +72,7 @@ from ..engine.checkpoint import (CONFIG_FILE, atomic_write_text, claim_directory
 from ..files import refuse_overlap
 from ..errors import DataError, UserError
 from ..tasks.language_embeddings import set_language
-from ..tasks.translation.batching import plan_batches
 from ..tasks.translation.decoding import translate_batch
-from ..tasks.translation.model import forward, restored_train_mode, token_cross_entropy
 from .few_shot import mean_ci95
 from .scoring import score
 from .statistics import DEFAULT_SAMPLES, NLL_RESAMPLES, TESTS, holm, paired_mt_test, paired_nll_test, t_interval
@@ -238,27 +236,11 @@ def _cell_row(init: str, lang: str, budget: str, seed: int, evaluation: dict[str
 
 
 @torch.no_grad()
-def sentence_nll(family: Any, model: nn.Module, pairs: list, max_tokens: int = 2000) -> tuple[list[float], list[int]]:
-    """Teacher-forced NLL of each pair's reference (nats summed over its target tokens) and its token
-    count, in input order; ``sum(nats) / sum(tokens)`` is the corpus NLL of
-    :meth:`TranslationFamily.corpus_loss` (same batches). The paired NLL test needs the sentences."""
-    encoded = family.encode(pairs)
-    nats, tokens = [0.0] * len(encoded), [len(t) for _, t in encoded]
-    device = next(model.parameters()).device
-    with restored_train_mode(model, False):
-        for rows in plan_batches(tokens, max_tokens, None):
-            batch = family.to_device(family.collate([encoded[i] for i in rows]), device)
-            loss = token_cross_entropy(forward(model, None, batch).float(), batch["labels"], reduction="none")
-            for i, value in zip(rows, loss.view(len(rows), -1).sum(1).tolist()):
-                nats[i] = value
-    return nats, tokens
-
-
 def evaluate_model(family: Any, model: nn.Module, pairs: list, num_beams: int) -> dict[str, Any]:
     """Translate ``pairs``' sources, score them with sacreBLEU, and the per-sentence test NLL."""
     started = time.perf_counter()
     hyps = translate_batch(family, model, [p.src for p in pairs], num_beams=num_beams, progress=False)
-    nats, tokens = sentence_nll(family, model, pairs)
+    nats, tokens = family.sentence_losses(model, pairs)  # per sentence: the paired NLL test needs them
     scores = score(hyps, [p.en for p in pairs])
     return {"segments": len(pairs), "num_beams": num_beams, "bleu": scores["bleu"], "chrf": scores["chrf"],
             "bleu_signature": scores["bleu_signature"], "chrf_signature": scores["chrf_signature"],

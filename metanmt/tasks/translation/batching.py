@@ -97,20 +97,45 @@ def plan_batches(
     if rng is not None and n:
         span = max(1, int(window * max_tokens / max(1.0, float(lengths.mean()))))
         order = np.concatenate([chunk[np.argsort(lengths[chunk], kind="stable")] for chunk in np.array_split(order, -(-n // span))])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    tokens = 0
-    for i in order.tolist():
-        if current and tokens + lengths[i] > max_tokens:
-            batches.append(current)
-            current, tokens = [], 0
-        current.append(i)
-        tokens += int(lengths[i])
-    if current:
-        batches.append(current)
+    batches = cut_by_tokens(order.tolist(), target_lengths, max_tokens)
     if rng is not None:
         batches = [batches[j] for j in rng.permutation(len(batches))]
     return batches
+
+
+def cut_by_tokens(order: list[int], target_lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """``order`` cut greedily into index lists of at most ``max_tokens`` target tokens (at least one each)."""
+    batches: list[list[int]] = []
+    tokens = 0
+    for i in order:
+        if not batches or tokens + target_lengths[i] > max_tokens:
+            batches.append([])
+            tokens = 0
+        batches[-1].append(i)
+        tokens += int(target_lengths[i])
+    return batches
+
+
+def micro_batches(rows: Encoded, micro_tokens: Optional[int]) -> list[Encoded]:
+    """``rows`` (one batch) as parts of at most ``micro_tokens`` target tokens (at least one row each),
+    sorted by source then target length so that each part pads little; ``None``, or a batch that
+    fits, stays one part in its own order. The parts' summed token losses are the batch's."""
+    if micro_tokens is None or sum(len(target) for _, target in rows) <= micro_tokens:
+        return [rows]
+    ordered = sorted(range(len(rows)), key=lambda i: (len(rows[i][0]), len(rows[i][1])))
+    return [[rows[i] for i in part] for part in cut_by_tokens(ordered, [len(t) for _, t in rows], micro_tokens)]
+
+
+def evaluation_batches(encoded: Encoded, max_tokens: int) -> list[list[int]]:
+    """Index lists covering every pair once, each at most ``max_tokens`` target tokens (at least one
+    pair), the pairs sorted by source then target length, for scoring (teacher-forced NLL).
+
+    A batch costs its longest row times its rows, so file order padded every batch to its longest
+    sentence; sorted, rows of a batch have about the same length. The scores do not depend on the
+    order (each row is scored on its own, padding masked).
+    """
+    order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i][0]), len(encoded[i][1])))
+    return cut_by_tokens(order, [len(t) for _, t in encoded], max_tokens)
 
 
 def epoch_rng(seed: int, epoch: int) -> np.random.Generator:

@@ -460,16 +460,26 @@ class TranslationFamily(TaskFamily):
                                  num_beams or t.num_beams, max_new_tokens or t.max_new_tokens)
 
     @torch.no_grad()
-    def corpus_loss(self, model: nn.Module, pairs: list[Pair], max_tokens: int = 2000) -> float:
-        """Token-mean loss over all ``pairs`` (nats per target token)."""
+    def sentence_losses(self, model: nn.Module, pairs: list[Pair], max_tokens: int = 500) -> tuple[list[float], list[int]]:
+        """Teacher-forced NLL of each pair's target (nats summed over its tokens) and its token count,
+        in input order; batches of similar lengths (:func:`~.batching.evaluation_batches`). Small
+        batches are the fast ones on a CPU: 500 target tokens scored 500 Finnish test segments in
+        3.6 s, 2,000 in 9.6 s (docs/design.md, "Fine-tuning and scoring on a CPU")."""
+        encoded = self.encode(pairs)
+        nats, tokens = [0.0] * len(encoded), [len(t) for _, t in encoded]
         device = next(model.parameters()).device
-        total, tokens = 0.0, 0
         with marian.restored_train_mode(model, False):
-            for batch in self.token_batches(pairs, max_tokens):
-                batch = self.to_device(batch, device)
-                total += float(marian.token_cross_entropy(marian.forward(model, None, batch), batch["labels"], reduction="sum"))
-                tokens += self.token_count(batch)
-        return total / max(tokens, 1)
+            for rows in batching.evaluation_batches(encoded, max_tokens):
+                batch = self.to_device(self.collate([encoded[i] for i in rows]), device)
+                loss = marian.token_cross_entropy(marian.forward(model, None, batch).float(), batch["labels"], reduction="none")
+                for i, value in zip(rows, loss.view(len(rows), -1).sum(1).tolist()):
+                    nats[i] = value
+        return nats, tokens
+
+    def corpus_loss(self, model: nn.Module, pairs: list[Pair], max_tokens: int = 500) -> float:
+        """Token-mean loss over all ``pairs`` (nats per target token)."""
+        nats, tokens = self.sentence_losses(model, pairs, max_tokens)
+        return sum(nats) / max(sum(tokens), 1)
 
     def finetune(self, model: nn.Module, pairs: list[Pair], steps: int, lr: float, max_tokens: int,
                  adapt: list[str], seed: int = 0) -> nn.Module:
