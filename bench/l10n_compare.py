@@ -311,6 +311,7 @@ def main() -> int:
     import torch
     import transformers
 
+    from l10n_throughput import cpu  # the CPU's model name and vector extension (bench/ is on sys.path)
     from metanmt.cli import main as cli
     from metanmt.engine.checkpoint import export_files
 
@@ -336,7 +337,7 @@ def main() -> int:
     if status == 0:
         info = {
             "command": "metanmt " + " ".join(command),
-            "machine": platform.machine(), "processor": platform.processor() or platform.uname().machine,
+            "machine": platform.machine(), "processor": platform.processor() or platform.uname().machine, **cpu(),
             "cpu_count": os.cpu_count(), "torch_threads": 1 if args.jobs > 1 else torch.get_num_threads(), "jobs": args.jobs,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
