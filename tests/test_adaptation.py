@@ -18,7 +18,7 @@ from metanmt.adaptation.finetune import Finetuner, FinetuneRecipe, adapt_pattern
 from metanmt.adaptation.loading import open_translation_model
 from metanmt.data.corpus import read_pairs
 from metanmt.tasks.base import select_names
-from metanmt.tasks.translation.batching import evaluation_batches, micro_batches, plan_batches
+from metanmt.tasks.translation.batching import length_sorted_batches, micro_batches, plan_batches
 from metanmt.tasks.translation.training import LoopPosition, TrainingLoop
 from metanmt.cli import main
 from metanmt.data.corpus import Pair
@@ -178,7 +178,7 @@ def test_budget_takes_a_reproducible_prefix_or_sample_and_warns_past_the_pool(ca
     assert [i for b in batches for i in b] == list(range(6)) and all(sum(lengths[i] for i in b) <= 8 for b in batches)
 
 
-def test_micro_batches_and_evaluation_batches_cover_every_row_once_sorted_by_source_length() -> None:
+def test_micro_batches_and_length_sorted_batches_cover_every_row_once_sorted_by_source_length() -> None:
     rows = [([1] * s, [2] * t) for s, t in [(9, 3), (2, 4), (5, 2), (2, 1), (7, 5), (4, 3)]]  # 18 target tokens
     parts = micro_batches(rows, 7)
     assert len(parts) > 1 and all(sum(len(t) for _, t in p) <= 7 for p in parts)
@@ -187,7 +187,7 @@ def test_micro_batches_and_evaluation_batches_cover_every_row_once_sorted_by_sou
     assert [len(s) for s, _ in flat] == sorted(len(s) for s, _ in rows)  # by source length
     assert micro_batches(rows, None) == [rows] == micro_batches(rows, 18)  # fits: the batch as it came
     assert micro_batches(rows, 1) == [[r] for r in sorted(rows, key=lambda r: (len(r[0]), len(r[1])))]  # a row each
-    batches = evaluation_batches(rows, 6)
+    batches = length_sorted_batches(rows, 6)
     assert sorted(i for b in batches for i in b) == list(range(6)) and all(sum(len(rows[i][1]) for i in b) <= 6 for b in batches)
     assert [len(rows[i][0]) for b in batches for i in b] == [2, 2, 4, 5, 7, 9]
 

@@ -122,13 +122,13 @@ def micro_batches(rows: Encoded, micro_tokens: Optional[int]) -> list[Encoded]:
     fits, stays one part in its own order. The parts' summed token losses are the batch's."""
     if micro_tokens is None or sum(len(target) for _, target in rows) <= micro_tokens:
         return [rows]
-    ordered = sorted(range(len(rows)), key=lambda i: (len(rows[i][0]), len(rows[i][1])))
-    return [[rows[i] for i in part] for part in cut_by_tokens(ordered, [len(t) for _, t in rows], micro_tokens)]
+    return [[rows[i] for i in part] for part in length_sorted_batches(rows, micro_tokens)]
 
 
-def evaluation_batches(encoded: Encoded, max_tokens: int) -> list[list[int]]:
+def length_sorted_batches(encoded: Encoded, max_tokens: int) -> list[list[int]]:
     """Index lists covering every pair once, each at most ``max_tokens`` target tokens (at least one
-    pair), the pairs sorted by source then target length, for scoring (teacher-forced NLL).
+    pair), the pairs sorted by source then target length: scoring's batches (teacher-forced NLL) and
+    a fine-tuning batch's micro-batches.
 
     A batch costs its longest row times its rows, so file order padded every batch to its longest
     sentence; sorted, rows of a batch have about the same length. The scores do not depend on the
