@@ -42,7 +42,7 @@ def check_directional_derivatives(loss_fn, params, grads, names, directions=3, e
         shift(direction, -2 * eps)
         down = loss_fn()
         shift(direction, eps)
-        assert analytic == pytest.approx((up - down) / (2 * eps), rel=1e-5, abs=1e-8)
+        assert analytic == pytest.approx(float(up - down) / (2 * eps), rel=1e-5, abs=1e-8)  # floats: approx refuses 0-d tensors
 
 
 def pytest_collection_modifyitems(config, items):
@@ -53,3 +53,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+#: the libraries whose versions a test run reports (pyproject.toml bounds them; constraints.txt pins the tested set)
+REPORTED_VERSIONS = ("torch", "transformers", "accelerate", "peft", "datasets", "sacrebleu", "sentencepiece",
+                     "huggingface_hub", "safetensors", "numpy", "scipy", "pytest")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Every test run ends by saying which versions it ran with (shown with -q too; CI's log keeps it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "missing"
+
+    import platform
+
+    terminalreporter.write_line(f"ran with: python {platform.python_version()}, " + ", ".join(f"{name} {of(name)}" for name in REPORTED_VERSIONS))
