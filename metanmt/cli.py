@@ -44,6 +44,26 @@ def evaluator_of(family: Any) -> Callable[[Any, argparse.Namespace], tuple[dict,
         raise UserError(f"evaluate: the {family.name} family's evaluator {spec!r} cannot be loaded ({exc})") from None
 
 
+#: ``metanmt evaluate``'s options for some families only, None unless given
+FAMILY_OPTIONS = {"shots": "--shots", "steps": "--steps", "episodes": "--episodes", "lr": "--lr",
+                  "omniglot_runs": "--omniglot-runs", "test": "--test", "hyp": "--hyp", "lang": "--lang"}
+
+
+def refuse_unread_options(family: Any, evaluator: Callable[..., Any], args: argparse.Namespace) -> None:
+    """An option the family's evaluator never reads (``--hyp`` for a sinusoid run, ``--episodes``
+    for a translation run) would do nothing: refused, naming what it reads. An evaluator without an
+    ``options`` attribute (a plugin's) is given every option, unchecked."""
+    reads = getattr(evaluator, "options", None)
+    if reads is None:
+        return
+    unread = [flag for dest, flag in FAMILY_OPTIONS.items() if getattr(args, dest, None) is not None
+              and dest not in reads]
+    if unread:
+        wanted = ", ".join("--" + d.replace("_", "-") for d in reads)
+        raise UserError(f"evaluate: {', '.join(unread)} would do nothing for a {family.name} run (its evaluation reads "
+                        f"{wanted}); drop {'it' if len(unread) == 1 else 'them'}")
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from .engine.run import load_run
     from .evaluation.commands import device_of
@@ -51,7 +71,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     device, precision = device_of(args)
     with precision:
         run = load_run(args.run, model_dir=args.model_dir, device=device, double_backward=False)
-        result, text = evaluator_of(run.family)(run, args)
+        evaluator = evaluator_of(run.family)
+        refuse_unread_options(run.family, evaluator, args)
+        result, text = evaluator(run, args)
     print(json.dumps(result, indent=2) if args.json else text)
     return 0
 

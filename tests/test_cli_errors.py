@@ -219,6 +219,112 @@ def test_gettext_out_inside_the_catalogs_is_refused(tmp_path: Path, capsys) -> N
     assert cli(capsys, "data", "gettext", locale, "--out", tmp_path / "corpus") == (0, [])
 
 
+# -- asked for work that selects none: one line naming what is missing, exit 2, nothing written ------
+
+
+def fake_init(tmp_path: Path) -> Path:
+    """A folder that passes for an init (it has a config.json): every error below comes before one is opened."""
+    init = tmp_path / "init"
+    init.mkdir()
+    (init / "config.json").write_text("{}")
+    return init
+
+
+def compare_data(root: Path) -> Path:
+    """Test files for xa and xl; fine-tuning files xa.4k, and xl.{4k,16k,40k} where xl's 16k is its
+    whole pool (as Latvian's: 40k repeats it); dev/xa. Empty files: the errors come before any is read."""
+    for name in ("test/xa.tsv.gz", "test/xl.tsv.gz", "finetune/xa.4k.tsv.gz", "finetune/xl.4k.tsv.gz",
+                 "finetune/xl.16k.tsv.gz", "finetune/xl.40k.tsv.gz", "dev/xa.tsv.gz"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"")
+    split = {"finetune": {"xl": {b: {"complete": False, "en_words": 15667} for b in ("16k", "40k")}}}
+    (root / "split.json").write_text(json.dumps(split))
+    return root
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--langs", "xa", "--budgets", "0", "16k"],  # fi.4k but no fi.16k: a typo must not read as a finished study
+     ["--budgets 16k: xa 16k has no fine-tuning file", "xa.16k.tsv.gz and no larger budget file",
+      "(fine-tuning files of xa: xa.4k.tsv.gz)"]),
+    (["--langs", "xa", "xq", "--budgets", "4k"],
+     ["--langs xq: no test file", "xq.tsv.gz", "(test files there: xa.tsv.gz, xl.tsv.gz)"]),
+    (["--langs", "xl", "--budgets", "4k", "16k", "40k"],
+     ["--budgets 40k: no cell for any of --langs xl", "xl 40k: skipped", "xl 16k already uses the whole pool"]),
+    (["--langs", "xa", "--budgets", "4k", "--no-scratch", "--scratch-seeds", "1"],
+     ["--scratch-seeds 1: there is no from-scratch row"]),
+    (["--langs", "xa", "--budgets", "4k", "--curve", "--curve-seeds", "1"],
+     ["--curve-seeds 1: no cell has an adaptation curve (--curve has no values)"]),
+    (["--langs", "xa", "--budgets", "0", "--curve-seeds", "1"], ["--curve-seeds 1: no cell has an adaptation curve",
+                                                                 "--budgets 0 fine-tunes nothing"]),
+    (["--langs", "xa", "--budgets", "0", "--init", "floor=random"],
+     ["--init floor=random: a from-scratch row has no zero-shot cell"]),
+    (["--langs", "xa", "--budgets", "0", "--reference", "scratch"],
+     ["--reference scratch: a from-scratch row has no zero-shot cell"]),
+    (["--langs", "xa", "xl", "--budgets", "4k", "--dev", "dev/{lang}.tsv.gz"],
+     ["--dev dev/{lang}.tsv.gz: no dev file", "xl.tsv.gz"]),
+    (["--langs", "xa", "--budgets", "4k", "--report-only"],
+     ["--report-only: none of the 2 planned cells is finished", "nothing to report"]),
+    (["--langs", "xa", "--budgets", "4k", "--report-only", "--overwrite"], ["--report-only with --overwrite"]),
+])
+def test_compare_that_selects_no_cell_fails_before_out_is_written(tmp_path: Path, capsys, extra, expected) -> None:
+    data, out = compare_data(tmp_path / "data"), tmp_path / "report"
+    rc, errors = cli(capsys, "compare", "--init", f"a={fake_init(tmp_path)}", "--data-root", data, "--seeds", "1",
+                     "--out", out, *extra)
+    assert rc == 2 and len(errors) == 1, errors
+    assert errors[0].startswith("metanmt compare: error: ")
+    for text in expected:
+        assert text in errors[0], (text, errors[0])
+    assert not out.exists()
+
+
+def test_finetune_translate_and_score_with_nothing_to_do_fail_and_write_nothing(tmp_path: Path, capsys) -> None:
+    init, out = fake_init(tmp_path), tmp_path / "ft"
+    empty = tmp_path / "xa.tsv"
+    empty.write_text("")
+    rc, errors = cli(capsys, "finetune", init, "--train", empty, "--output-dir", out)
+    assert rc == 2 and len(errors) == 1 and "xa.tsv: empty corpus" in errors[0] and not out.exists()
+    train = tmp_path / "xa.train.tsv"
+    train.write_text("lang\tsrc\ten\nxa\ta b\tc d\n")
+    rc, errors = cli(capsys, "finetune", init, "--train", train, "--output-dir", out, "--budget-order", "sample")
+    assert rc == 2 and len(errors) == 1 and "--budget-order sample: picks the pairs of a --budget-words" in errors[0]
+    assert not out.exists()
+
+    src, hyp = tmp_path / "src.txt", tmp_path / "hyp.txt"
+    src.write_text("")
+    rc, errors = cli(capsys, "translate", init, "--input", src, "--output", hyp)
+    assert rc == 2 and len(errors) == 1 and f"--input {src}: no segments to translate" in errors[0] and not hyp.exists()
+    ref = tmp_path / "ref.txt"
+    ref.write_text("")
+    rc, errors = cli(capsys, "score", "--hyp", src, "--ref", ref)
+    assert rc == 2 and len(errors) == 1 and f"--hyp {src} and --ref {ref}: both files are empty" in errors[0]
+
+
+def test_data_gettext_without_catalogs_or_translations_fails_and_writes_nothing(tmp_path: Path, capsys) -> None:
+    locale, out = tmp_path / "locale", tmp_path / "corpus"
+    (locale / "ro" / "LC_MESSAGES").mkdir(parents=True)
+    rc, errors = cli(capsys, "data", "gettext", locale, "--out", out)
+    assert rc == 2 and len(errors) == 1 and f"{locale}: no gettext catalogs (*.po, *.mo) found" in errors[0]
+    assert not out.exists()
+    (locale / "ro" / "LC_MESSAGES" / "app.po").write_text('msgid "Open"\nmsgstr ""\n')  # untranslated only
+    rc, errors = cli(capsys, "data", "gettext", locale, "--out", out)
+    assert rc == 2 and len(errors) == 1 and "no translated entries in 1 catalogs" in errors[0] and not out.exists()
+
+
+def test_evaluate_refuses_options_the_family_does_not_read_and_sinusoid_reads_its_seed(run: Path, tmp_path: Path,
+                                                                                      capsys) -> None:
+    hyp = tmp_path / "hyp.txt"
+    rc, errors = cli(capsys, "evaluate", run, "--episodes", "2", "--test", tmp_path / "t.tsv", "--hyp", hyp)
+    assert rc == 2 and len(errors) == 1 and "--test, --hyp would do nothing for a sinusoid run" in errors[0]
+    assert "reads --shots, --steps, --episodes, --lr, --seed" in errors[0] and not hyp.exists()
+
+    def mse(seed: int) -> dict:
+        args = ["evaluate", str(run), "--episodes", "3", "--shots", "5", "--steps", "1", "--seed", str(seed), "--json"]
+        assert main(args) == 0
+        return json.loads(capsys.readouterr().out)["mse"]
+
+    assert mse(1) == mse(1) != mse(2)  # --seed picks the held-out sines
+
+
 # -- value ranges of command-line flags -------------------------------------------------------------
 
 

@@ -1,17 +1,20 @@
 """compare: every (init, language, budget, seed) cell on a tiny model and corpus; CSV, markdown and
-PNG written; finished cells reused; missing and incomplete budgets noted, not fatal."""
+PNG written; finished cells reused (and said to be); incomplete budgets noted, a missing one an
+error; a partial report says how many cells are missing."""
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import pytest
 
 from metanmt.adaptation.finetune import Finetuner
 from metanmt.cli import main
-from metanmt.errors import UserError
+from metanmt.errors import DataError, UserError
 from metanmt.evaluation.compare import REQUIRED_COLUMNS, budget_words, compare, parse_init
 from tests.test_adaptation import make_l10n, make_run, recipe
 
@@ -20,14 +23,20 @@ from tests.test_adaptation import make_l10n, make_run, recipe
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     base = tmp_path_factory.mktemp("compare")
     root = make_l10n(base / "l10n")
-    (root / "finetune" / "xa.300.tsv.gz").unlink()  # a budget file missing for one language
+    # xa's pool is its 100-word file, as Latvian's is its 16k file: xa 300 repeats it (skipped, noted)
+    shutil.copy(root / "finetune" / "xa.100.tsv.gz", root / "finetune" / "xa.300.tsv.gz")
+    split = json.loads((root / "split.json").read_text())
+    split["finetune"]["xa"] = {b: {"complete": False, "en_words": 100} for b in ("100", "300")}
+    (root / "split.json").write_text(json.dumps(split))
     multi = make_run(root, base / "multi")
     meta = make_run(root, base / "meta", "algorithm.name=fomaml", "algorithm.inner_lr=0.05")
     return root, multi, meta
 
 
 def test_compare_writes_the_report_and_reuses_finished_cells(setup: tuple[Path, Path, Path], tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture,
+                                                              capsys: pytest.CaptureFixture) -> None:
     root, multi, meta = setup
     out = tmp_path / "report"
     args = ["compare", "--init", f"meta={meta}", "--init", f"multi={multi}", "--data-root", str(root),
@@ -42,7 +51,7 @@ def test_compare_writes_the_report_and_reuses_finished_cells(setup: tuple[Path, 
     assert list(rows[0])[: len(REQUIRED_COLUMNS)] == REQUIRED_COLUMNS
     cells = {(r["init"], r["lang"], r["budget"], r["seed"]) for r in rows}
     # zero-shot: one row per real init and language; scratch only where it is fine-tuned;
-    # xa 300 has no file; xb 300 is incomplete (the pool) and is run once, noted
+    # xa 300 repeats xa 100, its whole pool (skipped); xb 300 is incomplete (the pool) and is run once, noted
     assert ("meta", "xa", "0", "0") in cells and ("meta", "xa", "0", "1") not in cells
     assert not any(c[0] == "scratch" and c[2] == "0" for c in cells)
     assert not any(c[1] == "xa" and c[2] == "300" for c in cells)
@@ -55,7 +64,8 @@ def test_compare_writes_the_report_and_reuses_finished_cells(setup: tuple[Path, 
         assert r["init_steps"] == ("" if r["init"] == "scratch" else "2")  # meta-training compute of the init
     md = (out / "results.md").read_text(encoding="utf-8")
     assert "| xb | 100 | meta |" in md and "±" in md and "NLL" in md
-    assert "no fine-tuning file" in md and "whole pool" in md and "Each init minus multi" in md
+    assert "xa 300: skipped" in md and "xa 100 already uses the whole pool" in md and "Each init minus multi" in md
+    assert "all 22 cells finished" in md and "Partial report" not in md
     assert "Student t" in md and "Holm" in md and "paired bootstrap" in md and "permutation" in md
     assert (out / "bleu_vs_budget.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "adaptation_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -90,10 +100,16 @@ def test_compare_writes_the_report_and_reuses_finished_cells(setup: tuple[Path, 
     assert (out / "results.csv").read_bytes() == first_csv and (out / "results.md").read_bytes() == first_md
     monkeypatch.undo()
 
-    # --report-only rewrites the report from the finished cells and runs nothing
+    # --report-only rewrites the report from the finished cells and runs nothing; it says what is missing
     (out / "results.md").unlink()
+    caplog.set_level(logging.INFO, logger="metanmt")
+    capsys.readouterr()
     assert main(args + ["--report-only", "--seeds", "3"]) == 0
-    assert "| xb | 100 | meta |" in (out / "results.md").read_text(encoding="utf-8")
+    md = (out / "results.md").read_text(encoding="utf-8")
+    assert "| xb | 100 | meta |" in md
+    assert "Partial report: 22 of 31 cells finished; 9 missing" in md  # seed 2: 3 budgets x 3 inits
+    assert "22 of 31 cells finished; 9 missing" in caplog.text
+    assert "report of 22 of the 31 cells (9 not finished)" in capsys.readouterr().out
     assert not list((out / "cells").glob("*__s2.json"))
 
     # a second run reuses every finished cell: no fine-tune happens
@@ -102,8 +118,12 @@ def test_compare_writes_the_report_and_reuses_finished_cells(setup: tuple[Path, 
 
     monkeypatch.setattr(Finetuner, "run", forbidden)
     before = (out / "results.csv").read_text(encoding="utf-8")
+    caplog.clear()
     assert main(args) == 0
     assert (out / "results.csv").read_text(encoding="utf-8") == before
+    assert f"all 22 cells were already finished in {out}; the report was rewritten" in caplog.text
+    assert "all 22 cells were already finished; report rewritten" in capsys.readouterr().out
+    assert "Partial report" not in (out / "results.md").read_text(encoding="utf-8")
 
     # other settings on the same report folder are refused (its cells would not be comparable)
     assert main([*args[:-1], "chrf"]) == 2
@@ -183,6 +203,39 @@ def test_plan_orders_cells_by_seed_and_limits_scratch_seeds(setup: tuple[Path, P
         compare([("meta", str(setup[2]))], root, ["xa"], ["100"], 2, root.parent / "r", recipe(), scratch_seeds=0)
 
 
+def test_a_repeated_pool_budget_is_a_note_where_another_language_has_it_and_an_error_where_none_does(
+        setup: tuple[Path, Path, Path]) -> None:
+    """xa 300 repeats xa's whole pool (xa 100): skipped with a note while xb has a 300 cell; asked
+    for xa alone, budget 300 would have no cell at all, which is an error naming why."""
+    from metanmt.evaluation.compare import plan_cells
+
+    root, pattern = setup[0], "finetune/{lang}.{budget}.tsv.gz"
+    plan = plan_cells(["multi"], set(), root, ["xa", "xb"], ["100", "300"], 1, pattern)
+    assert ("xa", "300") not in plan.files and ("xb", "300") in plan.files
+    assert any(n.startswith("xa 300: skipped") and "xa 100 already uses the whole pool" in n for n in plan.notes)
+    with pytest.raises(DataError, match=r"^--budgets 300: no cell for any of --langs xa \(xa 300: skipped, the "
+                                        r"pool \(100 English words\) cannot fill it and xa 100 already uses the "
+                                        r"whole pool\)"):
+        plan_cells(["multi"], set(), root, ["xa"], ["100", "300"], 1, pattern)
+    for langs, budgets, flag in ((["xa"], [], "--budgets"), ([], ["100"], "--langs")):
+        with pytest.raises(UserError, match=f"{flag}: give at least one"):
+            plan_cells(["multi"], set(), root, langs, budgets, 1, pattern)
+
+
+def test_evaluate_refuses_an_empty_test_file_and_options_a_translation_run_ignores(setup: tuple[Path, Path, Path],
+                                                                                    tmp_path: Path, capsys) -> None:
+    root, multi, _ = setup
+    empty, hyp = tmp_path / "xa.tsv", tmp_path / "hyp.txt"
+    empty.write_text("")
+    assert main(["evaluate", str(multi), "--test", str(empty), "--hyp", str(hyp)]) == 2
+    err = capsys.readouterr().err
+    assert f"metanmt evaluate: error: {empty}: empty corpus" in err and "Traceback" not in err and not hyp.exists()
+    test = root / "test" / "xa.tsv.gz"
+    assert main(["evaluate", str(multi), "--test", str(test), "--steps", "3", "--episodes", "5"]) == 2
+    assert "--steps, --episodes would do nothing for a translation run (its evaluation reads --test, --beam, " \
+           "--batch-size, --hyp, --lang); drop them" in capsys.readouterr().err
+
+
 def test_a_warm_started_init_counts_the_warm_start_compute(setup: tuple[Path, Path, Path], tmp_path: Path) -> None:
     """Pretrain-then-meta-train is compared at its whole cost: the warm start's steps, pairs and
     seconds are added to the meta-training run's own (the compare report's compute table)."""
@@ -232,8 +285,11 @@ def test_a_budget_without_a_file_is_the_prefix_of_the_next_file(setup: tuple[Pat
     cut, info = take_budget(pairs, 50, "prefix")
     assert cut == pairs[: len(cut)] and english_words(cut) >= 50 > english_words(cut[:-1])
     assert cut == take_budget(read_pairs(root / "finetune" / "xb.300.tsv.gz"), 50, "prefix")[0]
-    # no larger file: skipped as before
-    assert plan_cells(["multi"], set(), root, ["xa"], ["400"], 1, "finetune/{lang}.{budget}.tsv.gz").cuts == {}
+    # no larger file: an error naming the language's files
+    with pytest.raises(DataError, match=r"^--budgets 400: xa 400 has no fine-tuning file .*xa\.400\.tsv\.gz and no "
+                                        r"larger budget file to cut it from \(fine-tuning files of xa: "
+                                        r"xa\.100\.tsv\.gz, xa\.300\.tsv\.gz\)"):
+        plan_cells(["multi"], set(), root, ["xa"], ["400"], 1, "finetune/{lang}.{budget}.tsv.gz")
 
     # (the larger budget is looked for among the requested ones and 4k 16k 40k pool)
     result = compare([("multi", str(multi))], root, ["xb"], ["50", "100"], 1, tmp_path / "r", recipe(max_steps=2),

@@ -401,14 +401,18 @@ def finetune_run(source: str | Path | LoadedModel, train: str | Path, output_dir
     """
     from ..files import refuse_overlap
 
+    if budget_order != "prefix" and budget_words is None:  # a sample of nothing: every pair would be used
+        raise UserError(f"--budget-order {budget_order}: picks the pairs of a --budget-words budget; give "
+                        "--budget-words N (without it every pair of --train is used)")
     init = None if isinstance(source, LoadedModel) else ckpt.run_folder_of(source)  # RUN/best: the run RUN
     refuse_overlap(output_dir, [("--train", train), ("--dev", dev), ("the initialization", init)], "--output-dir")
-    loaded = source if isinstance(source, LoadedModel) else open_translation_model(source, device)
+    # the data first: an empty or broken --train / --dev fails before the model is loaded
     pairs = read_pairs(train)
+    dev_pairs = read_pairs(dev) if dev else None
     budget: dict[str, Any] = {"pairs": len(pairs), "words": english_words(pairs), "complete": True}
     if budget_words is not None:
         pairs, budget = take_budget(pairs, budget_words, budget_order, recipe.seed)
-    dev_pairs = read_pairs(dev) if dev else None
+    loaded = source if isinstance(source, LoadedModel) else open_translation_model(source, device)
     settings = {"source": loaded.source, "train": str(Path(train).resolve()), "dev": str(Path(dev).resolve()) if dev else None,
                 "budget_words": budget_words, "budget_order": budget_order}
     lang = lang or Path(train).name.split(".")[0]

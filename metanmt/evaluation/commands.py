@@ -131,8 +131,14 @@ def _compare(args: argparse.Namespace) -> int:
             paired_test=args.paired_test,
             paired_samples=args.paired_samples, device=str(device),
         )
-    done = f"report of the {len(summary['rows'])} finished cells" if args.report_only else \
-        f"{summary['ran']} cells run, {summary['skipped']} reused; report"
+    rows, planned = len(summary["rows"]), summary["planned"]
+    if args.report_only:
+        done = f"report of {rows} of the {planned} cells" + (f" ({planned - rows} not finished)" if rows < planned
+                                                              else "")
+    elif not summary["ran"]:  # a request that selects no cell is refused: these were all finished before
+        done = f"all {planned} cells were already finished; report rewritten"
+    else:
+        done = f"{summary['ran']} cells run, {summary['skipped']} reused; report"
     print(f"{done} in {Path(args.out) / 'results.md'}")
     return 0
 

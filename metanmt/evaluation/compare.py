@@ -27,13 +27,21 @@ or ``metanmt compare --init meta=runs/meta --init multi=runs/multi --data-root D
   report: :mod:`.statistics`), and the adaptation curve ``nll_at_K``, ``chrf_at_K``.
 - ``OUT/results.md``: language x budget x init, BLEU / chrF / NLL mean ± 95% Student t interval
   over seeds with n, the gaps of every init to the reference with p-values (``*`` = significant),
-  the adaptation curve, the inits' training compute, and notes (skipped budgets: a missing file,
-  or a budget the pool could not fill that repeats a smaller one; budgets cut from a larger file).
+  the adaptation curve, the inits' training compute, how many of the planned cells are finished
+  (a ``--report-only`` report made while cells still run says how many are missing), and notes
+  (a budget the pool could not fill that repeats a smaller one, skipped; budgets cut from a larger file).
 - ``OUT/bleu_vs_budget.png``: one panel per language, BLEU against budget, one line per init;
   ``OUT/adaptation_curve.png``: test NLL and chrF against fine-tuning updates per language and budget.
 
 A budget without a file of its own (``1k``) is the first that many English words of the smallest
 larger budget file (``4k``): the shared budget files are nested prefixes.
+
+Asked for work it cannot do, compare fails before ``out`` is touched, naming what is missing: a
+language without a test file, a (language, budget) without a file or a larger file to cut it from
+(the message lists the language's fine-tuning files), a requested budget that no language has a
+cell for, an option that selects no cell (``--scratch-seeds`` without a from-scratch row,
+``--curve-seeds`` without a curve), and ``--report-only`` where no cell is finished. A typo in a
+budget or a language must not read as a finished study.
 
 The adaptation curve (``--curve``, default 0 10 30 100 updates; ``curve`` in Python, default none): MAML optimizes the quality after a
 few updates, which a fine-tune run to convergence can hide, so each fine-tuned cell also runs the
@@ -51,6 +59,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import glob
 import json
 import logging
 import math
@@ -126,6 +135,17 @@ def _path(data_root: Path, pattern: str, **values: str) -> Path:
     return path if path.is_absolute() else data_root / path
 
 
+def _files_like(data_root: Path, pattern: str, wildcard: str, **values: str) -> list[str]:
+    """The files ``pattern`` names with any value of ``{wildcard}``, for a missing file's message:
+    by name, or relative to ``data_root`` where the wildcard is in a folder's name."""
+    marker = "@ANY@"
+    path = str(_path(data_root, pattern, **values, **{wildcard: marker}))
+    found = sorted(Path(p) for p in glob.glob(glob.escape(path).replace(marker, "*")) if Path(p).is_file())
+    if marker in Path(path).name:
+        return [p.name for p in found]
+    return [str(p.relative_to(data_root)) if p.is_relative_to(data_root) else str(p) for p in found]
+
+
 def cell_name(init: str, lang: str, budget: str, seed: int) -> str:
     return f"{init}__{lang}__{budget}__s{seed}"
 
@@ -160,14 +180,24 @@ def _cut_source(data_root: Path, finetune_pattern: str, lang: str, words: int, b
 
 def plan_cells(init_names: list[str], scratch_names: set[str], data_root: Path, langs: list[str], budgets: list[str],
                seeds: int, finetune_pattern: str, scratch_seeds: Optional[int] = None) -> Plan:
-    """Every cell, skipping (and noting) budgets whose file is missing, and budgets that split.json
-    marks incomplete when a smaller budget of the language already used the whole pool."""
+    """Every cell, skipping (and noting) budgets that split.json marks incomplete when a smaller
+    budget of the language already used the whole pool (Latvian 40k after its 16k).
+
+    A requested cell that cannot be made is an error, not a note (a typo must not read as a finished
+    study): a (language, budget) without a file and without a larger file to cut it from (the
+    message lists the language's fine-tuning files), and a budget no language has a cell for."""
+    if not langs:
+        raise UserError("--langs: give at least one language")
+    if not budgets:
+        raise UserError("--budgets: give at least one budget")
     split = _read_split(data_root).get("finetune", {})
     files: dict[tuple[str, str], Path] = {}
     notes: list[str] = []
     row_notes: dict[tuple[str, str], str] = {}
     cuts: dict[tuple[str, str], int] = {}
     usable: dict[str, list[str]] = {}
+    missing: dict[str, list[str]] = {}  # budget -> each language without a file for it
+    skipped: dict[str, list[str]] = {}  # budget -> why each language has no cell at it
     for lang in langs:
         usable[lang] = []
         pool_seen: Optional[str] = None
@@ -180,7 +210,10 @@ def plan_cells(init_names: list[str], scratch_names: set[str], data_root: Path, 
             if not path.is_file():
                 source = _cut_source(data_root, finetune_pattern, lang, nominal, budgets) if nominal else None
                 if source is None:
-                    notes.append(f"{lang} {budget}: skipped, no fine-tuning file {path}")
+                    have = _files_like(data_root, finetune_pattern, "budget", lang=lang)
+                    missing.setdefault(budget, []).append(
+                        f"{lang} {budget} has no fine-tuning file {path} and no larger budget file to cut it from "
+                        f"(fine-tuning files of {lang}: {', '.join(have) or 'none'})")
                     continue
                 cuts[(lang, budget)] = nominal
                 files[(lang, budget)] = source[1]
@@ -192,14 +225,23 @@ def plan_cells(init_names: list[str], scratch_names: set[str], data_root: Path, 
             if info.get("complete") is False:
                 words = info.get("en_words", "?")
                 if pool_seen is not None:
-                    notes.append(f"{lang} {budget}: skipped, the pool ({words} English words) cannot fill it and "
-                                 f"{lang} {pool_seen} already uses the whole pool")
+                    why = (f"{lang} {budget}: skipped, the pool ({words} English words) cannot fill it and "
+                           f"{lang} {pool_seen} already uses the whole pool")
+                    notes.append(why)
+                    skipped.setdefault(budget, []).append(why)
                     continue
                 pool_seen = budget
                 notes.append(f"{lang} {budget}: incomplete, the whole pool ({words} English words) is used")
                 row_notes[(lang, budget)] = f"incomplete budget: whole pool, {words} English words"
             files[(lang, budget)] = path
             usable[lang].append(budget)
+    if missing:
+        raise DataError(f"--budgets {' '.join(missing)}: " + "; ".join(w for whys in missing.values() for w in whys))
+    empty = [b for b in dict.fromkeys(budgets) if not any(b in usable[lang] for lang in langs)]
+    if empty:
+        why = "; ".join(w for b in empty for w in skipped[b])
+        raise DataError(f"--budgets {' '.join(empty)}: no cell for any of --langs {' '.join(langs)} ({why}); "
+                        "drop it or add a language that has it")
     # zero-shot cells first, then seed by seed, so that an interrupted run holds complete seeds
     cells = [(init, lang, budget, 0) for init in init_names if init not in scratch_names  # a random model's
              for lang in langs for budget in usable[lang] if budget_words(budget) == 0]   # zero-shot is noise
@@ -311,6 +353,9 @@ def compare(inits: list[tuple[str, str]], data_root: str | Path, langs: list[str
         raise UserError(f"--paired-test: expected one of {', '.join(TESTS)}, got {paired_test!r}")
     if paired_samples < 0:
         raise UserError(f"--paired-samples: must not be negative, got {paired_samples}")
+    if report_only and overwrite:
+        raise UserError("--report-only with --overwrite: --overwrite discards the finished cells that --report-only "
+                        "would report; give one of them")
     if not data_root.is_dir():
         raise DataError(f"--data-root: {data_root} is not a directory")
     if not inits:
@@ -331,15 +376,20 @@ def compare(inits: list[tuple[str, str]], data_root: str | Path, langs: list[str
         paths["scratch"] = RANDOM
         names.append("scratch")
     scratch_names = {n for n, p in paths.items() if p == RANDOM}
+    if scratch_seeds is not None and not scratch_names:
+        raise UserError(f"--scratch-seeds {scratch_seeds}: there is no from-scratch row (--no-scratch, and no "
+                        "--init NAME=random); drop --scratch-seeds or add the row")
     if reference is not None and reference not in names:
         raise UserError(f"--reference {reference!r}: not one of the inits ({', '.join(names)})")
     reference = reference or ("multi" if "multi" in names else names[0])
     if scratch_names == set(names):
         raise UserError("compare: the from-scratch row copies the first real init's architecture; give one --init NAME=PATH")
-    for lang in langs:
-        test = _path(data_root, test_pattern, lang=lang)
-        if not test.is_file():
-            raise DataError(f"{lang}: no test file {test}")
+    no_test = [lang for lang in langs if not _path(data_root, test_pattern, lang=lang).is_file()]
+    if no_test:
+        have = _files_like(data_root, test_pattern, "lang")
+        raise DataError(f"--langs {' '.join(no_test)}: no test file "
+                        f"{', '.join(str(_path(data_root, test_pattern, lang=lang)) for lang in no_test)} "
+                        f"(test files there: {', '.join(have) or 'none'})")
 
     for name, path in paths.items():  # every init is checked before --out is claimed
         folder = Path(path)
@@ -348,18 +398,43 @@ def compare(inits: list[tuple[str, str]], data_root: str | Path, langs: list[str
                                                            "neither a metanmt run nor a saved model (no config.json)"))
     refuse_overlap(out, [("--data-root", data_root),
                          *[(f"--init {n}", run_folder_of(p)) for n, p in paths.items() if p != RANDOM]], "--out")
+    # the plan is made and checked before --out is claimed: a request that selects no cell writes nothing
+    plan = plan_cells(names, scratch_names, data_root, langs, budgets, seeds, finetune_pattern, scratch_seeds)
+    tuned_langs = list(dict.fromkeys(c[1] for c in plan.cells if budget_words(c[2]) != 0))
+    asked_random = [f"--init {n}={RANDOM}" for n, p in inits if p == RANDOM]  # a from-scratch row asked for by name
+    if reference in scratch_names and reference not in dict(inits):
+        asked_random.append(f"--reference {reference}")
+    if not tuned_langs and asked_random:
+        raise UserError(f"{asked_random[0]}: a from-scratch row has no zero-shot cell, and --budgets "
+                        f"{' '.join(budgets)} fine-tunes nothing; add a budget above 0")
+    if curve_seeds is not None and not (curve and tuned_langs):
+        why = "--curve has no values" if not curve else f"--budgets {' '.join(budgets)} fine-tunes nothing"
+        raise UserError(f"--curve-seeds {curve_seeds}: no cell has an adaptation curve ({why}); "
+                        "drop --curve-seeds or ask for a curve")
+    if dev:
+        dev_files = dict.fromkeys(_path(data_root, dev, lang=lang) for lang in tuned_langs)
+        no_dev = [str(p) for p in dev_files if not p.is_file()]
+        if no_dev:
+            raise DataError(f"--dev {dev}: no dev file {', '.join(no_dev)}")
+    cells_dir, work_dir = out / "cells", out / "work"
+    finished = [c for c in plan.cells if (cells_dir / f"{cell_name(*c)}.json").is_file()]
+    if report_only and not finished:
+        raise UserError(f"--report-only: none of the {len(plan.cells)} planned cells is finished in {out}; nothing "
+                        "to report (compare without --report-only runs them)")
 
     settings = {"recipe": recipe.to_dict(), "inits": {n: (p if p == RANDOM else str(Path(p).resolve())) for n, p in paths.items()},
                 "scratch_seed": scratch_seed, "dev": dev, "test_pattern": test_pattern, "finetune_pattern": finetune_pattern,
                 "num_beams": num_beams, "max_test_segments": max_test_segments, "data_root": str(data_root.resolve()),
                 "curve": curve, "curve_beam": curve_beam, "curve_seeds": curve_seeds}
     settings = _claim(out, settings, overwrite)
-    plan = plan_cells(names, scratch_names, data_root, langs, budgets, seeds, finetune_pattern, scratch_seeds)
-    cells_dir, work_dir = out / "cells", out / "work"
     cells_dir.mkdir(parents=True, exist_ok=True)
     # report_only: the report of what is finished, e.g. while other processes run the rest
     todo = [] if report_only else [c for c in plan.cells if not (cells_dir / f"{cell_name(*c)}.json").is_file()]
-    log.info("compare: %d cells, %d finished before, %d to run", len(plan.cells), len(plan.cells) - len(todo), len(todo))
+    if report_only:
+        log.info("compare --report-only: %s", _finished_text(len(finished), len(plan.cells)))
+    else:
+        log.info("compare: %d cells, %d finished before, %d to run", len(plan.cells), len(plan.cells) - len(todo),
+                 len(todo))
 
     loaded: dict[str, LoadedModel] = {}
     first_real = next(n for n in names if n not in scratch_names)
@@ -438,10 +513,19 @@ def compare(inits: list[tuple[str, str]], data_root: str | Path, langs: list[str
     rows = load_rows(out, plan.cells)
     test_refs = {lang: [p.en for p in test_pairs(lang)] for lang in langs}
     write_report(out, rows, names, langs, [b for b in budgets], plan.notes, settings, reference=reference,
-                 references=test_refs, paired_test=paired_test, paired_samples=paired_samples)
+                 references=test_refs, paired_test=paired_test, paired_samples=paired_samples, planned=len(plan.cells))
     release_directory(out)
-    return {"rows": rows, "ran": len(todo), "skipped": len(plan.cells) - len(todo), "notes": plan.notes,
-            "seconds": time.perf_counter() - started}
+    if not report_only and not todo:  # not an empty request (refused above): everything was done before
+        log.info("compare: all %d cells were already finished in %s; the report was rewritten", len(plan.cells), out)
+    return {"rows": rows, "ran": len(todo), "skipped": len(plan.cells) - len(todo), "planned": len(plan.cells),
+            "notes": plan.notes, "seconds": time.perf_counter() - started}
+
+
+def _finished_text(finished: int, planned: int) -> str:
+    """``12 of 40 cells finished; 28 missing`` (``all 40 cells finished`` when none is missing)."""
+    if finished == planned:
+        return f"all {planned} cells finished"
+    return f"{finished} of {planned} cells finished; {planned - finished} missing"
 
 
 def _claim(out: Path, settings: dict[str, Any], overwrite: bool) -> dict[str, Any]:
@@ -572,9 +656,10 @@ def _mark(p: Optional[float]) -> str:
 def write_report(out: Path, rows: list[dict[str, Any]], inits: list[str], langs: list[str], budgets: list[str],
                  notes: list[str], settings: dict[str, Any], reference: Optional[str] = None,
                  references: Optional[dict[str, list[str]]] = None, paired_test: str = "bs",
-                 paired_samples: int = 0) -> None:
+                 paired_samples: int = 0, planned: Optional[int] = None) -> None:
     """results.csv, results.md, bleu_vs_budget.png and adaptation_curve.png from the finished cells
-    (their stored hypotheses and per-sentence NLL: nothing is translated again)."""
+    (their stored hypotheses and per-sentence NLL: nothing is translated again). ``planned``: the
+    number of cells of the comparison; a report with fewer rows says how many are missing."""
     reference = reference or ("multi" if "multi" in inits else inits[0])
     curve = list(settings.get("curve") or [])
     sig = significance(rows, reference, references, paired_test, paired_samples) if references else {}
@@ -586,8 +671,12 @@ def write_report(out: Path, rows: list[dict[str, Any]], inits: list[str], langs:
              f"{rows[0]['chrf_signature'] if rows else '-'}) of beam-{settings['num_beams']} decoding of each "
              "language's test set, mean ± the half-width of the 95% Student t interval over the n fine-tuning seeds "
              "(t(0.975, n-1): 4.30 at n = 3; none at n = 1); NLL is the test cross-entropy in nats per "
-             "target token (lower is better). Budgets in English words; 0 = zero-shot.", "",
-             "| lang | budget | init | BLEU | chrF | NLL | updates | seconds | n |", "|---|---|---|---|---|---|---|---|---|"]
+             "target token (lower is better). Budgets in English words; 0 = zero-shot.", ""]
+    if planned is not None and len(rows) < planned:
+        lines += [f"**Partial report: {_finished_text(len(rows), planned)}** (still running, or not run yet: "
+                  "`metanmt compare` without `--report-only` runs them).", ""]
+    lines += ["| lang | budget | init | BLEU | chrF | NLL | updates | seconds | n |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for lang in langs:
         for budget in budgets:
             for init in inits:
@@ -652,7 +741,8 @@ def write_report(out: Path, rows: list[dict[str, Any]], inits: list[str], langs:
     total = sum(float(r["seconds"]) for r in rows)
     lines += ["", "## Fine-tuning recipe (identical for every init; the seed is each row's)", "",
               "`" + json.dumps(recipe) + "`", "", f"dev set for early stopping: {settings['dev'] or 'none (all planned updates, last model)'}",
-              "", f"{len(rows)} cells, {total:.0f} s of cell wall time in all.", ""]
+              "", f"{_finished_text(len(rows), planned) if planned is not None else f'{len(rows)} cells'}, "
+              f"{total:.0f} s of cell wall time in all.", ""]
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     atomic_write_text(out / "results.md", "\n".join(lines))

@@ -67,3 +67,7 @@ def evaluate_command(run: Any, args: Any) -> tuple[dict, str]:
     lines = [f"after {k} steps: " + ", ".join(f"{m} {v['mean']:.4f} ± {v['ci95']:.4f}" for m, v in ms.items()) for k, ms in result.items()]
     lines.append(f"mean ± 95% Student t interval over n={n} held-out episodes")
     return {"steps": result, "episodes": n}, "\n".join(lines)
+
+
+#: the ``metanmt evaluate`` options it reads: the command refuses the others (they would do nothing)
+evaluate_command.options = ("steps", "episodes", "lr", "seed")  # type: ignore[attr-defined]

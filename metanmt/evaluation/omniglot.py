@@ -130,6 +130,10 @@ def evaluate_command(run: Run, args: Any) -> tuple[dict, str]:
     return result, "\n".join(lines)
 
 
+#: the ``metanmt evaluate`` options it reads: the command refuses the others (they would do nothing)
+evaluate_command.options = ("steps", "episodes", "lr", "seed", "omniglot_runs")  # type: ignore[attr-defined]
+
+
 def select_eval_settings(
     run: Run, steps: list[int], lrs: list[float], episodes: int = 200, seed: int = 4321, split: str = "test",
     bn_policy: str | None = None,

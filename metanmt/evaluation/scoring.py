@@ -55,6 +55,8 @@ def read_lines(path: str | Path, like_sacrebleu: bool = False) -> list[str]:
 def score_files(hyp: str | Path, ref: str | Path, per_segment: bool = False) -> dict[str, Any]:
     """:func:`score` of two line-aligned text files; a line-count mismatch names both files."""
     hypotheses, references = read_lines(hyp, like_sacrebleu=True), read_lines(ref, like_sacrebleu=True)
+    if not hypotheses and not references:
+        raise DataError(f"--hyp {hyp} and --ref {ref}: both files are empty; nothing to score")
     if len(hypotheses) != len(references):
         raise DataError(f"line counts differ: {hyp} has {len(hypotheses)} lines, {ref} has {len(references)}")
     return {"hyp": str(hyp), "ref": str(ref), **score(hypotheses, references, per_segment)}

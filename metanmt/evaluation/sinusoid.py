@@ -91,8 +91,14 @@ def plot_sinusoid(runs: list[Run], out: Path, shots: int = 10, steps: tuple[int,
 
 
 def evaluate_command(run: Run, args: Any) -> tuple[dict, str]:
-    """``metanmt evaluate`` of a sinusoid run: the MSE table (``--shots``, ``--steps``, ``--episodes``, ``--lr``)."""
+    """``metanmt evaluate`` of a sinusoid run: the MSE table (``--shots``, ``--steps``, ``--episodes``, ``--lr``,
+    ``--seed`` of the held-out sines)."""
     result = evaluate_sinusoid(
-        run, shots=args.shots or [5, 10, 20], steps=args.steps or [1, 5, 10], episodes=args.episodes or 600, lr=args.lr
+        run, shots=args.shots or [5, 10, 20], steps=args.steps or [1, 5, 10], episodes=args.episodes or 600, lr=args.lr,
+        seed=args.seed,
     )
     return result, format_sinusoid(result) + f"\nmean ± 95% Student t interval over n={result['episodes']} held-out sines"
+
+
+#: the ``metanmt evaluate`` options it reads: the command refuses the others (they would do nothing)
+evaluate_command.options = ("shots", "steps", "episodes", "lr", "seed")  # type: ignore[attr-defined]

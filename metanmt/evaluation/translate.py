@@ -50,13 +50,13 @@ def translate_file(run: str | Path | LoadedModel, input_path: str | Path, output
     refuse_same_file(output_path, [("--input", input_path)], "--output")
     if not isinstance(run, LoadedModel):
         _refuse_model_file(output_path, run)
-    loaded = run if isinstance(run, LoadedModel) else open_translation_model(run, device)
-    sources = read_sources(input_path)
+    sources = read_sources(input_path)  # before the model is loaded: an empty --input fails at once
     if not sources:
-        raise DataError(f"{input_path}: no segments to translate (the file is empty)")
+        raise DataError(f"--input {input_path}: no segments to translate (the file is empty)")
     for i, s in enumerate(sources, 1):
         if "\n" in s or "\r" in s:
             raise DataError(f"{input_path}: segment {i} contains a line break; one segment per line is written")
+    loaded = run if isinstance(run, LoadedModel) else open_translation_model(run, device)
     started = time.perf_counter()
     with loaded.family.source_language(lang):
         hyps = translate_batch(loaded.family, loaded.model, sources, batch_size, num_beams, max_new_tokens)
@@ -119,3 +119,7 @@ def evaluate_command(run: Any, args: Any) -> tuple[dict, str]:
     result = evaluate_translation(loaded, args.test, num_beams=args.beam, batch_size=args.batch_size, hyp_out=args.hyp,
                                   lang=getattr(args, "lang", None))
     return result, format_evaluation(result)
+
+
+#: the ``metanmt evaluate`` options it reads: the command refuses the others (they would do nothing)
+evaluate_command.options = ("test", "beam", "batch_size", "hyp", "lang")  # type: ignore[attr-defined]
