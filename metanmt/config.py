@@ -37,22 +37,44 @@ def fraction(length: Optional[int] = None) -> dict[str, Any]:
     return {"range": (0, 1, False, True), "length": length}
 
 
+def interval(low: Optional[float] = None, strict: bool = False) -> dict[str, Any]:
+    """Field metadata: a ``[low, high]`` pair of finite numbers with low <= high (low < high when
+    ``strict``), each >= ``low`` when given (a sampling range such as the sinusoid's amplitudes)."""
+    return {"range": (low, None, False, False) if low is not None else None, "length": 2, "finite": True,
+            "ordered": "<" if strict else "<="}
+
+
+def _describe(spec: Any) -> str:
+    if spec is None:
+        return ""
+    low, high, low_open, high_open = spec
+    if high is not None:
+        return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    return f"{'>' if low_open else '>='} {low}"
+
+
 def check_range(value: Any, meta: Any, key: str) -> None:
     """Raise ConfigError when ``value`` (a number or a list of numbers) is outside ``meta``'s range."""
-    spec = meta.get("range") if meta else None
-    if spec is None or value is None:
+    if not meta or value is None or not any(k in meta for k in ("range", "length", "finite", "ordered")):
         return
-    low, high, low_open, high_open = spec
-    desc = (f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}" if high is not None
-            else f"{'>' if low_open else '>='} {low}")
+    spec, finite, ordered = meta.get("range"), meta.get("finite", False), meta.get("ordered")
+    desc = _describe(spec)
+    desc = f" {desc}" if desc else ""
+    kind = "finite " if finite else ""
     values = value if isinstance(value, list) else [value]
     length = meta.get("length")
     if length is not None and len(values) != length:
-        raise ConfigError(f"{key}: expected {length} values {desc}, got {value!r}")
+        raise ConfigError(f"{key}: expected {length} {kind}values{desc}, got {value!r}")
     for v in values:
-        bad = (v < low or (low_open and v == low)) or (high is not None and (v > high or (high_open and v == high)))
-        if bad or v != v:  # NaN compares false with everything
-            raise ConfigError(f"{key}: expected {'values ' if isinstance(value, list) else 'a value '}{desc}, got {value!r}")
+        bad = v != v or (finite and v in (float("inf"), float("-inf")))  # NaN compares false with everything
+        if spec is not None:
+            low, high, low_open, high_open = spec
+            bad = bad or (v < low or (low_open and v == low)) or (high is not None and (v > high or (high_open and v == high)))
+        if bad:
+            noun = f"{kind}values" if isinstance(value, list) else f"a {kind}value"
+            raise ConfigError(f"{key}: expected {noun}{desc}, got {value!r}")
+    if ordered and len(values) == 2 and not (values[0] < values[1] if ordered == "<" else values[0] <= values[1]):
+        raise ConfigError(f"{key}: expected [low, high] with low {ordered} high, got {value!r}")
 
 
 @dataclass

@@ -6,9 +6,12 @@
     ...
     lock.release()                   # also at interpreter exit
 
-A lock is stale when its process is gone: on this host, the pid no longer runs, or it runs with
-another start time (the pid was reused). A lock from another host cannot be checked and is
-refused with the file to delete. The lock is advisory for metanmt's own commands; it is not
+A lock is stale when its process is gone: the pid no longer runs, or it runs with another start
+time (the pid was reused). The pid is checked where it means the same process: a lock of this host
+name, or one written in this boot and pid namespace of this kernel (the ``pids`` field: the same
+machine under another name, e.g. a renamed host). A lock from another host cannot be checked from
+here: it is refused with its host, pid and time and the file to delete once that process is known to
+be gone. The lock is advisory for metanmt's own commands; it is not
 an ``flock`` because those vanish with the process silently on some network file systems, and a
 file with a pid is what a user can read and remove. Our own pid re-enters (one process may open a
 folder twice, e.g. a test building two trainers).
@@ -17,6 +20,7 @@ folder twice, e.g. a test building two trainers).
 from __future__ import annotations
 
 import atexit
+import datetime
 import json
 import logging
 import os
@@ -49,9 +53,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _pid_space() -> Optional[str]:
+    """This kernel boot and pid namespace (Linux), in which a pid names one process; None where unknown.
+    Two containers on one machine share the boot but not the namespace, so their pids are not compared."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            boot = f.read().strip()
+        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return None
+
+
 def _owner() -> dict[str, Any]:
     pid = os.getpid()
-    return {"pid": pid, "host": socket.gethostname(), "start": _start_time(pid)}
+    return {"pid": pid, "host": socket.gethostname(), "start": _start_time(pid), "pids": _pid_space(),
+            "taken": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 
 
 class FolderLock:
@@ -70,13 +86,28 @@ class FolderLock:
         except (OSError, ValueError):
             return {}  # empty or damaged: written by a process killed while creating it
 
+    def _checkable(self, owner: dict[str, Any]) -> bool:
+        """Whether ``owner``'s pid can be checked here: this host name, or this boot and pid namespace."""
+        space = owner.get("pids")
+        return owner.get("host") == socket.gethostname() or (space is not None and space == _pid_space())
+
+    def _taken(self, owner: dict[str, Any]) -> str:
+        """When the lock was taken: its ``taken`` field, else (older locks) the lock file's time."""
+        if isinstance(owner.get("taken"), str):
+            return owner["taken"]
+        try:
+            mtime = self.path.stat().st_mtime
+        except OSError:
+            return "an unknown time"
+        return datetime.datetime.fromtimestamp(mtime).astimezone().isoformat(timespec="seconds")
+
     def _stale_reason(self, owner: dict[str, Any]) -> Optional[str]:
         """Why ``owner``'s lock may be taken over, or None when it is (or may be) held."""
-        pid, host = owner.get("pid"), owner.get("host")
+        pid = owner.get("pid")
         if not isinstance(pid, int):
             return "the lock file is damaged"
-        if host != socket.gethostname():
-            return None
+        if not self._checkable(owner):
+            return None  # another host: check() says so
         if pid == os.getpid():
             return "held by this process"
         if not _alive(pid):
@@ -91,9 +122,13 @@ class FolderLock:
         owner = self._read()
         if owner is None or self._stale_reason(owner) is not None:
             return
-        where = f"process {owner.get('pid')} on {owner.get('host')}"
-        raise UserError(f"{self.folder}: in use by {where} (lock file {self.path}); wait for it to finish, or "
-                        f"delete the lock file if that process is gone")
+        pid, host, taken = owner.get("pid"), owner.get("host"), self._taken(owner)
+        if not self._checkable(owner):
+            raise UserError(f"{self.folder}: locked by process {pid} on host {host!r} since {taken} (lock file "
+                            f"{self.path}); that process cannot be verified from this host ({socket.gethostname()!r}): "
+                            f"wait for it to finish, or, if it is known to be gone, delete {self.path} and rerun")
+        raise UserError(f"{self.folder}: in use by process {pid} on {host} since {taken} (lock file {self.path}); "
+                        f"wait for it to finish, or delete the lock file if that process is gone")
 
     def acquire(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,9 @@ import errno
 import gzip
 import json
 import os
+import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +20,7 @@ import pytest
 
 from metanmt.cli import main
 from metanmt.errors import DataError
-from metanmt.locking import LOCK_FILE, _start_time
+from metanmt.locking import LOCK_FILE, _pid_space, _start_time
 
 ROOT = Path(__file__).resolve().parents[1]
 SINE = ["train.steps=4", "train.save_every=2", "train.meta_batch_size=2", "train.trackers=[]", "model.hidden=[8]",
@@ -48,6 +50,11 @@ def listing(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def contents(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` with its bytes: a run found "whole" has exactly these."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 @pytest.fixture
 def run(tmp_path: Path, capsys: pytest.CaptureFixture) -> Path:
     out = tmp_path / "run"
@@ -59,7 +66,8 @@ def run(tmp_path: Path, capsys: pytest.CaptureFixture) -> Path:
 
 
 @pytest.mark.parametrize("bad", ["optim.lr=-1", "optim.betas=[0.9]", "train.steps=0", "train.meta_batch_size=0",
-                                 "algorithm.name=mamll", "optim.grad_clip=-1"])
+                                 "algorithm.name=mamll", "optim.grad_clip=-1", "task.shots=0", "task.amplitude=[5, 0.1]",
+                                 "model.hidden=[0]"])
 def test_overwrite_with_a_bad_config_leaves_the_run_untouched(run: Path, capsys, bad: str) -> None:
     before = listing(run)
     rc, errors = sine(capsys, run, "--overwrite", sets=(bad,))
@@ -82,6 +90,84 @@ def test_overwrite_never_deletes_a_folder_metanmt_did_not_write(run: Path, tmp_p
     (run / "notes.txt").unlink()
     assert sine(capsys, run, "--overwrite", sets=("train.steps=2",)) == (0, [])  # a run of metanmt's own is replaced
     assert "checkpoints/step_00000004/manifest.json" not in listing(run)
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".metanmt-")) == [".metanmt-files"]  # nothing aside
+
+
+# -- --overwrite: the previous run is deleted only once the new one has a checkpoint ------------------
+
+
+@pytest.mark.parametrize("failure", [DataError("a problem only training finds"), KeyboardInterrupt()],
+                         ids=["error", "ctrl-c"])
+def test_overwrite_that_fails_before_its_first_checkpoint_puts_the_old_run_back(run: Path, capsys, monkeypatch,
+                                                                                 failure: BaseException) -> None:
+    from metanmt.engine.trainer import MetaTrainer
+
+    before = contents(run)
+    started = []
+
+    def fails(self, step: int, log=None) -> dict:
+        started.append(sorted(p.name for p in run.iterdir()))
+        raise failure
+
+    monkeypatch.setattr(MetaTrainer, "meta_step", fails)
+    if isinstance(failure, KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt):
+            sine(capsys, run, "--overwrite", sets=("train.steps=6", "model.hidden=[4]"))
+    else:
+        rc, errors = sine(capsys, run, "--overwrite", sets=("train.steps=6", "model.hidden=[4]"))
+        assert rc == 2 and len(errors) == 1 and "a problem only training finds" in errors[0]
+    assert started and ".metanmt-replaced" in started[0]  # the new run had claimed the folder: the old one was aside
+    assert contents(run) == before  # every file back, byte for byte; no lock, nothing aside
+    monkeypatch.undo()
+    assert sine(capsys, run, "--resume", sets=("train.steps=6",)) == (0, [])  # and it is the old run, resumable
+
+
+def test_overwrite_is_final_once_the_new_run_has_a_checkpoint(run: Path, capsys, monkeypatch) -> None:
+    from metanmt.engine.trainer import MetaTrainer
+
+    original = MetaTrainer.meta_step
+
+    def fails_at_3(self, step: int, log=None) -> dict:
+        if step == 3:
+            raise DataError("a problem at step 3")
+        return original(self, step, log)
+
+    monkeypatch.setattr(MetaTrainer, "meta_step", fails_at_3)
+    rc, errors = sine(capsys, run, "--overwrite", sets=("train.steps=6", "model.hidden=[4]"))
+    assert rc == 2 and "a problem at step 3" in errors[0]
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000002"]  # the new run's, not the old 2 and 4
+    assert "hidden:\n  - 4" in (run / "metanmt.yaml").read_text() and not (run / ".metanmt-replaced").exists()
+
+
+def kill_after_the_claim(out: Path, *sets: str) -> subprocess.CompletedProcess:
+    """A process that claims ``out`` with --overwrite (the new run's config written, the old run aside)
+    and is killed with SIGKILL before its first step: no handler of its own runs."""
+    script = ("import os, signal\n"
+              "from metanmt.config import load_config\n"
+              "from metanmt.engine.trainer import MetaTrainer\n"
+              f"cfg = load_config({str(ROOT / 'configs' / 'sinusoid_maml.yaml')!r}, {[*SINE, *sets]!r})\n"
+              f"MetaTrainer(cfg, {str(out)!r}, overwrite=True)\n"
+              "os.kill(os.getpid(), signal.SIGKILL)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("next_start", ["meta-train", "evaluate"])
+def test_overwrite_killed_before_its_first_checkpoint_is_restored_by_the_next_start(run: Path, capsys, caplog,
+                                                                                    next_start: str) -> None:
+    before = contents(run)
+    killed = kill_after_the_claim(run, "train.steps=6", "model.hidden=[4]")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert (run / ".metanmt-replaced").is_dir() and (run / LOCK_FILE).is_file()  # killed mid-replacement
+    assert "hidden:\n  - 4" in (run / "metanmt.yaml").read_text()  # the new run's config was written
+    if next_start == "meta-train":  # a writer: restores, then refuses as it would have before the kill
+        rc, errors = sine(capsys, run)
+        assert rc == 2 and "already holds a run" in errors[0]
+    else:  # a reader: restores, then reads the old run
+        rc, errors = cli(capsys, "evaluate", run, "--episodes", "2")
+        assert (rc, errors) == (0, [])
+    assert "restored the previous contents" in caplog.text
+    assert contents(run) == before
 
 
 def test_output_dir_that_is_a_file_is_refused(tmp_path: Path, capsys) -> None:
@@ -136,6 +222,48 @@ def test_errors_found_late_are_reported_before_the_folder_is_claimed(tmp_path: P
     assert not out.exists()
 
 
+@pytest.fixture(scope="module")
+def translation_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny translation run (one multi-task step) and its corpus, with a test set for compare."""
+    from metanmt.config import load_config
+    from metanmt.engine.trainer import MetaTrainer
+
+    root = write_corpus(tmp_path_factory.mktemp("data"))
+    (root / "test").mkdir()
+    shutil.copy(root / "dev" / "xa.tsv.gz", root / "test" / "xa.tsv.gz")
+    run = tmp_path_factory.mktemp("runs") / "run"
+    MetaTrainer(load_config(None, [*TINY_TRANSLATION, f"data.root={root}"]), run).train()
+    return run, root
+
+
+def test_finetune_and_compare_overwrite_that_fail_before_their_first_checkpoint_keep_the_old_results(
+        translation_run: tuple[Path, Path], tmp_path: Path, capsys, monkeypatch) -> None:
+    from metanmt.adaptation.finetune import Finetuner
+    from metanmt.evaluation import compare
+
+    run, root = translation_run
+    ft = tmp_path / "ft"
+    finetune = ["finetune", run, "--train", root / "finetune" / "xa.4k.tsv.gz", "--output-dir", ft, "--max-steps", "2",
+                "--max-tokens", "40"]
+    assert cli(capsys, *finetune) == (0, [])
+    report = tmp_path / "report"
+    comparison = ["compare", "--init", f"a={run}", "--data-root", root, "--langs", "xa", "--budgets", "0", "--seeds", "1",
+                  "--no-scratch", "--beam", "1", "--curve", "--out", report]
+    assert cli(capsys, *comparison) == (0, [])
+    before_ft, before_report = contents(ft), contents(report)
+    assert "finetune.json" in before_ft and "results.csv" in before_report
+
+    def fails(*args, **kwargs):
+        raise DataError("a problem before the first checkpoint")
+
+    monkeypatch.setattr(Finetuner, "save_checkpoint", fails)
+    monkeypatch.setattr(compare, "evaluate_model", fails)
+    for command, out, before in ((finetune, ft, before_ft), (comparison, report, before_report)):
+        rc, errors = cli(capsys, *command, "--overwrite")
+        assert rc == 2 and len(errors) == 1 and "a problem before the first checkpoint" in errors[0]
+        assert contents(out) == before, command[0]
+
+
 def test_a_failure_after_the_claim_gives_the_folder_back(tmp_path: Path, capsys, monkeypatch) -> None:
     from metanmt.config import load_config
     from metanmt.engine.trainer import MetaTrainer
@@ -172,6 +300,42 @@ def test_a_folder_in_use_is_refused_and_a_stale_lock_is_recovered(run: Path, cap
     assert sine(capsys, run, "--resume", sets=("train.steps=6",)) == (0, [])  # the owner is gone: stale
     assert "taking over a stale lock" in caplog.text
     assert not (run / LOCK_FILE).exists()  # released at the end
+
+
+def test_a_lock_from_another_host_is_refused_naming_its_owner_and_what_to_do(run: Path, capsys) -> None:
+    lock = run / LOCK_FILE
+    lock.write_text(json.dumps({"pid": 4242, "host": "build-node-7", "start": "123", "taken": "2024-05-01T10:00:00+02:00"}))
+    before = contents(run)
+    for extra in (["--resume"], ["--overwrite"]):
+        rc, errors = sine(capsys, run, *extra, sets=("train.steps=6",))
+        assert rc == 2 and len(errors) == 1, errors
+        for part in (str(lock), "process 4242", "host 'build-node-7'", "since 2024-05-01T10:00:00+02:00",
+                     "cannot be verified from this host", f"if it is known to be gone, delete {lock}"):
+            assert part in errors[0], part
+        assert contents(run) == before
+    lock.write_text(json.dumps({"pid": 4242, "host": "build-node-7", "start": "123"}))  # written before `taken` existed:
+    os.utime(lock, (1_700_000_000, 1_700_000_000))  # the lock file's time says when
+    rc, errors = sine(capsys, run, "--resume", sets=("train.steps=6",))
+    assert rc == 2 and "since 2023-11-1" in errors[0] and "cannot be verified" in errors[0]
+    lock.unlink()  # what the error says to do once that process is known to be gone
+    assert sine(capsys, run, "--resume", sets=("train.steps=6",)) == (0, [])
+
+
+@pytest.mark.skipif(_pid_space() is None, reason="no boot id and pid namespace to compare (not Linux)")
+def test_a_lock_under_another_host_name_is_checked_when_it_is_from_this_machine(run: Path, capsys, caplog) -> None:
+    """A renamed host (or a name given as FQDN): same boot and pid namespace, so its pid can be checked."""
+    lock = run / LOCK_FILE
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(json.dumps({"pid": other.pid, "host": "old-name", "start": _start_time(other.pid),
+                                    "pids": _pid_space()}))
+        rc, errors = sine(capsys, run, "--resume", sets=("train.steps=6",))
+        assert rc == 2 and f"in use by process {other.pid} on old-name" in errors[0]
+    finally:
+        other.kill()
+        other.wait()
+    assert sine(capsys, run, "--resume", sets=("train.steps=6",)) == (0, [])  # its process is gone: stale
+    assert "taking over a stale lock" in caplog.text and f"process {other.pid} is gone" in caplog.text
 
 
 # -- no command writes over one of its inputs -----------------------------------------------------
@@ -381,6 +545,39 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_no_temporary_fil
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000002"]
     monkeypatch.undo()
     assert sine(capsys, out, "--resume") == (0, [])  # space freed: the run continues
+
+
+def file_size_limit(limit: int):
+    """A subprocess's ``preexec_fn``: files may not grow past ``limit`` bytes, as on a disk that is
+    full for them; SIGXFSZ ignored, so a write past it fails with EFBIG instead of killing the process."""
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_write_failure_inside_torch_save_is_one_line_and_leaves_the_previous_checkpoint(run: Path, capsys) -> None:
+    """torch.save reports a failed write as a RuntimeError without an errno ("unexpected pos ..."),
+    the same under a full disk as under a file-size limit; it must still be one line naming the file."""
+    previous = run / "checkpoints" / "step_00000004"
+    largest = max(p.stat().st_size for p in previous.iterdir())
+    kept = {k: v for k, v in contents(run).items() if k not in ("metanmt.yaml", "history.jsonl")}  # rewritten by a resume
+    cmd = [sys.executable, "-m", "metanmt", "meta-train", str(ROOT / "configs" / "sinusoid_maml.yaml"), "--output-dir",
+           str(run), *[x for s in (*SINE, "train.steps=6") for x in ("--set", s)], "--resume"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                          preexec_fn=file_size_limit(largest - 1))  # the next checkpoint's largest file cannot be written
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "File too large" in errors[0] and f"file-size limit of {largest - 1} bytes" in errors[0], errors
+    named = Path(errors[0].split("error: ", 1)[1].split(": File too large")[0])
+    assert named.parent == run / "checkpoints" / ".tmp-step_00000006", errors  # the file that could not be written
+    assert not [p for p in run.rglob("*") if p.name.startswith(".tmp-")]
+    assert {k: v for k, v in contents(run).items() if k in kept} == kept  # the model and both checkpoints, byte for byte
+    assert sine(capsys, run, "--resume", sets=("train.steps=6",)) == (0, [])  # the limit lifted: it continues from step 4
+    assert (run / "checkpoints" / "step_00000006" / "manifest.json").is_file()
 
 
 def test_atomic_write_removes_its_temporary_file_on_failure(tmp_path: Path, monkeypatch) -> None:

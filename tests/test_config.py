@@ -121,3 +121,56 @@ def test_range_edges_that_mean_something_are_accepted():
 def test_translation_family_ranges(override, message):
     with pytest.raises(ConfigError, match=message):
         build_family(load_config("configs/quickstart.yaml", [override]))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("task.shots=0", r"task.shots: expected a value >= 1, got 0"),
+        ("task.query=-1", r"task.query: expected a value >= 1, got -1"),
+        ("task.eval_query=0", r"task.eval_query: expected a value >= 1"),
+        ("task.amplitude=[5, 0.1]", r"task.amplitude: expected \[low, high\] with low <= high, got \[5.0, 0.1\]"),
+        ("task.amplitude=[-1, 2]", r"task.amplitude: expected finite values >= 0, got \[-1.0, 2.0\]"),
+        ("task.amplitude=[1]", r"task.amplitude: expected 2 finite values >= 0, got \[1.0\]"),
+        ("task.phase=[0, .inf]", r"task.phase: expected finite values, got \[0.0, inf\]"),
+        ("task.phase=[3, 1]", r"task.phase: expected \[low, high\] with low <= high"),
+        ("task.x_range=[2, 2]", r"task.x_range: expected \[low, high\] with low < high, got \[2.0, 2.0\]"),
+        ("task.x_range=[-5, .nan]", r"task.x_range: expected finite values, got \[-5.0, nan\]"),
+        ("model.hidden=[8, 0]", r"model.hidden: expected values >= 1, got \[8, 0\]"),
+    ],
+)
+def test_sinusoid_family_ranges(override, message):
+    with pytest.raises(ConfigError, match=message):
+        build_family(load_config("configs/sinusoid_maml.yaml", [override]))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("task.ways=1", r"task.ways: expected a value >= 2, got 1"),
+        ("task.shots=0", r"task.shots: expected a value >= 1, got 0"),
+        ("task.query=0", r"task.query: expected a value >= 1"),
+        ("task.image_size=0", r"task.image_size: expected a value >= 1, got 0"),
+        ("task.image_size=8", r"task.image_size: 8px is too small for 4 blocks with max pooling"),
+        ("task.shift=-1", r"task.shift: expected a value >= 0, got -1"),
+        ("task.shift=28", r"task.shift: expected a value in \[0, task.image_size=28\), got 28"),
+        ("task.val_characters=-2", r"task.val_characters: expected a value >= 0"),
+        ("task.split_seed=-1", r"task.split_seed: expected a value >= 0"),
+        ("task.maml_train_characters=0", r"task.maml_train_characters: expected a value >= 1"),
+        ("model.blocks=0", r"model.blocks: expected a value >= 1"),
+        ("model.bn_eps=0", r"model.bn_eps: expected a value > 0, got 0.0"),
+    ],
+)
+def test_omniglot_family_ranges(override, message):
+    """Checked when the family is built, before any data is read (data.root does not exist)."""
+    with pytest.raises(ConfigError, match=message):
+        build_family(load_config("configs/omniglot_maml_5w1s.yaml", ["data.root=/nonexistent/omniglot", override]))
+
+
+def test_family_range_edges_that_mean_something_are_accepted():
+    sine = build_family(load_config("configs/sinusoid_maml.yaml", ["task.amplitude=[1, 1]", "task.phase=[-3, 3]",
+                                                                   "task.shots=1", "model.hidden=[]"]))
+    assert sine.task_cfg.amplitude == [1.0, 1.0] and sine.task_cfg.phase == [-3.0, 3.0]
+    omni = build_family(load_config("configs/omniglot_maml_5w1s.yaml", ["data.root=/nonexistent/omniglot", "task.ways=2",
+                                                                       "task.shift=27", "task.val_characters=0"]))
+    assert omni.task_cfg.ways == 2 and omni.task_cfg.shift == 27

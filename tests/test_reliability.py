@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import resource
 import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -16,6 +20,7 @@ from safetensors.torch import load_file
 from metanmt.config import load_config
 from metanmt.engine import checkpoint as ckpt
 from metanmt.engine.trainer import MetaTrainer
+from metanmt.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 L10N = ROOT.parent / "shared" / "data" / "l10n"
@@ -159,3 +164,65 @@ def test_resume_with_no_complete_checkpoint_is_one_clear_error(tmp_path):
     with pytest.raises(UserError, match=r"no complete checkpoint to resume from .*step_00000002 \(trainer_state.json has"):
         MetaTrainer(cfg, tmp_path / "run", resume=True)
     assert (tmp_path / "run" / "model.safetensors").is_file()  # nothing of the run was given back
+
+
+# -- write failures that a library reports as something else -----------------------------------------
+
+LIBRARY_WRITES = """
+import json, sys
+import torch
+from safetensors.torch import save_file
+from metanmt import files
+
+tensors = {"w": torch.zeros(4096)}
+found = {}
+for name, write in (("torch.save", lambda p: torch.save(tensors, p)), ("safetensors", lambda p: save_file(tensors, p))):
+    path = f"{sys.argv[1]}/{name}.bin"
+    try:
+        with files.library_write(path):
+            write(path)
+        found[name] = None
+    except Exception as exc:
+        found[name] = [type(exc).__name__, getattr(exc, "errno", None), getattr(exc, "filename", None),
+                       type(exc.__cause__).__name__]
+print(json.dumps(found))
+"""
+
+
+def limited_file_size(limit: int):
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_torch_save_and_safetensors_write_failures_become_the_os_error_they_are(tmp_path):
+    """Under a file-size limit torch.save raises a RuntimeError ("unexpected pos ...", no errno) and
+    safetensors a SafetensorError ("File too large (os error 27)"); both become OSError(EFBIG, file)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", LIBRARY_WRITES, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120, preexec_fn=limited_file_size(8000))  # the tensors take 16 KB
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = json.loads(proc.stdout)
+    assert found["torch.save"] == ["OSError", errno.EFBIG, str(tmp_path / "torch.save.bin"), "RuntimeError"]
+    assert found["safetensors"] == ["OSError", errno.EFBIG, str(tmp_path / "safetensors.bin"), "SafetensorError"]
+
+
+def test_a_full_disk_behind_torch_saves_runtime_error_is_named(tmp_path, monkeypatch):
+    from metanmt import files
+
+    target = tmp_path / "last.pt"
+    target.write_bytes(b"part of a checkpoint")
+    torch_error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    space = {"free": 0}
+    monkeypatch.setattr(files.os, "statvfs", lambda path: types.SimpleNamespace(f_bavail=space["free"], f_frsize=4096))
+    error = files.write_failure(torch_error, target)
+    assert isinstance(error, OSError) and error.errno == errno.ENOSPC and error.filename == str(target)
+    assert files.os_error_line(error).startswith(f"{target}: No space left on device (free some space")
+    space["free"] = 1 << 20  # 4 GiB free: not a full disk, but still a write that failed: said so, with what to check
+    error = files.write_failure(torch_error, target)
+    assert isinstance(error, UserError) and str(error).startswith(f"{target}: could not be written (PyTorch: ")
+    rust = Exception("Error while serializing: I/O error: No space left on device (os error 28)")  # safetensors' text
+    assert files.write_failure(rust, target).errno == errno.ENOSPC
+    assert files.write_failure(RuntimeError("shape mismatch"), target) is None  # not a write failure: a bug, traceback

@@ -56,6 +56,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import files
 from ..data.corpus import Pair, read_pairs
 from ..engine import checkpoint as ckpt
 from ..errors import ConfigError, DataError, UserError
@@ -234,14 +235,16 @@ class Finetuner:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".tmp-{path.name}")
         try:
-            torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                        **rng_states(), "state": asdict(self.state)}, tmp)
-        except Exception:
+            with files.library_write(tmp):  # torch.save's RuntimeError on a full disk: the OSError it is
+                torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                            **rng_states(), "state": asdict(self.state)}, tmp)
+        except BaseException:
             tmp.unlink(missing_ok=True)  # a full disk leaves no half-written .tmp-last.pt
             raise
         if path.is_file():  # the previous one stays as the fallback of a damaged last.pt
             os.replace(path, path.with_name(PREVIOUS_FILE))
         os.replace(tmp, path)
+        ckpt.confirm_replacement(self.output_dir)  # --overwrite: the previous fine-tune is deleted only now
 
     def load_checkpoint(self) -> bool:
         """Continue from ``last.pt``, or from the one before it when ``last.pt`` is damaged (named in
@@ -309,7 +312,17 @@ class Finetuner:
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
-        """Fine-tune, evaluate, keep the best; returns the result (also in ``finetune.json``)."""
+        """Fine-tune, evaluate, keep the best; returns the result (also in ``finetune.json``).
+
+        With ``overwrite``, the previous contents of the folder are set aside, deleted at the first
+        checkpoint and put back whole if this fine-tune stops before it (any exception, Ctrl-C included)."""
+        try:
+            return self._run(resume, overwrite)
+        except BaseException:
+            ckpt.restore_replaced(self.output_dir)  # a no-op unless it replaces one and has no checkpoint yet
+            raise
+
+    def _run(self, resume: bool, overwrite: bool) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
         finished = self._prepare_output(resume, overwrite)

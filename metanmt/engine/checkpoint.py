@@ -11,17 +11,26 @@ Layout of ``--output-dir``::
 
 Every write goes to a temporary name first and is renamed into place, so a run killed while
 writing leaves the previous checkpoint intact and ``--resume`` never sees a half-written one.
+
+``--overwrite`` deletes nothing up front: it moves the previous contents aside, into the hidden
+folder ``.metanmt-replaced/`` of the same folder (renames only), and deletes them once the new run
+has written its first checkpoint (:func:`confirm_replacement`). A new run that fails before that
+moves them back (:func:`restore_replaced`, any exception, Ctrl-C included); one killed outright
+(SIGKILL, a power cut) leaves the aside folder, and the next metanmt command that claims or reads
+the folder finds it and restores it (:func:`recover_replacement`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .. import files
 from .. import registry
@@ -29,6 +38,7 @@ from ..config import RunConfig, dump_config, from_dict, read_yaml
 from ..errors import UserError
 from ..locking import LOCK_FILE, FolderLock
 
+log = logging.getLogger(__name__)
 CONFIG_FILE = "metanmt.yaml"
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -87,23 +97,30 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any], ignore: set[str] 
     return "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:limit])
 
 
-#: what metanmt writes into its output folders, by kind; ``--overwrite`` removes a folder only when
+#: what metanmt writes into its output folders, by kind; ``--overwrite`` replaces a folder only when
 #: every entry is one of these (or a name recorded in WRITTEN_FILE by :func:`export_files`)
 MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors", "inner_lrs.safetensors", "tokenizer.json",
                "tokenizer_config.json", "special_tokens_map.json", "spm.model", "language_embeddings.safetensors",
                "language_embeddings.json"}
 WRITTEN_FILE = ".metanmt-files"
+#: ``--overwrite``'s aside folders inside the output folder: REPLACING while the previous contents
+#: are being moved in (a kill then leaves some of them outside, none of the new run's), REPLACED once
+#: all are in (everything else but the lock is then the new run's), DISCARD once the new run has its
+#: first checkpoint (deleted: the replacement is final)
+REPLACING, REPLACED, DISCARD = ".metanmt-replacing", ".metanmt-replaced", ".metanmt-discard"
+ASIDE = (REPLACING, REPLACED, DISCARD)
 TOOLKIT_ENTRIES: dict[str, set[str]] = {
     "run": {CONFIG_FILE, CHECKPOINTS, "best", "logs", "history.jsonl", *MODEL_FILES},
     "fine-tune": {CONFIG_FILE, CHECKPOINTS, "finetune.json", *MODEL_FILES},
     "compare report": {"compare.json", "cells", "work", "results.csv", "results.md", "bleu_vs_budget.png"},
 }
 _HELD: dict[Path, FolderLock] = {}
+_REPLACING: set[Path] = set()  # folders whose previous contents this process holds aside, unconfirmed
 
 
 def foreign_entries(out: Path, kind: str) -> list[str]:
     """Names in ``out`` that metanmt did not write for a ``kind`` (sorted)."""
-    known = TOOLKIT_ENTRIES.get(kind, set()) | {LOCK_FILE, WRITTEN_FILE}
+    known = TOOLKIT_ENTRIES.get(kind, set()) | {LOCK_FILE, WRITTEN_FILE, *ASIDE}
     written = out / WRITTEN_FILE
     if written.is_file():
         try:
@@ -117,8 +134,10 @@ def inspect_directory(
     out: Path, marker: Path, kind: str, resume: bool, overwrite: bool, foreign: str = "", out_flag: str = "--output-dir"
 ) -> bool:
     """Decide whether ``out`` may be claimed for a ``kind`` whose ``marker`` file identifies it,
-    without touching anything; raise UserError if not. Returns True when ``out`` holds an earlier
-    ``kind`` to continue (the caller then checks that its settings match).
+    without touching anything (but for putting back what an interrupted ``--overwrite`` had set
+    aside, :func:`recover_replacement`, so that the folder is judged as the user left it); raise
+    UserError if not. Returns True when ``out`` holds an earlier ``kind`` to continue (the caller
+    then checks that its settings match).
 
     An empty or missing folder may be taken; a folder in use by another live process is refused;
     ``overwrite`` may replace a folder only when everything in it was written by metanmt for this
@@ -132,6 +151,7 @@ def inspect_directory(
         _check_writable(out, out_flag)
         return False
     FolderLock(out).check()
+    recover_replacement(out)  # an --overwrite killed before the new run's first checkpoint: restored first
     if not [p for p in out.iterdir() if p.name != LOCK_FILE]:
         _check_writable(out, out_flag)
         return False
@@ -158,8 +178,9 @@ def _check_writable(out: Path, out_flag: str) -> None:
 
 
 def take_directory(out: Path, overwrite: bool, lock: bool = True) -> bool:
-    """Create ``out``, lock it for this process and, with ``overwrite``, empty it (after
-    :func:`inspect_directory` allowed it). Returns True when this call created the folder."""
+    """Create ``out``, lock it for this process and, with ``overwrite``, move its contents aside
+    (after :func:`inspect_directory` allowed it; see the module docstring). Returns True when this
+    call created the folder."""
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     if lock:
@@ -167,14 +188,143 @@ def take_directory(out: Path, overwrite: bool, lock: bool = True) -> bool:
         held.acquire()
         _HELD[out.resolve()] = held
     if overwrite:
-        for entry in out.iterdir():
-            if entry.name == LOCK_FILE:
-                continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
+        if out.resolve() in _REPLACING:  # replaced twice by this process: the first new run was never confirmed
+            for entry in out.iterdir():
+                if entry.name not in (LOCK_FILE, *ASIDE):
+                    _remove(entry)
+        else:
+            _restore(out)  # a leftover of an earlier killed --overwrite (normally restored by inspect_directory)
+            _set_aside(out)
     return created
+
+
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry)
+    else:
+        entry.unlink(missing_ok=True)
+
+
+def _set_aside(out: Path) -> None:
+    """Move every entry of ``out`` but the lock into ``out/REPLACED``, by renames (one file system)."""
+    entries = [e for e in out.iterdir() if e.name not in (LOCK_FILE, *ASIDE)]
+    if not entries:
+        return
+    staging = out / REPLACING
+    staging.mkdir()
+    try:
+        for entry in entries:
+            os.replace(entry, staging / entry.name)
+        os.replace(staging, out / REPLACED)  # from here on, everything else in `out` is the new run's
+    except BaseException:
+        _restore(out)
+        raise
+    _REPLACING.add(out.resolve())
+
+
+def replacing(out: Path) -> bool:
+    """This process has moved ``out``'s previous contents aside and its new run has no checkpoint yet."""
+    return Path(out).resolve() in _REPLACING
+
+
+def confirm_replacement(out: Path) -> None:
+    """The new run in ``out`` has written its first checkpoint: delete the previous contents that
+    ``--overwrite`` set aside (a no-op when there are none). Renamed to DISCARD first, so that a
+    kill during the deletion is finished by the next start instead of restoring them."""
+    out = Path(out)
+    if out.resolve() not in _REPLACING:
+        return
+    _REPLACING.discard(out.resolve())
+    aside = out / REPLACED
+    if aside.is_dir():
+        os.replace(aside, out / DISCARD)
+    shutil.rmtree(out / DISCARD, ignore_errors=True)
+
+
+def restore_replaced(out: Path) -> bool:
+    """After a failure of the new run before its first checkpoint: remove what it wrote into ``out``,
+    move the previous contents back, and release the lock. False (and nothing done) when this
+    process holds no previous contents of ``out`` aside."""
+    out = Path(out)
+    if out.resolve() not in _REPLACING:
+        return False
+    _REPLACING.discard(out.resolve())
+    try:
+        _restore(out)
+    finally:
+        release_directory(out)
+    log.warning("%s: the new run stopped before its first checkpoint; the previous contents are back", out)
+    return True
+
+
+@contextlib.contextmanager
+def restore_on_failure(out: Path) -> Iterator[None]:
+    """Around the work of a command that claimed ``out`` with ``--overwrite``: on any exception
+    before :func:`confirm_replacement`, the previous contents come back (:func:`restore_replaced`)."""
+    try:
+        yield
+    except BaseException:
+        restore_replaced(out)
+        raise
+
+
+#: what the new run may have written before its first checkpoint: the names of every kind of folder
+_ANY_KIND = set().union(*TOOLKIT_ENTRIES.values()) | {WRITTEN_FILE}
+
+
+def _restore(out: Path) -> bool:
+    """Undo or finish an ``--overwrite`` of ``out`` from what its aside folders say (the caller holds
+    the lock): DISCARD is deleted; REPLACED means the new run never confirmed, so what it wrote is
+    removed and the previous contents move back; REPLACING means the move was cut short, before the
+    new run wrote anything, so what was moved goes back. True when something was restored."""
+    shutil.rmtree(out / DISCARD, ignore_errors=True)
+    source = next((out / name for name in (REPLACED, REPLACING) if (out / name).is_dir()), None)
+    if source is None:
+        return False
+    if source.name == REPLACED:
+        written = set(_ANY_KIND)
+        try:
+            written |= set(json.loads((out / WRITTEN_FILE).read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError):
+            pass
+        for entry in out.iterdir():  # the new run's; a file the user added meanwhile stays
+            if entry.name in written or entry.name.startswith((".tmp-", ".old-")):
+                _remove(entry)
+    kept = []
+    for entry in source.iterdir():
+        target = out / entry.name
+        if target.exists() or target.is_symlink():
+            kept.append(entry.name)
+            continue
+        os.replace(entry, target)
+    if kept:
+        log.warning("%s: %s stay in %s: the folder holds other files of those names", out, ", ".join(kept), source)
+    else:
+        source.rmdir()
+    return True
+
+
+def recover_replacement(out: Path) -> bool:
+    """Find what an ``--overwrite`` killed outright (SIGKILL, a power cut) left in ``out`` and restore
+    the previous contents (or finish deleting them, when the new run had confirmed). Does nothing
+    while another live process holds the folder (raises UserError, as :meth:`FolderLock.check`) or
+    while this process is replacing it. True when the previous contents were restored."""
+    out = Path(out)
+    if out.resolve() in _REPLACING or not any((out / name).exists() for name in ASIDE):
+        return False
+    held = _HELD.get(out.resolve())
+    lock = held or FolderLock(out)
+    if held is None:
+        lock.acquire()  # raises while a live process holds it; a dead owner's lock is taken over
+    try:
+        restored = _restore(out)
+    finally:
+        if held is None:
+            lock.release()
+    if restored:
+        log.warning("%s: restored the previous contents, which an interrupted --overwrite had moved to %s "
+                    "(its new run stopped before its first checkpoint)", out, REPLACED)
+    return restored
 
 
 def release_directory(out: Path) -> None:
@@ -186,7 +336,10 @@ def release_directory(out: Path) -> None:
 
 def undo_claim(out: Path, kind: str, created: bool) -> None:
     """After a failure before anything worth keeping was written: remove what metanmt wrote into
-    ``out`` (and ``out`` itself if this run created it), so the corrected rerun is not refused."""
+    ``out`` (and ``out`` itself if this run created it), so the corrected rerun is not refused; with
+    ``--overwrite``, the previous contents come back instead (:func:`restore_replaced`)."""
+    if restore_replaced(out):
+        return
     if out.is_dir() and not foreign_entries(out, kind):
         for entry in out.iterdir():
             if entry.name == LOCK_FILE:
@@ -207,7 +360,7 @@ def claim_directory(
     out: Path, marker: Path, kind: str, resume: bool, overwrite: bool, foreign: str = "", out_flag: str = "--output-dir"
 ) -> bool:
     """:func:`inspect_directory`, then :func:`take_directory`: check everything about ``out``, then
-    lock it (and empty it with ``overwrite``). Returns True when ``out`` holds an earlier ``kind``
+    lock it (and with ``overwrite`` move its contents aside, deleted at :func:`confirm_replacement`). Returns True when ``out`` holds an earlier ``kind``
     to continue. Callers check their other inputs first: nothing is removed before this call."""
     continuing = inspect_directory(out, marker, kind, resume, overwrite, foreign, out_flag)
     take_directory(out, overwrite)
@@ -228,11 +381,15 @@ def inspect_output_dir(output_dir: Path, cfg: RunConfig, resume: bool, overwrite
 
 
 def prepare_output_dir(output_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool) -> bool:
-    """:func:`inspect_output_dir`, then lock (and with ``overwrite`` empty) the folder and write the
-    resolved config. Returns True when this call created the folder."""
+    """:func:`inspect_output_dir`, then lock (and with ``overwrite`` clear, by setting the previous
+    run aside) the folder and write the resolved config. Returns True when this call created the folder."""
     inspect_output_dir(output_dir, cfg, resume, overwrite)
     created = take_directory(output_dir, overwrite)
-    atomic_write_text(output_dir / CONFIG_FILE, dump_config(cfg))
+    try:
+        atomic_write_text(output_dir / CONFIG_FILE, dump_config(cfg))
+    except BaseException:
+        restore_replaced(output_dir)
+        raise
     return created
 
 
@@ -305,7 +462,8 @@ def export_files(directory: Path, write: Callable[[Path], None]) -> None:
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        write(tmp)
+        with files.library_write(tmp):  # a full disk inside safetensors or torch.save: one line naming the file
+            write(tmp)
         names = sorted(item.name for item in tmp.iterdir())
         _record_written(directory, names)
         for item in tmp.iterdir():
@@ -384,6 +542,10 @@ def run_folder_of(path: str | Path) -> Path:
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:
+    try:
+        recover_replacement(Path(run_dir))  # a run an interrupted --overwrite had moved aside comes back
+    except (UserError, OSError):
+        pass  # in use by a live process, or not ours to write: read what is there
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise UserError(f"{run_dir}: not a metanmt run directory (no {CONFIG_FILE})")

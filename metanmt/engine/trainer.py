@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .. import registry
+from .. import files, registry
 from ..config import RunConfig
 from ..errors import ConfigError, NonFiniteError, UserError
 from ..tasks.base import Episode, TaskFamily
@@ -364,12 +364,16 @@ class MetaTrainer:
     @contextlib.contextmanager
     def _undo_on_failure(self) -> Iterator[None]:
         """A fresh run that fails before its first checkpoint gives its folder back (and its lock),
-        so that the corrected rerun is not refused as "already holds a run"."""
+        so that the corrected rerun is not refused as "already holds a run"; one that replaces a run
+        (``--overwrite``) puts the previous run back whole, on any exception, Ctrl-C included."""
         try:
             yield
-        except Exception:
-            if self.accelerator.is_main_process and self._fresh and not ckpt.list_checkpoints(self.output_dir):
-                ckpt.undo_claim(self.output_dir, "run", self._created)
+        except BaseException as exc:
+            if self.accelerator.is_main_process:
+                if ckpt.replacing(self.output_dir):
+                    ckpt.restore_replaced(self.output_dir)
+                elif isinstance(exc, Exception) and self._fresh and not ckpt.list_checkpoints(self.output_dir):
+                    ckpt.undo_claim(self.output_dir, "run", self._created)
             raise
 
     # -- one meta-step -------------------------------------------------------------------------
@@ -518,7 +522,8 @@ class MetaTrainer:
         acc, cfg = self.accelerator, self.cfg
         stop = cfg.train.steps if until is None else min(until, cfg.train.steps)
         if cfg.train.trackers:
-            acc.init_trackers("metanmt", config=_tracker_config(cfg))
+            with self._undo_on_failure():
+                acc.init_trackers("metanmt", config=_tracker_config(cfg))
         bar = tqdm(
             total=cfg.train.steps,
             initial=self.state.step,
@@ -626,7 +631,8 @@ class MetaTrainer:
                 shutil.rmtree(tmp)
         acc.wait_for_everyone()
         try:
-            acc.save_state(str(tmp))
+            with files.library_write(tmp):  # torch.save's RuntimeError on a full disk: the OSError it is
+                acc.save_state(str(tmp))
         except Exception:
             if acc.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no half-written .tmp-step_N
@@ -642,6 +648,7 @@ class MetaTrainer:
             ckpt.commit_directory(tmp, final)
             ckpt.prune_checkpoints(self.output_dir, self.cfg.train.keep_checkpoints)
             ckpt.export_files(self.output_dir, self._write_model)
+            ckpt.confirm_replacement(self.output_dir)  # --overwrite: the previous run is deleted only now
         acc.wait_for_everyone()
         return final
 

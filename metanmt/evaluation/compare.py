@@ -76,8 +76,8 @@ from torch import nn
 from ..adaptation.finetune import FINETUNE_FILE, FinetuneRecipe, Finetuner, take_budget
 from ..adaptation.loading import LoadedModel, open_translation_model, scratch_model
 from ..data.corpus import fill_placeholders, read_pairs
-from ..engine.checkpoint import (CONFIG_FILE, atomic_write_text, claim_directory, describe_changes, release_directory,
-                                 run_folder_of)
+from ..engine.checkpoint import (CONFIG_FILE, atomic_write_text, claim_directory, confirm_replacement, describe_changes,
+                                 release_directory, restore_on_failure, run_folder_of)
 from ..files import refuse_overlap
 from ..errors import DataError, UserError
 from ..tasks.language_embeddings import set_language
@@ -426,95 +426,102 @@ def compare(inits: list[tuple[str, str]], data_root: str | Path, langs: list[str
                 "scratch_seed": scratch_seed, "dev": dev, "test_pattern": test_pattern, "finetune_pattern": finetune_pattern,
                 "num_beams": num_beams, "max_test_segments": max_test_segments, "data_root": str(data_root.resolve()),
                 "curve": curve, "curve_beam": curve_beam, "curve_seeds": curve_seeds}
-    settings = _claim(out, settings, overwrite)
-    cells_dir.mkdir(parents=True, exist_ok=True)
-    # report_only: the report of what is finished, e.g. while other processes run the rest
-    todo = [] if report_only else [c for c in plan.cells if not (cells_dir / f"{cell_name(*c)}.json").is_file()]
-    if report_only:
-        log.info("compare --report-only: %s", _finished_text(len(finished), len(plan.cells)))
-    else:
-        log.info("compare: %d cells, %d finished before, %d to run", len(plan.cells), len(plan.cells) - len(todo),
-                 len(todo))
-
-    loaded: dict[str, LoadedModel] = {}
-    first_real = next(n for n in names if n not in scratch_names)
-
-    def get_init(name: str) -> LoadedModel:
-        if name not in loaded:
-            if name in scratch_names:
-                loaded[name] = scratch_model(get_init(first_real), scratch_seed)
-            else:
-                loaded[name] = open_translation_model(paths[name], device)
-        return loaded[name]
-
-    pair_cache: dict[Path, list] = {}
-
-    def pairs_of(path: Path) -> list:
-        if path not in pair_cache:
-            pair_cache[path] = read_pairs(path)
-        return pair_cache[path]
-
-    def test_pairs(lang: str) -> list:
-        pairs = pairs_of(_path(data_root, test_pattern, lang=lang))
-        return pairs[:max_test_segments] if max_test_segments else pairs
-
-    curve_zero: dict[tuple[str, str], dict[str, float]] = {}  # (init, lang) -> the init's own curve scores
-
-    started = time.perf_counter()
-    for index, (init, lang, budget, seed) in enumerate(todo, 1):
-        name = cell_name(init, lang, budget, seed)
-        log.info("cell %d/%d: %s", index, len(todo), name)
-        base = get_init(init)
-        base.family.set_source_language(lang)  # its code or task prefix, where the checkpoint needs one
-        note = ""
-        if budget_words(budget) == 0:
-            tuned_info: dict[str, Any] = {}
-            model = base.model
-            set_language(model, lang, base.family)  # language embeddings: a new language's table is zero
+    # --overwrite sets the previous report aside; it is deleted once the first cell is written and comes
+    # back whole if this one stops before (any exception, Ctrl-C included)
+    with restore_on_failure(out):
+        settings = _claim(out, settings, overwrite)
+        cells_dir.mkdir(parents=True, exist_ok=True)
+        # report_only: the report of what is finished, e.g. while other processes run the rest
+        todo = [] if report_only else [c for c in plan.cells if not (cells_dir / f"{cell_name(*c)}.json").is_file()]
+        if report_only:
+            log.info("compare --report-only: %s", _finished_text(len(finished), len(plan.cells)))
         else:
-            work = work_dir / name
-            if work.exists() and not (work / FINETUNE_FILE).is_file():
-                shutil.rmtree(work)  # killed before the fine-tune claimed its folder: nothing to keep
-            train = pairs_of(plan.files[(lang, budget)])
-            if (lang, budget) in plan.cuts:
-                train, _ = take_budget(train, plan.cuts[(lang, budget)], "prefix")
-            dev_pairs = pairs_of(_path(data_root, dev, lang=lang)) if dev else None
-            cell_recipe = dataclasses.replace(recipe, seed=seed)
-            tuner = Finetuner(base.family, copy.deepcopy(base.model), train, cell_recipe, work, dev_pairs,
-                              base.run_config, {"cell": name, "init": settings["inits"][init]}, device, lang=lang)
-            tuned_info = tuner.run(resume=True)
-            model = tuner.model
-            nominal = budget_words(budget)
-            note = plan.row_notes.get((lang, budget), "")
-            if not note and nominal is not None and tuned_info["words"] < 0.95 * nominal:
-                note = f"only {tuned_info['words']} English words in the file"
-            if not note and (lang, budget) in plan.cuts:
-                note = f"first {nominal} English words of {plan.files[(lang, budget)].name}"
-        test = test_pairs(lang)
-        evaluation = evaluate_model(base.family, model, test, num_beams)  # translate_seconds: decoding + test NLL
-        # the fine-tune's seconds span every attempt of an interrupted cell; loading the init is not counted
-        row = _cell_row(init, lang, budget, seed, evaluation, tuned_info, base.meta_training,
-                        float(tuned_info.get("seconds", 0.0)) + evaluation["translate_seconds"], note)
-        row.update(hyps=evaluation["hyps"], sentence_nll=evaluation["sentence_nll"],
-                   sentence_tokens=evaluation["sentence_tokens"])
-        if curve and budget_words(budget) != 0 and (curve_seeds is None or seed < curve_seeds):
-            del model
-            t_curve = time.perf_counter()
-            row["curve"] = adaptation_curve(base, train, cell_recipe, curve, work_dir / f"{name}__curve", test, curve_beam,
-                                            device, curve_zero.get((init, lang)), lang)
-            curve_zero.setdefault((init, lang), row["curve"].get("0"))  # the init scores the same in every cell
-            row["curve_seconds"] = time.perf_counter() - t_curve
-        atomic_write_text(cells_dir / f"{name}.json", json.dumps(row, indent=2, ensure_ascii=False))
-        if not keep_models:
-            shutil.rmtree(work_dir / name, ignore_errors=True)
-            shutil.rmtree(work_dir / f"{name}__curve", ignore_errors=True)
-        model = None
-        write_csv(out, load_rows(out, plan.cells), curve)  # partial results are readable while the rest runs
-    rows = load_rows(out, plan.cells)
-    test_refs = {lang: [p.en for p in test_pairs(lang)] for lang in langs}
-    write_report(out, rows, names, langs, [b for b in budgets], plan.notes, settings, reference=reference,
-                 references=test_refs, paired_test=paired_test, paired_samples=paired_samples, planned=len(plan.cells))
-    release_directory(out)
+            log.info("compare: %d cells, %d finished before, %d to run", len(plan.cells), len(plan.cells) - len(todo),
+                     len(todo))
+
+        loaded: dict[str, LoadedModel] = {}
+        first_real = next(n for n in names if n not in scratch_names)
+
+        def get_init(name: str) -> LoadedModel:
+            if name not in loaded:
+                if name in scratch_names:
+                    loaded[name] = scratch_model(get_init(first_real), scratch_seed)
+                else:
+                    loaded[name] = open_translation_model(paths[name], device)
+            return loaded[name]
+
+        pair_cache: dict[Path, list] = {}
+
+        def pairs_of(path: Path) -> list:
+            if path not in pair_cache:
+                pair_cache[path] = read_pairs(path)
+            return pair_cache[path]
+
+        def test_pairs(lang: str) -> list:
+            pairs = pairs_of(_path(data_root, test_pattern, lang=lang))
+            return pairs[:max_test_segments] if max_test_segments else pairs
+
+        curve_zero: dict[tuple[str, str], dict[str, float]] = {}  # (init, lang) -> the init's own curve scores
+
+        started = time.perf_counter()
+        for index, (init, lang, budget, seed) in enumerate(todo, 1):
+            name = cell_name(init, lang, budget, seed)
+            log.info("cell %d/%d: %s", index, len(todo), name)
+            base = get_init(init)
+            base.family.set_source_language(lang)  # its code or task prefix, where the checkpoint needs one
+            note = ""
+            if budget_words(budget) == 0:
+                tuned_info: dict[str, Any] = {}
+                model = base.model
+                set_language(model, lang, base.family)  # language embeddings: a new language's table is zero
+            else:
+                work = work_dir / name
+                if work.exists() and not (work / FINETUNE_FILE).is_file():
+                    shutil.rmtree(work)  # killed before the fine-tune claimed its folder: nothing to keep
+                train = pairs_of(plan.files[(lang, budget)])
+                if (lang, budget) in plan.cuts:
+                    train, _ = take_budget(train, plan.cuts[(lang, budget)], "prefix")
+                dev_pairs = pairs_of(_path(data_root, dev, lang=lang)) if dev else None
+                cell_recipe = dataclasses.replace(recipe, seed=seed)
+                tuner = Finetuner(base.family, copy.deepcopy(base.model), train, cell_recipe, work, dev_pairs,
+                                  base.run_config, {"cell": name, "init": settings["inits"][init]}, device, lang=lang)
+                tuned_info = tuner.run(resume=True)
+                model = tuner.model
+                nominal = budget_words(budget)
+                note = plan.row_notes.get((lang, budget), "")
+                if not note and nominal is not None and tuned_info["words"] < 0.95 * nominal:
+                    note = f"only {tuned_info['words']} English words in the file"
+                if not note and (lang, budget) in plan.cuts:
+                    note = f"first {nominal} English words of {plan.files[(lang, budget)].name}"
+            test = test_pairs(lang)
+            evaluation = evaluate_model(base.family, model, test, num_beams)  # translate_seconds: decoding + test NLL
+            # the fine-tune's seconds span every attempt of an interrupted cell; loading the init is not counted
+            row = _cell_row(init, lang, budget, seed, evaluation, tuned_info, base.meta_training,
+                            float(tuned_info.get("seconds", 0.0)) + evaluation["translate_seconds"], note)
+            row.update(hyps=evaluation["hyps"], sentence_nll=evaluation["sentence_nll"],
+                       sentence_tokens=evaluation["sentence_tokens"])
+            if curve and budget_words(budget) != 0 and (curve_seeds is None or seed < curve_seeds):
+                del model
+                t_curve = time.perf_counter()
+                row["curve"] = adaptation_curve(base, train, cell_recipe, curve, work_dir / f"{name}__curve",
+                                                test, curve_beam,
+                                                device, curve_zero.get((init, lang)), lang)
+                curve_zero.setdefault((init, lang), row["curve"].get("0"))  # the init scores the same in every cell
+                row["curve_seconds"] = time.perf_counter() - t_curve
+            atomic_write_text(cells_dir / f"{name}.json", json.dumps(row, indent=2, ensure_ascii=False))
+            confirm_replacement(out)  # the first finished cell: the previous report is deleted only now
+            if not keep_models:
+                shutil.rmtree(work_dir / name, ignore_errors=True)
+                shutil.rmtree(work_dir / f"{name}__curve", ignore_errors=True)
+            model = None
+            write_csv(out, load_rows(out, plan.cells), curve)  # partial results are readable while the rest runs
+        rows = load_rows(out, plan.cells)
+        test_refs = {lang: [p.en for p in test_pairs(lang)] for lang in langs}
+        write_report(out, rows, names, langs, [b for b in budgets], plan.notes, settings, reference=reference,
+                     references=test_refs, paired_test=paired_test, paired_samples=paired_samples,
+                     planned=len(plan.cells))
+        confirm_replacement(out)
+        release_directory(out)
     if not report_only and not todo:  # not an empty request (refused above): everything was done before
         log.info("compare: all %d cells were already finished in %s; the report was rewritten", len(plan.cells), out)
     return {"rows": rows, "ran": len(todo), "skipped": len(plan.cells) - len(todo), "planned": len(plan.cells),

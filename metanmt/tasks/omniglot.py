@@ -60,6 +60,7 @@ from ..data.omniglot import (
     score_official_runs as _score_official_runs,
     to_float,
 )
+from ..config import above, at_least
 from ..errors import ConfigError, DataError
 from .base import Episode, TaskFamily, load_hub_mixin_model
 
@@ -114,16 +115,19 @@ class OmniglotTaskConfig:
     split: Literal["maml", "lake", "minimal"] = "minimal"
     train_sets: Optional[list[str]] = None  # None: the split's default (see above)
     test_sets: Optional[list[str]] = None
-    maml_train_characters: int = 1200  # `maml` split: characters (before rotation) that train
-    val_characters: int = 0  # characters moved from the training ones into the `val` split
-    split_seed: int = 1  # fixes which characters train/validate/test
-    ways: int = 5  # N: classes per episode
-    shots: int = 1  # K: support images per class
-    query: int = 1  # Q: query images per class
-    image_size: int = 28
+    # `maml` split: characters (before rotation) that train
+    maml_train_characters: int = field(default=1200, metadata=at_least(1))
+    # characters moved from the training ones into the `val` split
+    val_characters: int = field(default=0, metadata=at_least(0))
+    split_seed: int = field(default=1, metadata=at_least(0))  # fixes which characters train/validate/test
+    ways: int = field(default=5, metadata=at_least(2))  # N: classes per episode (one class would teach nothing)
+    shots: int = field(default=1, metadata=at_least(1))  # K: support images per class
+    query: int = field(default=1, metadata=at_least(1))  # Q: query images per class
+    image_size: int = field(default=28, metadata=at_least(1))  # also large enough for model.blocks (checked with them)
     rotations: bool = True  # train split: 90/180/270-degree rotations are extra classes (x4)
     eval_rotations: bool = False  # the same for the val and test splits
-    shift: int = 0  # train split: translate each image by up to +-shift px (0 = off), drawn from the episode's rng
+    # train split: translate each image by up to +-shift px (0 = off; below image_size), drawn from the episode's rng
+    shift: int = field(default=0, metadata=at_least(0))
     official_runs: Optional[str] = None  # all_runs.zip (or folder), relative to data.root, for score_official_runs
     cache_dir: Optional[str] = None  # also keep decoded images as .npz here (keyed by source and size)
 
@@ -137,11 +141,11 @@ class OmniglotModelConfig:
     ``head_only`` marks the model for ANIL-style adaptation (``default_adapt`` becomes ``head.*``).
     """
 
-    hidden: int = 64
-    blocks: int = 4
+    hidden: int = field(default=64, metadata=at_least(1))
+    blocks: int = field(default=4, metadata=at_least(1))
     pooling: Literal["max", "stride"] = "max"
     bn_policy: Literal["batch", "running_reset"] = "batch"
-    bn_eps: float = 1e-5
+    bn_eps: float = field(default=1e-5, metadata=above(0))
     head_only: bool = False
 
 
@@ -295,16 +299,10 @@ class OmniglotFamily(TaskFamily):
     def __init__(self, task_cfg: dict[str, Any], model_cfg: dict[str, Any], data_root: str | Path | None = None):
         super().__init__(task_cfg, model_cfg, data_root)
         t, m = self.task_cfg, self.model_cfg
-        for key in ("ways", "shots", "query", "image_size", "maml_train_characters"):
-            if getattr(t, key) < 1:
-                raise ConfigError(f"task.{key}: must be at least 1, got {getattr(t, key)}")
+        # each key's own range is checked with the schema (OmniglotTaskConfig's field metadata); here the
+        # ranges that depend on another key
         if not 0 <= t.shift < t.image_size:
-            raise ConfigError(f"task.shift: must be in [0, image_size), got {t.shift}")
-        if t.val_characters < 0:
-            raise ConfigError(f"task.val_characters: must be >= 0, got {t.val_characters}")
-        for key in ("hidden", "blocks"):
-            if getattr(m, key) < 1:
-                raise ConfigError(f"model.{key}: must be at least 1, got {getattr(m, key)}")
+            raise ConfigError(f"task.shift: expected a value in [0, task.image_size={t.image_size}), got {t.shift}")
         size = t.image_size
         for _ in range(m.blocks):
             size = size // 2 if m.pooling == "max" else (size + 1) // 2

@@ -20,22 +20,27 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ..config import at_least, interval
 from .base import Episode, TaskFamily, load_hub_mixin_model
 
 
 @dataclass
 class SinusoidTaskConfig:
-    shots: int = 10  # K support points per task
-    query: int = 10  # query points per task during training
-    eval_query: int = 100  # query points per task at evaluation
-    amplitude: list[float] = field(default_factory=lambda: [0.1, 5.0])
-    phase: list[float] = field(default_factory=lambda: [0.0, float(np.pi)])
-    x_range: list[float] = field(default_factory=lambda: [-5.0, 5.0])
+    """The keys of the sinusoid suite (``tasks/sinusoid.yaml``) and of a config's ``task:``; each
+    range is a ``[low, high]`` pair the values are drawn from uniformly."""
+
+    shots: int = field(default=10, metadata=at_least(1))  # K support points per task
+    query: int = field(default=10, metadata=at_least(1))  # query points per task during training
+    eval_query: int = field(default=100, metadata=at_least(1))  # query points per task at evaluation
+    amplitude: list[float] = field(default_factory=lambda: [0.1, 5.0], metadata=interval(low=0))
+    phase: list[float] = field(default_factory=lambda: [0.0, float(np.pi)], metadata=interval())
+    # low < high: a single x would make every support point the same
+    x_range: list[float] = field(default_factory=lambda: [-5.0, 5.0], metadata=interval(strict=True))
 
 
 @dataclass
 class SinusoidModelConfig:
-    hidden: list[int] = field(default_factory=lambda: [40, 40])
+    hidden: list[int] = field(default_factory=lambda: [40, 40], metadata=at_least(1))  # widths of the hidden layers
 
 
 class SineMLP(nn.Module, PyTorchModelHubMixin, library_name="metanmt", tags=["metanmt", "sinusoid"]):
