@@ -1,4 +1,4 @@
-"""Command line: ``metanmt meta-train | evaluate | plot-sinusoid | data | finetune | translate | score | compare``.
+"""Command line: ``metanmt meta-train | evaluate | plot-sinusoid | data | finetune | translate | score | compare | study``.
 
 User errors (bad config, bad data, wrong paths) print one line and exit with status 2; anything
 else is a bug and keeps its traceback.
@@ -150,7 +150,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--names", nargs="+", help="which zips (default: all official ones)")
     p.set_defaults(func=_data_omniglot)
     _translation_commands().add_translation_commands(sub)
+
+    p = sub.add_parser("study", help="a whole study from a study file: train the inits, choose on the dev language, "
+                                     "run every cell, write the report (resumable)")
+    p.add_argument("study", type=Path, help="a study file, e.g. studies/quick.yaml")
+    p.add_argument("--out", required=True, type=Path, help="the study folder (resumes what it holds)")
+    p.add_argument("--data-root", type=Path, help="the corpus (default: the study file's data.root)")
+    p.add_argument("--langs", nargs="+", help="the new languages (default: the study file's data.langs)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a study key (repeatable)")
+    p.add_argument("--jobs", type=at_least(1), help="processes at once (default: the study file's jobs)")
+    p.add_argument("--report-only", action="store_true", help="the report of the finished cells; run nothing")
+    p.add_argument("--dry-run", action="store_true", help="print the tasks, their commands and the cells; run nothing")
+    p.add_argument("--overwrite", action="store_true", help="discard what --out holds")
+    p.add_argument("--task", help=argparse.SUPPRESS)  # one task, in a process the study started
+    _translation_commands().add_device_flags(p)
+    p.set_defaults(func=_study)
     return parser
+
+
+def _study(args: argparse.Namespace) -> int:
+    from .evaluation.commands import device_of
+    from .study.runner import run_study, run_task
+    from .study.spec import load_study
+
+    study = load_study(args.study, args.data_root, args.langs, args.set)
+    device, precision = device_of(args)
+    extra = [x for s in args.set for x in ("--set", s)] + (["--cpu"] if args.cpu else [])
+    extra += ["--mixed-precision", args.mixed_precision] if args.mixed_precision != "no" else []
+    with precision:
+        if args.task:
+            run_task(study, args.out, args.task, str(device))
+            return 0
+        result = run_study(study, args.out, jobs=args.jobs, overwrite=args.overwrite, report_only=args.report_only,
+                           dry_run=args.dry_run, device=str(device), argv_extra=extra)
+    if args.dry_run:
+        print(json.dumps(result, indent=2))
+    elif result["ran"]:
+        print(f"study {study.name}: ran {', '.join(result['ran'])}; report in {result['report']}")
+    else:
+        print(f"study {study.name}: every task was already finished; report in {result['report']}")
+    return 0
 
 
 def _data_omniglot(args: argparse.Namespace) -> int:

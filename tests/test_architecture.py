@@ -19,6 +19,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("engine", ["metanmt.engine"]),
     ("adaptation", ["metanmt.adaptation"]),
     ("evaluation", ["metanmt.evaluation"]),
+    ("study", ["metanmt.study"]),
     ("cli", ["metanmt.cli", "metanmt.__main__", "metanmt.hf"]),
 ]
 

@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from .. import files, registry
-from ..config import RunConfig
+from ..config import OptimConfig, RunConfig
 from ..errors import ConfigError, NonFiniteError, UserError
 from ..tasks.base import Episode, TaskFamily
 from . import checkpoint as ckpt
@@ -139,19 +139,23 @@ def make_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer) -> torch.op
     if not warmup and o.schedule in ("constant", "linear", "cosine"):
         return get_scheduler(o.schedule, optimizer, num_warmup_steps=0, num_training_steps=total)
 
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if o.schedule == "linear":
-            return max(0.0, (total - step) / max(1, total - warmup))
-        if o.schedule == "cosine":
-            progress = (step - warmup) / max(1, total - warmup)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        if o.schedule == "inverse_sqrt":
-            return math.sqrt(max(1, warmup) / max(1, step + 1))
-        return 1.0
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule_factor(o, total, step))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+def schedule_factor(o: OptimConfig, total: int, step: int) -> float:
+    """The factor of ``o.lr`` for update ``step`` (0-based) of a ``total``-update run: the rate a run
+    warm-started after ``step`` updates continues from is ``o.lr * schedule_factor(o, total, step)``."""
+    warmup = max(0, o.warmup_steps)
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if o.schedule == "linear":
+        return max(0.0, (total - step) / max(1, total - warmup))
+    if o.schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if o.schedule == "inverse_sqrt":
+        return math.sqrt(max(1, warmup) / max(1, step + 1))
+    return 1.0
 
 
 def check_task_batching(cfg: RunConfig, family: TaskFamily, algorithm: Any) -> str:

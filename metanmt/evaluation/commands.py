@@ -127,7 +127,8 @@ def _compare(args: argparse.Namespace) -> int:
             scratch_seeds=args.scratch_seeds, dev=args.dev, report_only=args.report_only,
             test_pattern=args.test_pattern, finetune_pattern=args.finetune_pattern, num_beams=args.beam,
             max_test_segments=args.max_test_segments, keep_models=args.keep_models, overwrite=args.overwrite,
-            curve=args.curve, curve_beam=args.curve_beam, curve_seeds=args.curve_seeds, reference=args.reference,
+            curve=args.curve, curve_beam=args.curve_beam, curve_seeds=args.curve_seeds,
+            curve_segments=args.curve_segments, reference=args.reference,
             paired_test=args.paired_test,
             paired_samples=args.paired_samples, device=str(device),
         )
@@ -205,6 +206,8 @@ def add_translation_commands(sub: Any) -> None:
     p.add_argument("--curve-beam", type=int, default=1, help="beam of the curve's test decoding (default %(default)s)")
     p.add_argument("--curve-seeds", type=int, metavar="N",
                    help="the curve for the first N fine-tuning seeds of each cell only (default: every seed)")
+    p.add_argument("--curve-segments", type=int, metavar="N",
+                   help="the curve scores the first N test segments only (default: all; the cells score all)")
     p.add_argument("--reference", help="the init the others are tested against (default: multi if given, else the first)")
     p.add_argument("--paired-test", choices=["bs", "ar"], default="bs",
                    help="sacreBLEU's paired bootstrap (bs) or approximate randomization (ar) for BLEU/chrF")

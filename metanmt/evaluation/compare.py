@@ -330,13 +330,15 @@ def compare(inits: list[tuple[str, str]], data_root: str | Path, langs: list[str
             test_pattern: str = "test/{lang}.tsv.gz", finetune_pattern: str = "finetune/{lang}.{budget}.tsv.gz",
             num_beams: int = 4, max_test_segments: Optional[int] = None, keep_models: bool = False,
             overwrite: bool = False, device: str = "cpu", curve: Sequence[int] = (), curve_beam: int = 1,
-            curve_seeds: Optional[int] = None, reference: Optional[str] = None, paired_test: str = "bs",
+            curve_seeds: Optional[int] = None, curve_segments: Optional[int] = None,
+            reference: Optional[str] = None, paired_test: str = "bs",
             paired_samples: int = 0) -> dict[str, Any]:
     """Run (or resume) every cell and write the report; returns ``{"rows": [...], "ran": n, "skipped": m, ...}``.
 
     ``curve``: fine-tuning updates after which the adaptation curve scores the test set (e.g.
     :data:`CURVE`, the command line's default; empty: none), decoded with beam ``curve_beam``, for
-    fine-tuning seeds below ``curve_seeds`` (default: every seed).
+    fine-tuning seeds below ``curve_seeds`` (default: every seed), on the first ``curve_segments`` test
+    segments (default: the cells' test set; the cells themselves always score all of it).
     ``reference``: the init every other init is tested against (default ``multi`` if present, else
     the first); ``paired_test``: ``bs`` or ``ar`` (:mod:`.statistics`) with ``paired_samples``
     resamples (0: sacreBLEU's default).
@@ -349,6 +351,8 @@ def compare(inits: list[tuple[str, str]], data_root: str | Path, langs: list[str
         raise UserError(f"--curve-beam: must be at least 1, got {curve_beam}")
     if curve_seeds is not None and curve_seeds < 1:
         raise UserError(f"--curve-seeds: must be at least 1, got {curve_seeds}")
+    if curve_segments is not None and curve_segments < 1:
+        raise UserError(f"--curve-segments: must be at least 1, got {curve_segments}")
     if paired_test not in TESTS:
         raise UserError(f"--paired-test: expected one of {', '.join(TESTS)}, got {paired_test!r}")
     if paired_samples < 0:
@@ -426,6 +430,8 @@ def compare(inits: list[tuple[str, str]], data_root: str | Path, langs: list[str
                 "scratch_seed": scratch_seed, "dev": dev, "test_pattern": test_pattern, "finetune_pattern": finetune_pattern,
                 "num_beams": num_beams, "max_test_segments": max_test_segments, "data_root": str(data_root.resolve()),
                 "curve": curve, "curve_beam": curve_beam, "curve_seeds": curve_seeds}
+    if curve_segments is not None:  # recorded only when set: reports made before the option still match
+        settings["curve_segments"] = curve_segments
     # --overwrite sets the previous report aside; it is deleted once the first cell is written and comes
     # back whole if this one stops before (any exception, Ctrl-C included)
     with restore_on_failure(out):
@@ -504,7 +510,7 @@ def compare(inits: list[tuple[str, str]], data_root: str | Path, langs: list[str
                 del model
                 t_curve = time.perf_counter()
                 row["curve"] = adaptation_curve(base, train, cell_recipe, curve, work_dir / f"{name}__curve",
-                                                test, curve_beam,
+                                                test[:curve_segments] if curve_segments else test, curve_beam,
                                                 device, curve_zero.get((init, lang)), lang)
                 curve_zero.setdefault((init, lang), row["curve"].get("0"))  # the init scores the same in every cell
                 row["curve_seconds"] = time.perf_counter() - t_curve
@@ -720,7 +726,9 @@ def write_report(out: Path, rows: list[dict[str, Any]], inits: list[str], langs:
     if curve and any(f"nll_at_{curve[-1]}" in m for m in table.values()):
         lines += ["", "## Adaptation curve (test NLL / chrF after k fine-tuning updates)", "",
                   f"The same recipe and seeds, a fixed learning rate and no early stopping, scored after "
-                  f"{', '.join(map(str, curve))} updates (beam {settings.get('curve_beam', 1)}); mean ± 95% t interval "
+                  f"{', '.join(map(str, curve))} updates (beam {settings.get('curve_beam', 1)}"
+                  + (f", the first {settings['curve_segments']} test segments" if settings.get("curve_segments") else "")
+                  + "); mean ± 95% t interval "
                   "over seeds. `adaptation_curve.png` plots both.", "",
                   "| lang | budget | init | n | " + " | ".join(f"NLL / chrF at {k}" for k in curve) + " |",
                   "|---|---|---|---|" + "---|" * len(curve)]

@@ -1,0 +1,84 @@
+"""A study's cells: one ``compare`` folder per test language (so that several processes can run
+languages side by side, each folder locked by its writer), gathered into one report folder.
+
+Every language's folder is made with the same settings (the languages are not part of them), so
+gathering copies finished cells next to one another and ``compare --report-only`` over every
+language computes the report, p-values and Holm correction included, from the stored hypotheses
+and per-sentence NLL, without translating again.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from ..evaluation.compare import compare, plan_cells
+from .folder import cells_dir, init_dir, read_json, report_dir
+from .rule import length_of
+from .spec import Study
+
+
+def compare_arguments(study: Study, out: Path, langs: list[str], folder: Path, device: str) -> dict[str, Any]:
+    """``compare``'s arguments for the study's cells of ``langs`` in ``folder``."""
+    sf = study.file
+    return dict(
+        inits=[(name, str(init_dir(out, name))) for name in study.order()], data_root=study.data_root, langs=langs,
+        budgets=sf.budgets, seeds=sf.seeds, out=folder, recipe=length_of(study, out), scratch=sf.scratch_seeds > 0,
+        scratch_seeds=sf.scratch_seeds or None, test_pattern=sf.data.test, finetune_pattern=sf.data.finetune,
+        num_beams=sf.decoding.beam, max_test_segments=sf.decoding.test_segments, curve=sf.curve.points,
+        curve_seeds=sf.curve.seeds if sf.curve.points else None, curve_segments=sf.curve.segments,
+        reference=sf.reference, paired_test=sf.paired_test, device=device)
+
+
+def planned_cells(study: Study, lang: str) -> int:
+    """How many cells the language has (zero-shot, fine-tuned and from-scratch)."""
+    sf = study.file
+    names = study.order() + (["scratch"] if sf.scratch_seeds else [])
+    plan = plan_cells(names, {"scratch"} if sf.scratch_seeds else set(), study.data_root, [lang], sf.budgets,
+                      sf.seeds, sf.data.finetune, sf.scratch_seeds or None)
+    return len(plan.cells)
+
+
+def finished_cells(out: Path, lang: str) -> list[dict[str, Any]]:
+    folder = cells_dir(out, lang) / "cells"
+    return [read_json(p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+
+
+def run_language(study: Study, out: Path, lang: str, device: str = "cpu") -> dict[str, Any]:
+    return compare(**compare_arguments(study, out, [lang], cells_dir(out, lang), device))
+
+
+def gather(study: Study, out: Path) -> Path:
+    """Copy every language's finished cells into ``report/`` (all made with one set of settings)."""
+    dest = report_dir(out)
+    records = {lang: read_json(cells_dir(out, lang) / "compare.json") for lang in study.langs
+               if (cells_dir(out, lang) / "compare.json").is_file()}
+    missing = [lang for lang in study.langs if lang not in records]
+    if missing:
+        raise UserError(f"{out}: the cells of {' '.join(missing)} have not been run; run the study without --report-only")
+    first = next(iter(records.values()))
+    different = [lang for lang, record in records.items() if record != first]
+    if different:
+        raise UserError(f"{out}/cells: {' '.join(different)} were made with other settings than {study.langs[0]}")
+    (dest / "cells").mkdir(parents=True, exist_ok=True)
+    mine = dest / "compare.json"
+    if mine.is_file() and read_json(mine) != first:
+        mine.unlink()  # the cells were redone with other settings: the report folder follows them
+        shutil.rmtree(dest / "cells")
+        (dest / "cells").mkdir()
+    if not mine.is_file():
+        shutil.copy2(cells_dir(out, study.langs[0]) / "compare.json", mine)
+    for lang in study.langs:
+        for cell in sorted((cells_dir(out, lang) / "cells").glob("*.json")):
+            target = dest / "cells" / cell.name
+            if not target.is_file() or target.read_bytes() != cell.read_bytes():
+                shutil.copy2(cell, target)
+    return dest
+
+
+def report_cells(study: Study, out: Path, device: str = "cpu") -> dict[str, Any]:
+    """compare's report (results.csv, results.md, plots) over every language's finished cells."""
+    folder = gather(study, out)
+    return compare(**{**compare_arguments(study, out, study.langs, folder, device), "report_only": True})

@@ -1,0 +1,336 @@
+"""``metanmt study STUDY.yaml --out DIR``: every stage of a study, in order, resumable, in ``jobs``
+processes.
+
+The study is a graph of tasks, each done when its output exists (so a rerun does only what is
+missing, and a killed study resumes at the task it was in):
+
+    train:SRC@W    a warm-start source trained to update W, its model exported (inits/SRC@W)
+    inner:NAME     a meta init's inner loop, chosen on the dev language at its warm start
+    train:NAME     an init trained (or resumed) to its last update
+    rule           the fine-tuning length chosen on the dev language with the reference init
+    cells:LANG     one test language's cells (fine-tune, decode, score; resumable cell by cell)
+    report         every cell gathered; results.csv, results.md, the plots, report.html
+
+Tasks whose inputs are there run side by side, up to ``jobs`` at once, each in its own process
+(``OMP_NUM_THREADS`` = 1 where several run; a task that runs alone gets ``jobs`` threads). The
+device is where Accelerate puts each process (CUDA when present), so one study file runs on a
+CPU or a GPU and writes the same report. A progress line says which stage and which cell each
+process is at, and the time left at the rates measured so far.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from ..engine.checkpoint import latest_trainer_state
+from ..errors import UserError
+from . import cells as study_cells
+from .folder import (claim, data_fingerprint, init_dir, inner_file, read_json, report_dir, rule_file, warm_dir,
+                     write_json)
+from .inits import export_warm_start, train_command, trained_to
+from .spec import Study, describe
+
+log = logging.getLogger(__name__)
+
+STAGES = ("inits", "inner", "rule", "cells", "report")
+POLL_SECONDS = 5.0
+PROGRESS_SECONDS = 60.0
+
+
+@dataclasses.dataclass
+class Task:
+    key: str
+    stage: str
+    deps: list[str]
+    done: Callable[[], bool]
+    # the command of its process (None: the study's own ``--task KEY``), and what runs in the study's
+    # process once it succeeds
+    command: Optional[Callable[[], list[str]]] = None
+    after: Optional[Callable[[], None]] = None
+
+
+def tasks_of(study: Study, out: Path) -> list[Task]:
+    """The study's tasks in a valid order."""
+    tasks: list[Task] = []
+    final = {name: f"train:{name}" for name in study.inits}
+    for warm in study.warm_starts():
+        key = f"train:{warm.init}@{warm.update}"
+        deps = [final[w.init]] if (w := study.inits[warm.init].warm_start) else []
+        tasks.append(Task(key, "inits", deps, done=lambda w=warm: (warm_dir(out, w.init, w.update) / "trainer_state.json").is_file(),
+                          command=lambda w=warm: train_command(study, out, w.init, w.update),
+                          after=lambda w=warm: export_warm_start(out, w.init, w.update)))
+        for name, init in study.inits.items():
+            if init.warm_start == warm and init.inner == "chosen":
+                tasks.append(Task(f"inner:{name}", "inner", [key], done=lambda n=name: inner_file(out, n).is_file()))
+    for name in study.order():
+        init = study.inits[name]
+        deps = []
+        if init.warm_start is not None:
+            w = init.warm_start
+            deps.append(f"train:{w.init}@{w.update}")
+            if init.inner == "chosen":
+                deps.append(f"inner:{name}")
+        # a source trained past a warm start is resumed from it: its own export comes first
+        deps += [f"train:{name}@{w.update}" for w in study.warm_starts() if w.init == name]
+        tasks.append(Task(final[name], "inits", deps, done=lambda n=name: trained_to(out, n) >= study.inits[n].steps,
+                          command=lambda n=name: train_command(study, out, n)))
+    rule_deps = [final[study.file.reference]]
+    if study.file.finetune.length == "chosen":
+        tasks.append(Task("rule", "rule", rule_deps, done=lambda: "choice" in _json_or_empty(rule_file(out))))
+        rule_deps = ["rule"]
+    cell_deps = [*final.values(), *rule_deps]
+    for lang in study.langs:
+        tasks.append(Task(f"cells:{lang}", "cells", cell_deps,
+                          done=lambda lang=lang: len(study_cells.finished_cells(out, lang)) >= study_cells.planned_cells(study, lang)
+                          and (study_cells.cells_dir(out, lang) / "results.md").is_file()))
+    tasks.append(Task("report", "report", [f"cells:{lang}" for lang in study.langs],
+                      done=lambda: (report_dir(out) / "report.html").is_file() and _report_current(study, out)))
+    return tasks
+
+
+def _json_or_empty(path: Path) -> dict[str, Any]:
+    return read_json(path) if path.is_file() else {}
+
+
+def _report_current(study: Study, out: Path) -> bool:
+    """The report holds every finished cell as it is now (a cell run again is a new cell to report)."""
+    gathered = report_dir(out) / "cells"
+    return all((gathered / p.name).is_file() and (gathered / p.name).read_bytes() == p.read_bytes()
+               for lang in study.langs for p in (study_cells.cells_dir(out, lang) / "cells").glob("*.json"))
+
+
+def run_task(study: Study, out: Path, key: str, device: str) -> None:
+    """One task of :func:`tasks_of` that runs in the study's own code (``--task KEY``)."""
+    from .inner import choose_inner
+    from .report import write_study_report
+    from .rule import choose_rule
+
+    keys = [t.key for t in tasks_of(study, out) if t.command is None]
+    if key not in keys:
+        raise UserError(f"--task {key!r}: not a task of this study that runs in its own code ({', '.join(keys)})")
+    if key.startswith("inner:"):
+        result = choose_inner(study, out, key[len("inner:"):])
+        c = result["choice"]
+        log.info("inner loop at %s: rate %g, %d steps, gain %+.4f nats (n = %d episodes)", result["warm_start"],
+                 c["lr"], c["steps"], c["gain"], c["n"])
+    elif key == "rule":
+        info = choose_rule(study, out)
+        log.info("fine-tuning length: %s", info["choice"])
+    elif key.startswith("cells:"):
+        study_cells.run_language(study, out, key[len("cells:"):], device)
+    elif key == "report":
+        study_cells.report_cells(study, out, device)
+        write_study_report(study, out)
+
+
+def _task_command(study: Study, out: Path, key: str, argv_extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "metanmt", "study", str(study.path), "--out", str(out), "--data-root",
+            str(study.data_root), "--langs", *study.langs, *argv_extra, "--task", key]
+
+
+def _planned_command(study: Study, out: Path, task: Task, argv_extra: list[str]) -> Optional[list[str]]:
+    """The command a task will run; None where it depends on a choice not made yet (the inner loop)."""
+    if task.command is None:
+        return _task_command(study, out, task.key, argv_extra)
+    try:
+        return task.command()
+    except FileNotFoundError:
+        return None
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """A task's process ends when the study's does (Linux), so a killed study leaves no orphan holding a lock."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class Progress:
+    """The progress line: stage counts, what each process is at, and the time left at measured rates."""
+
+    def __init__(self, study: Study, out: Path, tasks: list[Task], jobs: int):
+        self.study, self.out, self.tasks, self.jobs = study, out, tasks, jobs
+
+    def _train_rate(self, name: str) -> Optional[float]:
+        history = init_dir(self.out, name) / "history.jsonl"
+        if not history.is_file():
+            return None
+        import json
+
+        last = None
+        for line in history.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            if record.get("kind") == "train" and record.get("seconds"):
+                last = record
+        return last["seconds"] / max(1, last["step"]) if last else None
+
+    def line(self, running: list[str]) -> str:
+        study, out = self.study, self.out
+        done = {t.key for t in self.tasks if t.done()}
+        counts = " · ".join(f"{stage} {sum(t.key in done for t in self.tasks if t.stage == stage)}/"
+                            f"{sum(t.stage == stage for t in self.tasks)}" for stage in STAGES
+                            if any(t.stage == stage for t in self.tasks))
+        left, unknown = 0.0, []
+        rates = {n: r for n in study.inits if (r := self._train_rate(n))}
+        mean_rate = sum(rates.values()) / len(rates) if rates else None
+        cell_seconds = [float(c.get("seconds", 0)) + float(c.get("curve_seconds", 0))
+                        for lang in study.langs for c in study_cells.finished_cells(out, lang)]
+        per_cell = sum(cell_seconds) / len(cell_seconds) if cell_seconds else None
+        where = []
+        for task in self.tasks:
+            if task.key in done:
+                continue
+            if task.key.startswith("train:"):
+                name, _, upto = task.key[len("train:"):].partition("@")
+                target = int(upto) if upto else study.inits[name].steps
+                at = trained_to(out, name)
+                rate = rates.get(name, mean_rate)
+                if rate is None:
+                    unknown.append(task.key)
+                else:
+                    left += max(0, target - at) * rate
+                if task.key in running:
+                    where.append(f"{task.key} {at}/{target} updates")
+            elif task.key.startswith("cells:"):
+                lang = task.key[len("cells:"):]
+                n_done, planned = len(study_cells.finished_cells(out, lang)), study_cells.planned_cells(study, lang)
+                if per_cell is None:
+                    unknown.append(task.key)
+                else:
+                    left += (planned - n_done) * per_cell
+                if task.key in running:
+                    where.append(f"{task.key} {n_done}/{planned} cells")
+            elif task.key in running:
+                where.append(task.key)
+            elif task.stage != "report":
+                unknown.append(task.key)
+        eta = f"about {left / 60 / max(1, min(self.jobs, len(running) or 1)):.0f} min left at the measured rates"
+        if unknown:
+            eta += f" (not measured yet: {', '.join(unknown[:4])}{' ...' if len(unknown) > 4 else ''})"
+        return f"study {study.name} [{counts}] running: {', '.join(where) or '-'}; {eta}"
+
+
+def run_study(study: Study, out: Path, jobs: Optional[int] = None, overwrite: bool = False,
+              report_only: bool = False, dry_run: bool = False, device: str = "cpu",
+              argv_extra: Optional[list[str]] = None) -> dict[str, Any]:
+    """Run (or resume) every task; returns ``{"ran": [...], "already": [...], "report": path}``."""
+    out = Path(out)
+    jobs = jobs or study.file.jobs
+    settings = describe(study)
+    if out.resolve() == study.data_root or study.data_root in out.resolve().parents:
+        raise UserError(f"--out {out}: lies in the data root {study.data_root}; write the study elsewhere")
+    tasks = tasks_of(study, out)
+    if dry_run:
+        return {"plan": [{"task": t.key, "after": t.deps, "done": t.done() if out.is_dir() else False,
+                          "command": _planned_command(study, out, t, argv_extra or [])} for t in tasks],
+                "cells": {lang: study_cells.planned_cells(study, lang) for lang in study.langs},
+                "data_fingerprint": data_fingerprint(study.data_root)}
+    # a language or budget that selects no cell stops here, before --out is touched
+    from ..evaluation.compare import _path
+
+    no_test = [lang for lang in study.langs if not _path(study.data_root, study.file.data.test, lang=lang).is_file()]
+    if no_test:
+        raise UserError(f"--langs {' '.join(no_test)}: no test file "
+                        f"{', '.join(str(_path(study.data_root, study.file.data.test, lang=lang)) for lang in no_test)}")
+    for lang in study.langs:
+        study_cells.planned_cells(study, lang)
+    if report_only:
+        if not (out / "study.json").is_file():
+            raise UserError(f"--report-only: {out} holds no study to report on")
+    claim(out, settings, study.data_root, overwrite)
+    if report_only:
+        finished = sum(len(study_cells.finished_cells(out, lang)) for lang in study.langs)
+        if not finished:
+            raise UserError(f"--report-only: no cell of the study is finished in {out}; nothing to report")
+        missing = [lang for lang in study.langs if not (study_cells.cells_dir(out, lang) / "compare.json").is_file()]
+        if missing:
+            raise UserError(f"--report-only: the cells of {' '.join(missing)} have not started in {out}; a report needs "
+                            "every language begun")
+        run_task(study, out, "report", device)
+        return {"ran": ["report"], "already": [], "report": str(report_dir(out) / "report.html")}
+
+    by_key = {t.key: t for t in tasks}
+    already: list[str] = []  # done, and so is everything it depends on (a report made before a cell reran is not)
+    for task in tasks:
+        if all(d in already for d in task.deps) and task.done():
+            already.append(task.key)
+    if len(already) == len(tasks):
+        log.info("study %s: every task was already finished in %s (%s); nothing to do", study.name, out,
+                 ", ".join(already))
+        return {"ran": [], "already": already, "report": str(report_dir(out) / "report.html")}
+    progress = Progress(study, out, tasks, jobs)
+    finished: set[str] = set(already)
+    running: dict[str, tuple[subprocess.Popen, Any]] = {}
+    ran: list[str] = []
+    (out / "logs").mkdir(exist_ok=True)
+    last_line, last_time = "", 0.0
+    try:
+        while len(finished) < len(tasks):
+            ready = [t for t in tasks if t.key not in finished and t.key not in running and all(d in finished for d in t.deps)]
+            for task in ready[: max(0, jobs - len(running))]:
+                if task.done():  # finished by an earlier start while its dependants waited
+                    finished.add(task.key)
+                    continue
+                alone = len(running) == 0 and len(ready) == 1
+                threads = str(max(1, jobs) if alone else 1)
+                command = task.command() if task.command else _task_command(study, out, task.key, argv_extra or [])
+                logfile = open(out / "logs" / f"{task.key.replace(':', '_')}.log", "a", encoding="utf-8")
+                logfile.write(f"+ {' '.join(command)}\n")
+                logfile.flush()
+                env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+                log.info("study %s: start %s (%s thread%s)", study.name, task.key, threads, "" if threads == "1" else "s")
+                running[task.key] = (subprocess.Popen(command, stdout=logfile, stderr=subprocess.STDOUT, env=env,
+                                                      preexec_fn=_die_with_parent if sys.platform == "linux" else None),
+                                     logfile)
+            if not running:
+                stuck = [t.key for t in tasks if t.key not in finished]
+                if stuck:
+                    raise UserError(f"study {study.name}: tasks {', '.join(stuck)} cannot start (their inputs are missing)")
+                break
+            time.sleep(POLL_SECONDS)
+            for key, (proc, logfile) in list(running.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                logfile.close()
+                del running[key]
+                if code != 0:
+                    tail = (out / "logs" / f"{key.replace(':', '_')}.log").read_text(encoding="utf-8").strip().splitlines()
+                    reason = next((line for line in reversed(tail) if "error" in line.lower()), tail[-1] if tail else "")
+                    raise UserError(f"study {study.name}: {key} failed (exit {code}): {reason.strip()} "
+                                    f"(log: {out / 'logs' / (key.replace(':', '_') + '.log')}); rerun the same command "
+                                    "to resume")
+                task = by_key[key]
+                if task.after:
+                    task.after()
+                if not task.done():
+                    raise UserError(f"study {study.name}: {key} ended without its output; see {out / 'logs'}")
+                finished.add(key)
+                ran.append(key)
+                log.info("study %s: %s done", study.name, key)
+            now = time.monotonic()
+            line = progress.line(list(running))
+            if running and (now - last_time >= PROGRESS_SECONDS or line.split(";")[0] != last_line.split(";")[0]):
+                log.info("%s", line)
+                last_line, last_time = line, now
+    finally:
+        for proc, logfile in running.values():
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            logfile.close()
+    write_json(out / "logs" / "last_start.json", {"ran": ran, "already": already})
+    return {"ran": ran, "already": already, "report": str(report_dir(out) / "report.html")}

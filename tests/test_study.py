@@ -1,0 +1,196 @@
+"""metanmt study: a whole tiny study end to end (every stage, in processes), resumed after a kill
+between stages, the report byte-equal when rebuilt; the study file's errors name file, line and key;
+a study folder moved elsewhere resumes there."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from metanmt.cli import main
+from metanmt.errors import ConfigError
+from metanmt.study.spec import load_study
+from tests.test_adaptation import TINY_RUN, make_l10n
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(path: Path) -> Path:
+    """TINY_RUN as a run config file (a study's inits name config files)."""
+    data: dict = {}
+    for item in TINY_RUN:
+        key, value = item.split("=", 1)
+        node = data
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = yaml.safe_load(value)
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+STUDY = {
+    "name": "tiny",
+    "description": "A tiny study on a synthetic corpus.",
+    "data": {"langs": ["xb", "xc"], "dev_lang": "xa"},
+    "inits": {
+        "multi": {"config": "tiny.yaml", "set": ["train.steps=4", "train.eval_every=2", "task.dev_languages=[xa]",
+                                                 "task.dev_budget='100'", "task.dev_finetune_steps=1",
+                                                 "task.dev_max_segments=4"]},
+        "meta": {"config": "tiny.yaml", "set": ["algorithm.name=fomaml", "algorithm.inner_optimizer=adam",
+                                                "train.steps=2", "train.seed=1"],
+                 "warm_start": {"init": "multi", "update": 2}, "inner": "chosen"},
+    },
+    "inner": {"lrs": [0.001, 0.003], "steps": [1, 2], "episodes": 2, "budget": "300"},
+    "finetune": {"lr": 0.003, "max_tokens": 60, "length": "chosen", "max_steps": 4,
+                 "search": {"epochs": [1, 2], "budgets": ["100"], "segments": 4}},
+    "budgets": ["0", "100"],
+    "seeds": 2,
+    "scratch_seeds": 1,
+    "curve": {"points": [0, 2], "seeds": 1, "segments": 4},
+    "decoding": {"beam": 1, "test_segments": 6},
+    "jobs": 2,
+}
+
+
+@pytest.fixture(scope="module")
+def study_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("study")
+    root = make_l10n(base / "l10n")
+    for folder, pattern in (("test", "{}.tsv.gz"), ("finetune", "{}.100.tsv.gz"), ("finetune", "{}.300.tsv.gz")):
+        shutil.copy(root / folder / pattern.format("xa"), root / folder / pattern.format("xc"))  # a third language
+    tiny_config(base / "tiny.yaml")
+    study = base / "tiny_study.yaml"
+    study.write_text(yaml.safe_dump({**STUDY, "data": {**STUDY["data"], "root": "l10n"}}, sort_keys=False))
+    return study, root
+
+
+def run_cli(*args: str) -> int:
+    return main([str(a) for a in args])
+
+
+def test_a_tiny_study_runs_every_stage_resumes_and_rebuilds_its_report_byte_equal(study_setup, tmp_path, capsys):
+    study, root = study_setup
+    out = tmp_path / "out"
+    assert run_cli("study", study, "--out", out, "--cpu") == 0
+    report = out / "report"
+    for name in ("results.csv", "results.md", "report.md", "report.html", "bleu_vs_budget.png",
+                 "adaptation_curve.png", "learning_curves.png"):
+        assert (report / name).is_file(), name
+    html = (report / "report.html").read_text(encoding="utf-8")
+    assert "<table>" in html and "data:image/png;base64," in html and "src=\"adaptation_curve.png\"" not in html
+    md = (report / "report.md").read_text(encoding="utf-8")
+    assert "The inner loop of `meta`, chosen on xa at multi@2" in md and "The fine-tuning length, chosen on xa" in md
+    assert "Convergence of `multi`" in md and "all 2" in md or "cells finished" in md
+    inner = json.loads((out / "inner" / "meta.json").read_text())
+    assert inner["choice"]["gain"] > 0 and len(inner["candidates"]) == 4
+    # the meta init trained with the chosen inner loop, from the warm start, for 2 updates (4 in all)
+    meta_cfg = yaml.safe_load((out / "inits" / "meta" / "metanmt.yaml").read_text())
+    assert meta_cfg["algorithm"]["inner_lr"] == inner["choice"]["lr"]
+    assert meta_cfg["algorithm"]["inner_steps"] == inner["choice"]["steps"]
+    assert meta_cfg["model"]["pretrained"] == str((out / "inits" / "multi@2").resolve())
+    rows = (report / "results.csv").read_text().splitlines()
+    # zero-shot 2 inits x 2 langs, fine-tuned (multi, meta: 2 seeds; scratch: 1) x 2 langs
+    assert len(rows) - 1 == 4 + (2 + 2 + 1) * 2
+    rule = json.loads((out / "rule.json").read_text())
+    assert rule["choice"]["epochs"] in (1, 2)
+
+    # rebuilt: the same bytes
+    before = {p.name: p.read_bytes() for p in report.iterdir() if p.is_file()}
+    assert run_cli("study", study, "--out", out, "--report-only", "--cpu") == 0
+    after = {p.name: p.read_bytes() for p in report.iterdir() if p.is_file()}
+    assert after == before
+
+    # a rerun has nothing to do and says so
+    capsys.readouterr()
+    assert run_cli("study", study, "--out", out, "--cpu") == 0
+    assert "every task was already finished" in capsys.readouterr().out
+
+    # a language's cells and the report lost: only they run again
+    shutil.rmtree(out / "cells" / "xc")
+    (report / "report.html").unlink()
+    assert run_cli("study", study, "--out", out, "--cpu") == 0
+    last = json.loads((out / "logs" / "last_start.json").read_text())
+    assert sorted(last["ran"]) == ["cells:xc", "report"]
+
+    # moved to another place (another machine): it resumes there
+    moved = tmp_path / "moved"
+    shutil.move(str(out), str(moved))
+    shutil.rmtree(moved / "cells" / "xb")
+    assert run_cli("study", study, "--out", moved, "--cpu") == 0
+    assert sorted(json.loads((moved / "logs" / "last_start.json").read_text())["ran"]) == ["cells:xb", "report"]
+    assert yaml.safe_load((moved / "inits" / "meta" / "metanmt.yaml").read_text())["model"]["pretrained"] == \
+        str((moved / "inits" / "multi@2").resolve())
+
+
+def test_a_study_killed_between_stages_resumes(study_setup, tmp_path):
+    study, _ = study_setup
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "metanmt", "study", str(study), "--out", str(out), "--cpu", "--jobs", "1"]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (out / "inner" / "meta.json").is_file() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert (out / "inner" / "meta.json").is_file()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "report" / "report.html").exists()
+    time.sleep(1)  # the task process dies with it
+    assert run_cli("study", study, "--out", out, "--cpu") == 0
+    assert (out / "report" / "report.html").is_file()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"seeds": 0}, "seeds: expected a value >= 1"),
+    ({"inits": {"multi": {"config": "nope.yaml"}}}, "inits.multi.config: no such run config"),
+    ({"reference": "other"}, "reference: 'other' is not one of the inits"),
+    ({"budgets": ["0", "7x"]}, "budgets: --budgets '7x'"),
+    ({"inner": None}, "inits.meta.inner: 'chosen' needs the study's `inner:` search"),
+    ({"inits": {**STUDY["inits"], "meta": {**STUDY["inits"]["meta"], "warm_start": {"init": "multi", "update": 9}}}},
+     "warm_start.update: 9 is past the end of multi"),
+    ({"inits": {**STUDY["inits"], "meta": {**STUDY["inits"]["meta"], "set": ["train.steps=3"]}}},
+     "inits.meta: 5 updates in all (warm start included) where the reference multi has 4"),
+    ({"finetune": {"lenght": "fixed"}}, "finetune.lenght: unknown key"),
+])
+def test_study_file_errors_name_the_file_line_and_key(study_setup, tmp_path, change, message):
+    study, root = study_setup
+    data = {**yaml.safe_load(study.read_text()), **change}
+    bad = study.parent / f"bad_{abs(hash(message))}.yaml"
+    bad.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(ConfigError) as info:
+        load_study(bad)
+    assert str(info.value).startswith(str(bad)) and message in str(info.value)
+    if "seeds" in change:  # the line of the key, counted in the file as written
+        line = bad.read_text().splitlines().index("seeds: 0") + 1
+        assert str(info.value).startswith(f"{bad}, line {line}: ")
+
+
+def test_a_study_that_selects_no_cell_fails_before_writing(study_setup, tmp_path, capsys):
+    study, _ = study_setup
+    out = tmp_path / "out"
+    assert run_cli("study", study, "--out", out, "--langs", "xq") == 2
+    assert "xq" in capsys.readouterr().err and not out.exists()
+    assert run_cli("study", study, "--out", out, "--set", "budgets=[0, 9k]") == 2
+    assert "9k" in capsys.readouterr().err and not out.exists()
+    assert run_cli("study", study, "--out", out, "--report-only") == 2
+    assert "holds no study" in capsys.readouterr().err and not out.exists()
+
+
+def test_dry_run_lists_the_tasks_in_order(study_setup, tmp_path, capsys):
+    study, _ = study_setup
+    assert run_cli("study", study, "--out", tmp_path / "out", "--dry-run") == 0
+    plan = json.loads(capsys.readouterr().out)
+    keys = [t["task"] for t in plan["plan"]]
+    assert keys == ["train:multi@2", "inner:meta", "train:multi", "train:meta", "rule", "cells:xb", "cells:xc",
+                    "report"]
+    assert plan["cells"] == {"xb": 2 + 5, "xc": 2 + 5} and not (tmp_path / "out").exists()
