@@ -194,3 +194,65 @@ def test_dry_run_lists_the_tasks_in_order(study_setup, tmp_path, capsys):
     assert keys == ["train:multi@2", "inner:meta", "train:multi", "train:meta", "rule", "cells:xb", "cells:xc",
                     "report"]
     assert plan["cells"] == {"xb": 2 + 5, "xc": 2 + 5} and not (tmp_path / "out").exists()
+
+
+def test_the_length_rule_takes_the_best_mean_chrf_and_within_the_tie_the_fewest_updates():
+    from metanmt.study.rule import choose_length
+
+    rules = [{"epochs": e, "min_steps": 0, "max_steps": 100} for e in (5, 10, 20)]
+    runs = [{"budget": "1k", "batches_per_epoch": 2, "points": {"10": {"chrf": 20.0}, "20": {"chrf": 25.0},
+                                                                "40": {"chrf": 25.05}}},
+            {"budget": "4k", "batches_per_epoch": 6, "points": {"30": {"chrf": 30.0}, "60": {"chrf": 33.0},
+                                                                "100": {"chrf": 33.0}}}]
+    result = choose_length(runs, rules, tie=0.1)
+    means = {s["epochs"]: s["mean_chrf"] for s in result["scored"]}
+    assert means == pytest.approx({5: 25.0, 10: 29.0, 20: 29.025})
+    # 20 epochs is best by 0.025, within the tie: 10 epochs needs fewer updates (20 + 60 against 40 + 100)
+    assert result["choice"]["epochs"] == 10 and result["choice"]["updates"] == {"1k": 20, "4k": 60}
+    assert choose_length(runs, rules, tie=0.0)["choice"]["epochs"] == 20
+
+
+def test_lr_from_warm_start_is_the_rate_the_sources_scheduler_reached(study_setup, tmp_path):
+    """The meta init's constant rate equals what the trainer's own scheduler gives the warm start's source
+    for its next update (inverse_sqrt with warmup)."""
+    import torch
+
+    from metanmt.config import load_config
+    from metanmt.engine.trainer import make_scheduler
+
+    study, root = study_setup
+    data = yaml.safe_load(study.read_text())
+    data["inits"]["multi"]["set"] += ["optim.schedule=inverse_sqrt", "optim.warmup_steps=3", "train.steps=12"]
+    data["inits"]["meta"]["set"] = ["algorithm.name=fomaml", "train.steps=3"]
+    data["inits"]["meta"]["warm_start"] = {"init": "multi", "update": 9}
+    data["inits"]["meta"]["lr_from_warm_start"] = True
+    data["inits"]["meta"]["inner"] = "config"
+    changed = study.parent / "lr_study.yaml"
+    changed.write_text(yaml.safe_dump(data, sort_keys=False))
+    spec = load_study(changed)
+    cfg = load_config(spec.inits["multi"].config, spec.inits["multi"].overrides)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr)
+    scheduler = make_scheduler(cfg, optimizer)
+    for _ in range(9):
+        optimizer.step()
+        scheduler.step()
+    assert spec.lr_at_warm_start("meta") == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-12)
+    assert spec.lr_at_warm_start("meta") < cfg.optim.lr
+
+    from metanmt.study.inits import train_command
+
+    command = train_command(spec, tmp_path, "meta")
+    assert f"optim.lr={spec.lr_at_warm_start('meta'):.6g}" in command
+
+
+def test_an_inner_loop_whose_best_gain_is_not_positive_stops_the_study(study_setup, tmp_path, monkeypatch):
+    from metanmt.errors import UserError
+    from metanmt.study import inner
+
+    study, _ = study_setup
+    spec = load_study(study)
+    result = {"init": "meta", "warm_start": "multi@2", "choice": {"lr": 0.001, "steps": 1, "gain": -0.02}}
+    monkeypatch.setattr(inner, "measure_inner_gains", lambda *a: result)
+    with pytest.raises(UserError, match=r"no candidate inner loop lowers the dev-language query loss .* -0.0200"):
+        inner.choose_inner(spec, tmp_path, "meta")
+    assert json.loads((tmp_path / "inner" / "meta.json").read_text()) == result  # measured once, kept
