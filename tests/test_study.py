@@ -78,10 +78,19 @@ def run_cli(*args: str) -> int:
     return main([str(a) for a in args])
 
 
-def test_a_tiny_study_runs_every_stage_resumes_and_rebuilds_its_report_byte_equal(study_setup, tmp_path, capsys):
-    study, root = study_setup
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def finished(study_setup, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny study run once, every stage (tests copy it before changing it)."""
+    study, _ = study_setup
+    out = tmp_path_factory.mktemp("finished") / "out"
     assert run_cli("study", study, "--out", out, "--cpu") == 0
+    return out
+
+
+def test_a_tiny_study_runs_every_stage_resumes_and_rebuilds_its_report_byte_equal(study_setup, finished, tmp_path,
+                                                                                  capsys):
+    study, root = study_setup
+    out = finished
     report = out / "report"
     for name in ("results.csv", "results.md", "report.md", "report.html", "bleu_vs_budget.png",
                  "adaptation_curve.png", "learning_curves.png"):
@@ -115,14 +124,16 @@ def test_a_tiny_study_runs_every_stage_resumes_and_rebuilds_its_report_byte_equa
     assert run_cli("study", study, "--out", out, "--cpu") == 0
     assert "every task was already finished" in capsys.readouterr().out
 
-    # a language's cells and the report lost: only they run again
+    # a language's cells and the report lost: only they run again (in a copy, moved: it resumes there)
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
     shutil.rmtree(out / "cells" / "xc")
     (report / "report.html").unlink()
     assert run_cli("study", study, "--out", out, "--cpu") == 0
     last = json.loads((out / "logs" / "last_start.json").read_text())
     assert sorted(last["ran"]) == ["cells:xc", "report"]
 
-    # moved to another place (another machine): it resumes there
+    # moved again: it resumes there
     moved = tmp_path / "moved"
     shutil.move(str(out), str(moved))
     shutil.rmtree(moved / "cells" / "xb")
@@ -130,6 +141,20 @@ def test_a_tiny_study_runs_every_stage_resumes_and_rebuilds_its_report_byte_equa
     assert sorted(json.loads((moved / "logs" / "last_start.json").read_text())["ran"]) == ["cells:xb", "report"]
     assert yaml.safe_load((moved / "inits" / "meta" / "metanmt.yaml").read_text())["model"]["pretrained"] == \
         str((moved / "inits" / "multi@2").resolve())
+
+
+def test_overwrite_that_fails_in_its_first_task_gives_the_old_study_back(study_setup, finished, tmp_path, capsys):
+    study, _ = study_setup
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and "logs" not in p.parts}
+    broken = yaml.safe_load(study.read_text())["inits"]["multi"]["set"] + ["model.d_model=33"]  # 2 heads: an error
+    capsys.readouterr()
+    assert run_cli("study", study, "--out", out, "--cpu", "--overwrite", "--set",
+                   f"inits.multi.set={json.dumps(broken)}") == 2
+    assert "train:multi@2 failed" in capsys.readouterr().err
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and "logs" not in p.parts}
+    assert after == before
 
 
 def test_a_study_killed_between_stages_resumes(study_setup, tmp_path):

@@ -113,6 +113,7 @@ TOOLKIT_ENTRIES: dict[str, set[str]] = {
     "run": {CONFIG_FILE, CHECKPOINTS, "best", "logs", "history.jsonl", *MODEL_FILES},
     "fine-tune": {CONFIG_FILE, CHECKPOINTS, "finetune.json", *MODEL_FILES},
     "compare report": {"compare.json", "cells", "work", "results.csv", "results.md", "bleu_vs_budget.png"},
+    "study": {"study.json", "inits", "inner", "rule.json", "cells", "report", "logs"},
 }
 _HELD: dict[Path, FolderLock] = {}
 _REPLACING: set[Path] = set()  # folders whose previous contents this process holds aside, unconfirmed

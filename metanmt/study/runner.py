@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..engine.checkpoint import latest_trainer_state
+from ..engine.checkpoint import confirm_replacement, release_directory, restore_on_failure
 from ..errors import UserError
 from . import cells as study_cells
 from .folder import (claim, data_fingerprint, init_dir, inner_file, read_json, report_dir, rule_file, warm_dir,
@@ -249,6 +249,16 @@ def run_study(study: Study, out: Path, jobs: Optional[int] = None, overwrite: bo
         if not (out / "study.json").is_file():
             raise UserError(f"--report-only: {out} holds no study to report on")
     claim(out, settings, study.data_root, overwrite)
+    try:
+        # --overwrite set the previous study aside: it comes back if this start fails before its first task ends
+        with restore_on_failure(out):
+            return _run(study, out, tasks, jobs, report_only, device, argv_extra or [])
+    finally:
+        release_directory(out)
+
+
+def _run(study: Study, out: Path, tasks: list[Task], jobs: int, report_only: bool, device: str,
+         argv_extra: list[str]) -> dict[str, Any]:
     if report_only:
         finished = sum(len(study_cells.finished_cells(out, lang)) for lang in study.langs)
         if not finished:
@@ -258,6 +268,7 @@ def run_study(study: Study, out: Path, jobs: Optional[int] = None, overwrite: bo
             raise UserError(f"--report-only: the cells of {' '.join(missing)} have not started in {out}; a report needs "
                             "every language begun")
         run_task(study, out, "report", device)
+        confirm_replacement(out)
         return {"ran": ["report"], "already": [], "report": str(report_dir(out) / "report.html")}
 
     by_key = {t.key: t for t in tasks}
@@ -284,7 +295,7 @@ def run_study(study: Study, out: Path, jobs: Optional[int] = None, overwrite: bo
                     continue
                 alone = len(running) == 0 and len(ready) == 1
                 threads = str(max(1, jobs) if alone else 1)
-                command = task.command() if task.command else _task_command(study, out, task.key, argv_extra or [])
+                command = task.command() if task.command else _task_command(study, out, task.key, argv_extra)
                 logfile = open(out / "logs" / f"{task.key.replace(':', '_')}.log", "a", encoding="utf-8")
                 logfile.write(f"+ {' '.join(command)}\n")
                 logfile.flush()
@@ -318,6 +329,7 @@ def run_study(study: Study, out: Path, jobs: Optional[int] = None, overwrite: bo
                     raise UserError(f"study {study.name}: {key} ended without its output; see {out / 'logs'}")
                 finished.add(key)
                 ran.append(key)
+                confirm_replacement(out)  # a task of this start is done: what --overwrite set aside goes
                 log.info("study %s: %s done", study.name, key)
             now = time.monotonic()
             line = progress.line(list(running))
