@@ -16,9 +16,10 @@ folder records, English tokens/s of the training, the plain `transformers` loop'
 the throughput benchmark, and Finnish 16k BLEU / chrF / test NLL. Targets: >= 6.2 BLEU,
 >= 25.6 chrF, NLL <= 3.34 (the calibration pilot's 20-minute multi-task run).
 
-``--fine-tune rule`` fine-tunes for the fixed length chosen on the dev language Romanian
-(``bench/l10n_finetune_recipe.py``: 700 updates at 16k) instead of stopping on Finnish dev NLL, and
-keeps its scores beside the others (``fi16k_rule``, ``met_rule``); the model scored is the run's
+``--fine-tune rule`` fine-tunes for the fixed length chosen on the dev language Romanian (the rule
+recorded in ``bench/results/l10n_finetune_recipe.json``: 20 epochs, at most 1,000 updates, so 700 at
+16k; a study chooses its own with ``finetune.length: chosen``) instead of stopping on Finnish dev NLL,
+and keeps its scores beside the others (``fi16k_rule``, ``met_rule``); the model scored is the run's
 checkpoint at the config's steps, also when the run has been resumed past them.
 
 ``--within-minutes 20`` instead scores the run's last checkpoint within 20 minutes of training (on
@@ -82,15 +83,12 @@ def exported(runs: Path, step: int) -> Path:
 
 
 def rule_flags(rule: Path = RULE) -> list[str]:
-    """compare's flags for the fine-tuning length chosen on Romanian by ``bench/l10n_finetune_recipe.py``
-    (its results file ``rule``): a fixed number of updates per budget, no early stopping."""
+    """compare's flags for the fine-tuning length chosen on Romanian (the ``choice`` of the recorded
+    results file ``rule``): a fixed number of updates per budget, no early stopping."""
     if not rule.is_file():
-        raise SystemExit(f"{rule} is missing: run bench/l10n_finetune_recipe.py first")
-    return flags_of(json.loads(rule.read_text(encoding="utf-8"))["choice"])
-
-
-def flags_of(choice: dict) -> list[str]:
-    """compare's flags for one ``choice`` of the rule file."""
+        raise SystemExit(f"{rule} is missing: it records the fine-tuning length chosen on Romanian "
+                         "(restore it from the repository)")
+    choice = json.loads(rule.read_text(encoding="utf-8"))["choice"]
     return ["--epochs", str(choice["epochs"]), "--min-steps", str(choice["min_steps"]),
             "--max-steps", str(choice["max_steps"]), "--patience", "0"]
 
@@ -197,17 +195,15 @@ def within_minutes(run: Path, runs: Path, data_root: Path, args: argparse.Namesp
                      asked_minutes=args.within_minutes, cpu=args.cpu or cpu()["cpu"])
 
 
-def train_frontier(run: Path, data_root: Path, steps: int | None = None) -> list[str] | None:
-    """``configs/l10n_frontier.yaml`` into ``run`` to ``steps`` updates (None: the config's), trained
-    or resumed where an earlier sitting left it (its inverse_sqrt schedule does not depend on
-    ``train.steps``). Returns the command run, None when the run is already there."""
+def train_frontier(run: Path, data_root: Path) -> list[str] | None:
+    """``configs/l10n_frontier.yaml`` into ``run`` to the config's updates, trained or resumed where an
+    earlier sitting left it. Returns the command run, None when the run is already there."""
     from metanmt.config import load_config
     from metanmt.engine.checkpoint import latest_trainer_state
 
-    if latest_trainer_state(run).get("step", 0) >= (steps or load_config(CONFIG, []).train.steps):
+    if latest_trainer_state(run).get("step", 0) >= load_config(CONFIG, []).train.steps:
         return None
     command = ["meta-train", str(CONFIG), "--set", f"data.root={data_root}", "--output-dir", str(run),
-               *([] if steps is None else ["--set", f"train.steps={steps}"]),
                *(["--resume"] if (run / "metanmt.yaml").is_file() else [])]
     print("+ metanmt", " ".join(command), flush=True)
     return metanmt(*command)
@@ -244,7 +240,7 @@ def main() -> None:
     train_frontier(run, data_root)
     state = latest_trainer_state(run)
     init = run
-    if state["step"] != steps:  # resumed past the config's steps (the learning curve): its checkpoint at them
+    if state["step"] != steps:  # resumed past the config's steps (a longer run): its checkpoint at them
         init = exported(runs, steps)
         state = json.loads((init / "trainer_state.json").read_text())
     sfx = suffix(args.fine_tune)

@@ -1,5 +1,6 @@
-"""The l10n benchmark scripts' own logic on tiny data: the learning curve scores every checkpoint as
-validation during training does, and the frontier's held-out Finnish dev set is what it claims."""
+"""The l10n benchmark scripts' own logic on tiny data: the frontier's held-out Finnish dev set is what
+it claims and its scoring modes pick the checkpoints they say, the fine-tuning speed benchmark times
+both loops, and the README's tables print from the committed results."""
 
 from __future__ import annotations
 
@@ -25,30 +26,6 @@ def bench_module(name: str, monkeypatch: pytest.MonkeyPatch):
     return module
 
 
-def test_learning_curve_scores_each_checkpoint_like_validation_in_training(tmp_path: Path,
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    root = make_l10n(tmp_path / "l10n")
-    run = make_run(root, tmp_path / "run", "task.dev_languages=[xa]", "task.dev_budget='100'", "task.dev_finetune_steps=2",
-                   "task.dev_finetune_tokens=60", "task.dev_max_segments=6", "task.dev_metric=loss", "train.steps=4",
-                   "train.save_every=2", "train.keep_checkpoints=0", "train.eval_every=4", "train.trackers=[]")
-    curve = bench_module("l10n_learning_curve", monkeypatch)
-    out = tmp_path / "curve"
-    monkeypatch.setattr(sys, "argv", ["l10n_learning_curve.py", str(run), "--name", str(out)])
-    curve.main()
-    result = json.loads(out.with_suffix(".json").read_text())
-    assert [r["step"] for r in result["rows"]] == [2, 4] and out.with_suffix(".png").is_file()
-    in_training = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()
-                   if '"validation"' in line][-1]
-    last = result["rows"][-1]
-    assert in_training["step"] == 4
-    for key in ("dev_loss", "dev_loss_zero_shot", "dev_chrf", "dev_bleu"):
-        assert last[key] == pytest.approx(in_training[key], abs=1e-4)  # the checkpoint's weights, scored the same way
-    assert result["rows"][0]["pairs_seen"] < last["pairs_seen"]
-    # a rerun scores nothing again: both points are cached in the results file
-    monkeypatch.setattr(curve, "score_checkpoint", lambda *a: pytest.fail("scored a cached checkpoint"))
-    curve.main()
-
-
 def _write(path: Path, rows: list[tuple[str, str]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with gzip.open(path, "wt", encoding="utf-8") as f:
@@ -67,116 +44,6 @@ def test_frontier_dev_set_is_the_last_pool_pairs_outside_every_budget(tmp_path: 
     assert [(r["src"], r["en"]) for r in rows] == pool[17:25]
     with pytest.raises(SystemExit, match="only 15 pairs"):
         frontier.held_out_dev(tmp_path, tmp_path / "out" / "big.tsv.gz", size=16)
-
-
-def test_frontier_recipe_rows_merge_into_meta_recipes_by_recipe_budget_and_preset(tmp_path: Path,
-                                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    recipes = bench_module("l10n_frontier_recipes", monkeypatch)
-    report = tmp_path / "dev" / "emb"
-    report.mkdir(parents=True)
-    base = {"lang": "ro", "init_pairs": "130000", "init_seconds": "1300", "p_bleu": "", "p_chrf": "", "p_nll": ""}
-    cells = [{**base, "init": "frontier_fomaml", "budget": "1k", "seed": s, "bleu": b, "chrf": "30", "nll": n,
-              "p_nll": "0.02", "nll_at_0": "4", "nll_at_100": "3.5", "chrf_at_0": "20", "chrf_at_100": "29"}
-             for s, b, n in ((0, "6", "3.2"), (1, "8", "3.4"))]
-    cells.append({**base, "init": "frontier_multitask", "budget": "1k", "seed": 0, "bleu": "5", "chrf": "28", "nll": "3.5"})
-    with (report / "results.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=sorted({k for c in cells for k in c}))
-        writer.writeheader()
-        writer.writerows(cells)
-    rows = recipes.csv_rows(report, "emb", {"frontier_fomaml": 1500.0})
-    fomaml = next(r for r in rows if r["recipe"] == "frontier_fomaml")
-    assert (fomaml["dev_bleu"], fomaml["dev_nll"], fomaml["n_seeds"], fomaml["finetune"]) == ("7.0000", "3.3000", 2, "emb")
-    assert (fomaml["nll_at_100"], fomaml["chrf_at_0"], fomaml["nll_at_10"], fomaml["seconds"]) == ("3.5000", "20.0000", "", "1500.0")
-    assert fomaml["algo"] == "fomaml+sio" and fomaml["p_nll"] == "0.02"
-    multi = next(r for r in rows if r["recipe"] == "frontier_multitask")
-    assert multi["seconds"] == "1300.0" and multi["nll_at_0"] == ""  # no curve for that cell: blank, not zero
-
-    path = tmp_path / "meta_recipes.csv"
-    old = {"recipe": "warm_multitask", "algo": "multitask", "dev_nll": "4.18"}  # a row from before the new columns
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(old))
-        writer.writeheader()
-        writer.writerow(old)
-    recipes.write_rows(path, rows)
-    recipes.write_rows(path, [{**fomaml, "dev_nll": "3.1"}])  # a rerun of one cell replaces its row only
-    merged = list(csv.DictReader(path.open()))
-    assert list(merged[0]) == recipes.COLUMNS
-    assert [(r["recipe"], r["budget"], r["finetune"], r["dev_nll"]) for r in merged] == [
-        ("warm_multitask", "", "", "4.18"), ("frontier_fomaml", "1k", "emb", "3.1"), ("frontier_multitask", "1k", "emb", "3.5000")]
-
-
-def test_finetune_rule_is_chosen_on_dev_curves_by_chrf_and_a_rerun_scores_nothing(tmp_path: Path,
-                                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """bench/l10n_finetune_recipe.py: each budget's curve holds every update count a candidate rule
-    gives it; the choice is the rule with the highest mean chrF (the fewest updates within 0.1)."""
-    root = make_l10n(tmp_path / "l10n")
-    run = make_run(root, tmp_path / "run")
-    rule = bench_module("l10n_finetune_recipe", monkeypatch)
-    out = tmp_path / "rule.json"
-    argv = ["l10n_finetune_recipe.py", "--init", f"multi={run}", "--data-root", str(root), "--dev-lang", "xa",
-            "--budgets", "100", "300", "--epochs", "1", "2", "--min-steps", "0", "3", "--max-steps", "4", "--out", str(out)]
-    monkeypatch.setattr(sys, "argv", argv)
-    assert rule.main() == 0
-    info = json.loads(out.read_text())
-    rules = rule.candidate_rules([1, 2], [0, 3], 4)
-    for r in info["runs"]:
-        wanted = {0, *(rule.rule_updates(r["batches_per_epoch"], **c) for c in rules)}
-        assert set(map(int, r["points"])) == wanted and r["points"]["0"] == info["runs"][0]["points"]["0"]
-    scores = {(c["epochs"], c["min_steps"]): sum(r["points"][str(rule.rule_updates(r["batches_per_epoch"], **c))]["chrf"]
-                                                 for r in info["runs"]) / 2 for c in rules}
-    choice = info["choice"]
-    assert choice["mean_chrf"] == pytest.approx(scores[(choice["epochs"], choice["min_steps"])])
-    assert choice["mean_chrf"] >= max(scores.values()) - rule.TIE
-    # a rerun scores no curve again; --rechoose recomputes the same choice from the stored curves
-    monkeypatch.setattr("metanmt.evaluation.compare.adaptation_curve", lambda *a, **k: pytest.fail("scored again"))
-    assert rule.main() == 0
-    monkeypatch.setattr(sys, "argv", argv + ["--rechoose"])
-    assert rule.main() == 0 and json.loads(out.read_text())["choice"] == choice
-
-
-def test_finetune_rule_choice_breaks_ties_by_fewer_updates(monkeypatch: pytest.MonkeyPatch) -> None:
-    rule = bench_module("l10n_finetune_recipe", monkeypatch)
-    # two budgets of 3 and 30 batches; chrF rises to 100 updates at the small one, flat past 30 at the large one
-    small = {"0": 10.0, "15": 14.0, "30": 15.0, "60": 16.0, "100": 18.0, "120": 18.05}
-    large = {"0": 10.0, "150": 20.0, "300": 20.02, "600": 20.0, "1000": 19.0}
-    runs = [{"init": "multi", "budget": b, "batches_per_epoch": n, "points": {k: {"chrf": v} for k, v in p.items()}}
-            for b, n, p in (("1k", 3, small), ("16k", 30, large))]
-    rules = rule.candidate_rules([5, 10, 20, 40], [0, 100], 1000)
-    for r in runs:  # every count the grid gives is on the curve
-        assert {str(rule.rule_updates(r["batches_per_epoch"], **c)) for c in rules} <= set(r["points"])
-    # best: 10 epochs, at least 100 updates (100 and 300: 19.01); 5 epochs with 100 (100 and 150: 19.0)
-    # is within 0.1 with fewer updates, and wins
-    choice = rule.choose(runs, rules)["choice"]
-    assert (choice["epochs"], choice["min_steps"]) == (5, 100) and choice["updates"] == {"1k": 100, "16k": 150}
-    assert choice["mean_chrf"] == pytest.approx(19.0)
-    runs[1]["points"]["150"]["chrf"] = 19.0  # 5 epochs falls to 18.5: of the two left within 0.1, the fewer updates
-    choice = rule.choose(runs, rules)["choice"]
-    assert (choice["epochs"], choice["min_steps"]) == (10, 100) and choice["updates"] == {"1k": 100, "16k": 300}
-
-
-def test_converged_meta_inits_continue_at_the_learning_rate_the_multitask_run_had_reached(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The meta stage's constant lr is the multi-task schedule's lr for the update after the warm
-    start, as the run itself logged it; a comparison without the rule measured refuses to start."""
-    root = make_l10n(tmp_path / "l10n")
-    run = make_run(root, tmp_path / "run", "optim.schedule=inverse_sqrt", "optim.warmup_steps=2", "train.steps=4",
-                   "train.log_every=1")
-    converged = bench_module("l10n_converged_compare", monkeypatch)
-    logged = {r["step"]: r["lr"] for r in map(json.loads, (run / "history.jsonl").read_text().splitlines())
-              if r.get("kind") == "train"}
-    for step in (2, 3, 4):
-        assert converged.lr_at(run, step) == pytest.approx(logged[step], rel=1e-12)
-    monkeypatch.setattr(converged, "RULE", tmp_path / "rule.json")
-    with pytest.raises(SystemExit, match="run --stage rule first"):
-        converged.rule_flags(run)
-    (tmp_path / "rule.json").write_text(json.dumps({"runs": [{"path": str(run.resolve()), "budget": "1k"}],
-                                                    "choice": {"epochs": 5, "min_steps": 100, "max_steps": 1000}}))
-    with pytest.raises(SystemExit, match="not been measured on"):
-        converged.rule_flags(run)
-    (tmp_path / "rule.json").write_text(json.dumps({"runs": [{"path": str(run.resolve()), "budget": b} for b in
-                                                             ("1k", "4k", "16k", "40k")],
-                                                    "choice": {"epochs": 20, "min_steps": 0, "max_steps": 1000}}))
-    assert converged.rule_flags(run) == ["--epochs", "20", "--min-steps", "0", "--max-steps", "1000", "--patience", "0"]
 
 
 def test_frontier_rule_scores_the_checkpoint_at_the_configs_steps_beside_the_earlier_scores(
@@ -259,31 +126,6 @@ def test_frontier_within_minutes_scores_the_last_checkpoint_that_fits_in_them(
         frontier.main()
 
 
-def test_converged_study_trains_or_resumes_the_multitask_run_to_its_final_update(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The study starts from nothing: the frontier multi-task run is trained to FINAL, resumed where a
-    sitting left it, and left alone once it is there."""
-    import subprocess
-
-    import metanmt.engine.checkpoint as ckpt
-
-    converged = bench_module("l10n_converged_compare", monkeypatch)
-    ran, state = [], {}
-    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: ran.append(cmd))
-    monkeypatch.setattr(ckpt, "latest_trainer_state", lambda run: state)
-    runs = tmp_path / "runs"
-    command = converged.train_multi(runs, tmp_path / "l10n")
-    assert ran == [command] and "--resume" not in command
-    assert "l10n_frontier.yaml" in command[4] and f"train.steps={converged.FINAL}" in command
-    assert command[command.index("--output-dir") + 1] == str(runs / "multi")
-    (runs / "multi").mkdir(parents=True)
-    (runs / "multi" / "metanmt.yaml").write_text("family: translation\n")
-    state["step"] = 3771
-    assert converged.train_multi(runs, tmp_path / "l10n")[-1] == "--resume"
-    state["step"] = converged.FINAL + 250
-    assert converged.train_multi(runs, tmp_path / "l10n") is None and len(ran) == 2
-
-
 def test_finetune_speed_benchmark_scores_both_ways_alike_and_times_both_loops(tmp_path: Path,
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     root = make_l10n(tmp_path / "l10n")
@@ -300,3 +142,31 @@ def test_finetune_speed_benchmark_scores_both_ways_alike_and_times_both_loops(tm
     assert row["whole_batch_s_per_update"] > 0 and row["micro_batch_s_per_update"] > 0 and row["sorted_scoring_s"] > 0
     # the scorer as it was (file order) and the sorted one give the same NLLs
     assert row["nll_sorted"] == pytest.approx(row["nll_file_order"], abs=1e-6) and row["max_sentence_nll_difference"] < 1e-4
+
+
+def test_readme_tables_print_from_the_committed_results(monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """bench/readme_tables.py: the quick reproduction's table and curve, and the meta-step table, from
+    the files under bench/results (the numbers the README quotes)."""
+    tables = bench_module("readme_tables", monkeypatch)
+    tables.compare_table("l10n_compare_quick")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| lang | budget | meta BLEU / chrF / NLL | multi BLEU / chrF / NLL")
+    fi0 = next(line for line in lines if line.startswith("| fi | 0 |"))
+    assert fi0 == ("| fi | 0 | 1.53 / 13.1 / 3.41 | 1.61 / 13.3 / 3.43 | – | 1 / 1 / 0 | "
+                   "-0.08 (p=0.63) / -0.2 (p=0.31) / -0.02 (p=0.012*) |")  # as in README.md, "Results"
+    tables.curve_table("l10n_compare_quick")
+    curve = capsys.readouterr().out.splitlines()
+    assert curve[0] == "| lang | budget | init | n | NLL at 0 | NLL at 10 | NLL at 30 | NLL at 100 |" and len(curve) > 2
+    tables.meta_step_table()
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0].startswith("| family | algorithm | implementation |") and len(rows) > 3
+
+
+def test_frontier_rule_flags_are_the_recorded_romanian_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--fine-tune rule``: compare's flags for the length recorded in bench/results (20 epochs, at most
+    1,000 updates, no early stopping); a missing record is an error that says what it was."""
+    frontier = bench_module("l10n_frontier", monkeypatch)
+    assert frontier.rule_flags() == ["--epochs", "20", "--min-steps", "0", "--max-steps", "1000", "--patience", "0"]
+    with pytest.raises(SystemExit, match="fine-tuning length chosen on Romanian"):
+        frontier.rule_flags(tmp_path / "rule.json")
