@@ -162,7 +162,8 @@ class Progress:
     def __init__(self, study: Study, out: Path, tasks: list[Task], jobs: int):
         self.study, self.out, self.tasks, self.jobs = study, out, tasks, jobs
 
-    def _train_rate(self, name: str) -> Optional[float]:
+    def _last_train_record(self, name: str) -> Optional[dict[str, Any]]:
+        """The run's last logged training record (its step and cumulative seconds), None before one."""
         history = init_dir(self.out, name) / "history.jsonl"
         if not history.is_file():
             return None
@@ -173,6 +174,11 @@ class Progress:
             record = json.loads(line)
             if record.get("kind") == "train" and record.get("seconds"):
                 last = record
+        return last
+
+    def _train_rate(self, name: str) -> Optional[float]:
+        """Seconds per update so far (validation included: it is part of what is left)."""
+        last = self._last_train_record(name)
         return last["seconds"] / max(1, last["step"]) if last else None
 
     def line(self, running: list[str]) -> str:
@@ -181,7 +187,7 @@ class Progress:
         counts = " · ".join(f"{stage} {sum(t.key in done for t in self.tasks if t.stage == stage)}/"
                             f"{sum(t.stage == stage for t in self.tasks)}" for stage in STAGES
                             if any(t.stage == stage for t in self.tasks))
-        left, unknown = 0.0, []
+        left, busy, unknown = 0.0, [], []  # seconds left of waiting tasks; of each running one
         rates = {n: r for n in study.inits if (r := self._train_rate(n))}
         mean_rate = sum(rates.values()) / len(rates) if rates else None
         cell_seconds = [float(c.get("seconds", 0)) + float(c.get("curve_seconds", 0))
@@ -194,10 +200,13 @@ class Progress:
             if task.key.startswith("train:"):
                 name, _, upto = task.key[len("train:"):].partition("@")
                 target = int(upto) if upto else study.inits[name].steps
-                at = trained_to(out, name)
+                logged = self._last_train_record(name)
+                at = max(trained_to(out, name), int(logged["step"]) if logged else 0)
                 rate = rates.get(name, mean_rate)
                 if rate is None:
                     unknown.append(task.key)
+                elif task.key in running:
+                    busy.append(max(0, target - at) * rate)
                 else:
                     left += max(0, target - at) * rate
                 if task.key in running:
@@ -207,6 +216,8 @@ class Progress:
                 n_done, planned = len(study_cells.finished_cells(out, lang)), study_cells.planned_cells(study, lang)
                 if per_cell is None:
                     unknown.append(task.key)
+                elif task.key in running:
+                    busy.append((planned - n_done) * per_cell)
                 else:
                     left += (planned - n_done) * per_cell
                 if task.key in running:
@@ -215,7 +226,8 @@ class Progress:
                 where.append(task.key)
             elif task.stage != "report":
                 unknown.append(task.key)
-        eta = f"about {left / 60 / max(1, min(self.jobs, len(running) or 1)):.0f} min left at the measured rates"
+        # the running tasks go on side by side; what waits shares every process
+        eta = f"about {(max(busy, default=0.0) + left / self.jobs) / 60:.0f} min left at the measured rates"
         if unknown:
             eta += f" (not measured yet: {', '.join(unknown[:4])}{' ...' if len(unknown) > 4 else ''})"
         return f"study {study.name} [{counts}] running: {', '.join(where) or '-'}; {eta}"
