@@ -429,6 +429,8 @@ def compare_data(root: Path) -> Path:
     (["--langs", "xa", "--budgets", "4k", "--report-only"],
      ["--report-only: none of the 2 planned cells is finished", "nothing to report"]),
     (["--langs", "xa", "--budgets", "4k", "--report-only", "--overwrite"], ["--report-only with --overwrite"]),
+    (["--langs", "xa", "xa", "--budgets", "4k"], ["--langs: xa given twice"]),
+    (["--langs", "xa", "--budgets", "4k", "4000"], ["--budgets: 4000 given twice (as 4k 4000)"]),
 ])
 def test_compare_that_selects_no_cell_fails_before_out_is_written(tmp_path: Path, capsys, extra, expected) -> None:
     data, out = compare_data(tmp_path / "data"), tmp_path / "report"

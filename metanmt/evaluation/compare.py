@@ -190,6 +190,10 @@ def plan_cells(init_names: list[str], scratch_names: set[str], data_root: Path, 
         raise UserError("--langs: give at least one language")
     if not budgets:
         raise UserError("--budgets: give at least one budget")
+    for flag, values in (("--langs", langs), ("--budgets", [str(budget_words(b)) for b in budgets])):
+        twice = sorted({v for v in values if values.count(v) > 1})
+        if twice:  # every cell of it would be fine-tuned twice
+            raise UserError(f"{flag}: {' '.join(twice)} given twice (as {' '.join(langs if flag == '--langs' else budgets)})")
     split = _read_split(data_root).get("finetune", {})
     files: dict[tuple[str, str], Path] = {}
     notes: list[str] = []
