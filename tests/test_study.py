@@ -281,3 +281,23 @@ def test_an_inner_loop_whose_best_gain_is_not_positive_stops_the_study(study_set
     with pytest.raises(UserError, match=r"no candidate inner loop lowers the dev-language query loss .* -0.0200"):
         inner.choose_inner(spec, tmp_path, "meta")
     assert json.loads((tmp_path / "inner" / "meta.json").read_text()) == result  # measured once, kept
+
+
+def test_a_study_may_add_budgets_on_resume_but_not_change_its_settings(study_setup, tmp_path):
+    """A later phase (16k, 40k) continues the same folder; anything else changed is refused."""
+    from metanmt.errors import UserError
+    from metanmt.engine.checkpoint import release_directory
+    from metanmt.study.folder import claim
+    from metanmt.study.spec import describe
+
+    study, root = study_setup
+    out = tmp_path / "out"
+    assert claim(out, describe(load_study(study)), root, overwrite=False) is False
+    release_directory(out)
+    assert claim(out, describe(load_study(study, extra=["budgets=[0, 100, 300]"])), root, overwrite=False) is True
+    release_directory(out)
+    with pytest.raises(UserError, match=r"other settings \(budgets"):
+        claim(out, describe(load_study(study, extra=["budgets=[0]"])), root, overwrite=False)
+    release_directory(out)
+    with pytest.raises(UserError, match=r"other settings \(seeds: 2 -> 3"):
+        claim(out, describe(load_study(study, extra=["budgets=[0, 100, 300]", "seeds=3"])), root, overwrite=False)

@@ -10,6 +10,9 @@
     OUT/report/                    every cell gathered, and the report: results.csv, results.md,
                                    the plots, report.html
 
+The budgets may grow between starts (a later phase adds 16k and 40k to a finished 0/1k/4k study:
+its cells are kept and the new ones run); any other change of the settings is refused.
+
 A folder copied to another machine resumes there: paths inside it are found again from its new
 place, and the data root (``--data-root``) may be elsewhere as long as its files are the same ones
 (names and sizes: :func:`data_fingerprint`). Before resuming, the paths that runs and comparisons
@@ -83,7 +86,12 @@ def claim(out: Path, settings: dict[str, Any], data_root: Path, overwrite: bool)
     continuing = claim_directory(out, record, "study", resume=not overwrite, overwrite=overwrite, out_flag="--out")
     if continuing:
         old = read_json(record)
-        details = describe_changes(old["settings"], json.loads(json.dumps(settings)), limit=4)
+        new = json.loads(json.dumps(settings))
+        # budgets may grow (a later phase: 16k, 40k): the finished cells stay valid and new ones are added
+        old_budgets, new_budgets = old["settings"].get("budgets", []), new.get("budgets", [])
+        grown = set(old_budgets) <= set(new_budgets)
+        details = describe_changes({**old["settings"], "budgets": None} if grown else old["settings"],
+                                   {**new, "budgets": None} if grown else new, limit=4)
         if details:
             raise UserError(f"{out}: holds this study with other settings ({details}); use another --out or "
                             "pass --overwrite")
