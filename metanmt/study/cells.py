@@ -41,6 +41,12 @@ def planned_cells(study: Study, lang: str) -> int:
     return len(plan.cells)
 
 
+def count_finished(out: Path, lang: str) -> int:
+    """How many of the language's cells are finished (their files, not read)."""
+    folder = cells_dir(out, lang) / "cells"
+    return sum(1 for _ in folder.glob("*.json")) if folder.is_dir() else 0
+
+
 def finished_cells(out: Path, lang: str) -> list[dict[str, Any]]:
     folder = cells_dir(out, lang) / "cells"
     return [read_json(p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []

@@ -89,7 +89,7 @@ def tasks_of(study: Study, out: Path) -> list[Task]:
     cell_deps = [*final.values(), *rule_deps]
     for lang in study.langs:
         tasks.append(Task(f"cells:{lang}", "cells", cell_deps,
-                          done=lambda lang=lang: len(study_cells.finished_cells(out, lang)) >= study_cells.planned_cells(study, lang)
+                          done=lambda lang=lang: study_cells.count_finished(out, lang) >= study_cells.planned_cells(study, lang)
                           and (study_cells.cells_dir(out, lang) / "results.md").is_file()))
     tasks.append(Task("report", "report", [f"cells:{lang}" for lang in study.langs],
                       done=lambda: (report_dir(out) / "report.html").is_file() and _report_current(study, out)))
@@ -213,7 +213,7 @@ class Progress:
                     where.append(f"{task.key} {at}/{target} updates")
             elif task.key.startswith("cells:"):
                 lang = task.key[len("cells:"):]
-                n_done, planned = len(study_cells.finished_cells(out, lang)), study_cells.planned_cells(study, lang)
+                n_done, planned = study_cells.count_finished(out, lang), study_cells.planned_cells(study, lang)
                 if per_cell is None:
                     unknown.append(task.key)
                 elif task.key in running:
@@ -272,7 +272,7 @@ def run_study(study: Study, out: Path, jobs: Optional[int] = None, overwrite: bo
 def _run(study: Study, out: Path, tasks: list[Task], jobs: int, report_only: bool, device: str,
          argv_extra: list[str]) -> dict[str, Any]:
     if report_only:
-        finished = sum(len(study_cells.finished_cells(out, lang)) for lang in study.langs)
+        finished = sum(study_cells.count_finished(out, lang) for lang in study.langs)
         if not finished:
             raise UserError(f"--report-only: no cell of the study is finished in {out}; nothing to report")
         missing = [lang for lang in study.langs if not (study_cells.cells_dir(out, lang) / "compare.json").is_file()]
@@ -297,10 +297,11 @@ def _run(study: Study, out: Path, tasks: list[Task], jobs: int, report_only: boo
     running: dict[str, tuple[subprocess.Popen, Any]] = {}
     ran: list[str] = []
     (out / "logs").mkdir(exist_ok=True)
-    last_line, last_time = "", 0.0
+    last_time = 0.0
     try:
         while len(finished) < len(tasks):
             ready = [t for t in tasks if t.key not in finished and t.key not in running and all(d in finished for d in t.deps)]
+            started_or_ended = False
             for task in ready[: max(0, jobs - len(running))]:
                 if task.done():  # finished by an earlier start while its dependants waited
                     finished.add(task.key)
@@ -313,6 +314,7 @@ def _run(study: Study, out: Path, tasks: list[Task], jobs: int, report_only: boo
                 logfile.flush()
                 env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
                 log.info("study %s: start %s (%s thread%s)", study.name, task.key, threads, "" if threads == "1" else "s")
+                started_or_ended = True
                 running[task.key] = (subprocess.Popen(command, stdout=logfile, stderr=subprocess.STDOUT, env=env,
                                                       preexec_fn=_die_with_parent if sys.platform == "linux" else None),
                                      logfile)
@@ -343,11 +345,11 @@ def _run(study: Study, out: Path, tasks: list[Task], jobs: int, report_only: boo
                 ran.append(key)
                 confirm_replacement(out)  # a task of this start is done: what --overwrite set aside goes
                 log.info("study %s: %s done", study.name, key)
+                started_or_ended = True
             now = time.monotonic()
-            line = progress.line(list(running))
-            if running and (now - last_time >= PROGRESS_SECONDS or line.split(";")[0] != last_line.split(";")[0]):
-                log.info("%s", line)
-                last_line, last_time = line, now
+            if running and (now - last_time >= PROGRESS_SECONDS or started_or_ended):  # a line a minute, and one
+                log.info("%s", progress.line(list(running)))                              # whenever a task starts or ends
+                last_time = now
     finally:
         for proc, logfile in running.values():
             proc.terminate()
