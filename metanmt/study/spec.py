@@ -149,6 +149,7 @@ class Init:
     schedule: str
     episode_shape: tuple[Any, ...]  # what equal compute compares: episode sizes and tasks per update
     optim: Any  # the config's OptimConfig
+    passes: int = 1  # forward-backward passes per update and task: 1 for multi-task, inner steps + 1 with an inner loop
 
 
 @dataclass
@@ -173,6 +174,12 @@ class Study:
     def total_updates_at(self, warm: WarmStart) -> int:
         source = self.inits[warm.init]
         return warm.update + (self.total_updates_at(source.warm_start) if source.warm_start else 0)
+
+    def cost(self, name: str) -> int:
+        """The work of the init's last training task in forward-backward passes per task: its own updates
+        (a warm start's not included) past the last update another init warm-starts from."""
+        exported = max((w.update for w in self.warm_starts() if w.init == name), default=0)
+        return (self.inits[name].steps - exported) * self.inits[name].passes
 
     def order(self) -> list[str]:
         """The inits, each after the one it is warm-started from."""
@@ -199,6 +206,14 @@ class Study:
             if warm is not None:
                 seen.setdefault((warm.init, warm.update), warm)
         return list(seen.values())
+
+
+def _passes(algorithm: Any, chosen_steps: Optional[list[int]]) -> int:
+    """Forward-backward passes of one update per task, to order the work (longest first): the inner
+    steps (the most a choice may pick) plus the query pass; multi-task training is one."""
+    if algorithm.name == "multitask":
+        return 1
+    return max(chosen_steps or [algorithm.inner_steps]) + 1
 
 
 def _line_of(text: str, keys: list[str]) -> Optional[int]:
@@ -316,7 +331,8 @@ def _check(path: Path, sf: StudyFile, entries: dict[str, InitEntry], data_root: 
         shape = (task.get("support_tokens"), task.get("query_tokens"), task.get("support_examples"),
                  task.get("query_examples"), cfg.train.meta_batch_size)
         inits[name] = Init(name, config, list(entry.set), entry.warm_start, entry.inner, entry.lr_from_warm_start,
-                           cfg.train.steps, cfg.optim.schedule, shape, cfg.optim)
+                           cfg.train.steps, cfg.optim.schedule, shape, cfg.optim,
+                           _passes(cfg.algorithm, sf.inner.steps if entry.inner == "chosen" and sf.inner else None))
     for name, init in inits.items():
         warm = init.warm_start
         if warm is None:
