@@ -222,6 +222,23 @@ def test_dry_run_lists_the_tasks_in_order(study_setup, tmp_path, capsys):
     assert plan["cells"] == {"xb": 2 + 5, "xc": 2 + 5} and not (tmp_path / "out").exists()
 
 
+def test_the_progress_line_gives_no_estimate_before_a_rate_is_measured(study_setup, tmp_path):
+    from metanmt.study.runner import Progress, tasks_of
+
+    study = load_study(study_setup[0])
+    out = tmp_path / "out"
+    progress = Progress(study, out, tasks_of(study, out), jobs=2)
+    line = progress.line(["train:multi@2"])
+    assert "time left not measured yet (train:multi@2, inner:meta, train:meta, train:multi ...)" in line
+    assert "min left" not in line and "train:multi@2 0/2 updates" in line
+    history = out / "inits" / "multi" / "history.jsonl"
+    history.parent.mkdir(parents=True)
+    history.write_text(json.dumps({"kind": "train", "step": 1, "seconds": 30.0}) + "\n", encoding="utf-8")
+    # at 30 s an update: 30 s running, then multi's last 3 and meta's 2 (at the mean rate) on 2 processes
+    line = progress.line(["train:multi@2"])  # 30 + (3 + 2) * 30 / 2 = 105 s
+    assert "train:multi@2 1/2 updates" in line and "about 2 min left" in line and "not measured yet: inner:meta" in line
+
+
 def test_the_length_rule_takes_the_best_mean_chrf_and_within_the_tie_the_fewest_updates():
     from metanmt.study.rule import choose_length
 

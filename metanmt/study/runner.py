@@ -230,9 +230,13 @@ class Progress:
             elif task.stage != "report":
                 unknown.append(task.key)
         # the running tasks go on side by side; what waits shares every process
-        eta = f"about {(max(busy, default=0.0) + left / self.jobs) / 60:.0f} min left at the measured rates"
-        if unknown:
-            eta += f" (not measured yet: {', '.join(unknown[:4])}{' ...' if len(unknown) > 4 else ''})"
+        not_measured = f"{', '.join(unknown[:4])}{' ...' if len(unknown) > 4 else ''}"
+        if not busy and not left and unknown:  # no rate known yet: no estimate rather than "0 min"
+            eta = f"time left not measured yet ({not_measured})"
+        else:
+            eta = f"about {(max(busy, default=0.0) + left / self.jobs) / 60:.0f} min left at the measured rates"
+            if unknown:
+                eta += f" (not measured yet: {not_measured})"
         return f"study {study.name} [{counts}] running: {', '.join(where) or '-'}; {eta}"
 
 
