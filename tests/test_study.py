@@ -216,8 +216,8 @@ def test_dry_run_lists_the_tasks_in_order(study_setup, tmp_path, capsys):
     assert run_cli("study", study, "--out", tmp_path / "out", "--dry-run") == 0
     plan = json.loads(capsys.readouterr().out)
     keys = [t["task"] for t in plan["plan"]]
-    # the meta init (2 updates of up to 3 passes) goes before multi's last 2 updates of one pass
-    assert keys == ["train:multi@2", "inner:meta", "train:meta", "train:multi", "rule", "cells:xb", "cells:xc",
+    # the reference's last updates first (the length rule and every cell wait for them), then the rest
+    assert keys == ["train:multi@2", "train:multi", "inner:meta", "train:meta", "rule", "cells:xb", "cells:xc",
                     "report"]
     assert plan["cells"] == {"xb": 2 + 5, "xc": 2 + 5} and not (tmp_path / "out").exists()
 
@@ -229,7 +229,7 @@ def test_the_progress_line_gives_no_estimate_before_a_rate_is_measured(study_set
     out = tmp_path / "out"
     progress = Progress(study, out, tasks_of(study, out), jobs=2)
     line = progress.line(["train:multi@2"])
-    assert "time left not measured yet (train:multi@2, inner:meta, train:meta, train:multi ...)" in line
+    assert "time left not measured yet (train:multi@2, train:multi, inner:meta, train:meta ...)" in line
     assert "min left" not in line and "train:multi@2 0/2 updates" in line
     history = out / "inits" / "multi" / "history.jsonl"
     history.parent.mkdir(parents=True)
@@ -237,6 +237,30 @@ def test_the_progress_line_gives_no_estimate_before_a_rate_is_measured(study_set
     # at 30 s an update: 30 s running, then multi's last 3 and meta's 2 (at the mean rate) on 2 processes
     line = progress.line(["train:multi@2"])  # 30 + (3 + 2) * 30 / 2 = 105 s
     assert "train:multi@2 1/2 updates" in line and "about 2 min left" in line and "not measured yet: inner:meta" in line
+
+
+def test_free_processes_take_the_reference_first_then_the_costliest_measured_training(study_setup, tmp_path):
+    from metanmt.study.runner import _costliest_first, tasks_of
+
+    spec = {**STUDY, "data": {**STUDY["data"], "root": str(study_setup[1])}}
+    spec["inits"] = {**STUDY["inits"], "slow": {**STUDY["inits"]["meta"], "set": ["algorithm.name=fomaml",
+                                                                              "algorithm.inner_optimizer=adam",
+                                                                              "train.steps=2", "train.seed=2"]}}
+    path = tmp_path / "three.yaml"
+    shutil.copy(study_setup[0].parent / "tiny.yaml", tmp_path / "tiny.yaml")
+    path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    study, out = load_study(path), tmp_path / "out"
+    tasks = tasks_of(study, out)
+    by_key = {t.key: t for t in tasks}
+    assert [t.key for t in tasks if t.urgent] == ["train:multi@2", "train:multi"]
+    finals = [by_key["train:meta"], by_key["train:slow"]]
+    ready = [by_key["train:multi"], *finals, by_key["rule"]]
+    # no measured pass yet: the count of passes ties, and the file's order stands
+    assert [t.key for t in _costliest_first(ready, study, out)] == ["train:multi", "train:meta", "train:slow", "rule"]
+    (out / "inner").mkdir(parents=True)
+    for name, seconds in (("meta", 100.0), ("slow", 120.0)):
+        (out / "inner" / f"{name}.json").write_text(json.dumps({"seconds": seconds}), encoding="utf-8")
+    assert [t.key for t in _costliest_first(ready, study, out)] == ["train:multi", "train:slow", "train:meta", "rule"]
 
 
 def test_the_length_rule_takes_the_best_mean_chrf_and_within_the_tie_the_fewest_updates():

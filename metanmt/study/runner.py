@@ -12,7 +12,8 @@ missing, and a killed study resumes at the task it was in):
     report         every cell gathered; results.csv, results.md, the plots, report.html
 
 Tasks whose inputs are there run side by side, up to ``jobs`` at once, each in its own process
-(``OMP_NUM_THREADS`` = 1 where several run; a task that runs alone gets ``jobs`` threads). The
+(``OMP_NUM_THREADS`` = 1 where several run; a task that runs alone gets ``jobs`` threads); a free
+process takes the reference's training first, then the costliest (:func:`_priority_order`). The
 device is where Accelerate puts each process (CUDA when present), so one study file runs on a
 CPU or a GPU and writes the same report. A progress line says which stage and which cell each
 process is at, and the time left at the rates measured so far.
@@ -55,6 +56,7 @@ class Task:
     # process once it succeeds
     command: Optional[Callable[[], list[str]]] = None
     after: Optional[Callable[[], None]] = None
+    urgent: bool = False  # the fine-tuning-length choice waits for it (:func:`_priority_order`)
 
 
 def tasks_of(study: Study, out: Path) -> list[Task]:
@@ -70,9 +72,7 @@ def tasks_of(study: Study, out: Path) -> list[Task]:
         for name, init in study.inits.items():
             if init.warm_start == warm and init.inner == "chosen":
                 tasks.append(Task(f"inner:{name}", "inner", [key], done=lambda n=name: inner_file(out, n).is_file()))
-    # the costliest training first: two processes then finish the inits sooner (in the converged study the
-    # meta inits, ~2x a multi-task update each, started after the reference's last eighth and one process
-    # later sat idle for 10 minutes)
+    # the costliest training first (see _priority_order for what goes before it)
     for name in sorted(study.order(), key=lambda n: -study.cost(n)):
         init = study.inits[name]
         deps = []
@@ -96,7 +96,50 @@ def tasks_of(study: Study, out: Path) -> list[Task]:
                           and (study_cells.cells_dir(out, lang) / "results.md").is_file()))
     tasks.append(Task("report", "report", [f"cells:{lang}" for lang in study.langs],
                       done=lambda: (report_dir(out) / "report.html").is_file() and _report_current(study, out)))
-    return tasks
+    return _priority_order(tasks, first=[final[study.file.reference]])
+
+
+def _priority_order(tasks: list[Task], first: list[str]) -> list[Task]:
+    """The tasks in a valid order in which ``first`` (the reference's training) and everything it
+    depends on come as early as their inputs allow, the rest keeping their order. A free process takes
+    the first ready task, so the reference's last updates, which the fine-tuning-length choice and
+    every cell wait for, run beside the meta inits rather than after them (docs/design.md, "The study
+    as a graph of tasks")."""
+    by_key = {t.key: t for t in tasks}
+    urgent: set[str] = set()
+    stack = list(first)
+    while stack:
+        key = stack.pop()
+        if key in by_key and key not in urgent:
+            urgent.add(key)
+            stack.extend(by_key[key].deps)
+    for task in tasks:
+        task.urgent = task.key in urgent
+    placed: list[Task] = []
+    left = list(tasks)
+    while left:
+        ready = [t for t in left if all(d in {p.key for p in placed} for d in t.deps)]
+        task = next((t for t in ready if t.key in urgent), ready[0])
+        placed.append(task)
+        left.remove(task)
+    return placed
+
+
+def _costliest_first(ready: list[Task], study: Study, out: Path) -> list[Task]:
+    """The ready tasks in their order, but the inits' last trainings (those nothing urgent waits for)
+    costliest first by the measured cost of a pass where every one of them has it: an inner-loop
+    choice (``inner/NAME.json``) times the same candidates on the same episodes for every init, so its
+    seconds are the cost of that init's model (MetaNMT's tables and ULR make it ~10% dearer, which the
+    count of passes alone does not see)."""
+    finals = [t for t in ready if t.stage == "inits" and "@" not in t.key and not t.urgent]
+    if len(finals) < 2:
+        return ready
+    names = {t.key: t.key[len("train:"):] for t in finals}
+    seconds = {n: _json_or_empty(inner_file(out, n)).get("seconds") for n in names.values()}
+    per_pass = seconds if all(seconds.values()) else {n: 1.0 for n in names.values()}
+    left = {n: max(0, study.inits[n].steps - trained_to(out, n)) / max(1, study.inits[n].steps) for n in names.values()}
+    ordered = iter(sorted(finals, key=lambda t: -study.cost(names[t.key]) * per_pass[names[t.key]] * left[names[t.key]]))
+    return [next(ordered) if t in finals else t for t in ready]
 
 
 def _json_or_empty(path: Path) -> dict[str, Any]:
@@ -308,6 +351,7 @@ def _run(study: Study, out: Path, tasks: list[Task], jobs: int, report_only: boo
     try:
         while len(finished) < len(tasks):
             ready = [t for t in tasks if t.key not in finished and t.key not in running and all(d in finished for d in t.deps)]
+            ready = _costliest_first(ready, study, out)
             started_or_ended = False
             for task in ready[: max(0, jobs - len(running))]:
                 if task.done():  # finished by an earlier start while its dependants waited
