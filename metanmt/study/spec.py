@@ -2,8 +2,8 @@
 before anything runs.
 
     spec = load_study("studies/quick.yaml", data_root="../shared/data/l10n", langs=["fi"])
-    spec.inits["meta"].warm_start          # WarmStart(init='multi', update=1750)
-    spec.total_updates("meta")              # 2000: its own updates plus those of its warm start
+    spec.inits["meta"].warm_start          # WarmStart(init='multi', update=2888)
+    spec.total_updates("meta")              # 3300: its own updates plus those of its warm start
 
 A study names its initializations (each a run config, optionally warm-started from another init of
 the study at a named update), the equal-compute rule, how the fine-tuning length is set (chosen on
