@@ -113,9 +113,20 @@ def test_a_tiny_study_runs_every_stage_resumes_and_rebuilds_its_report_byte_equa
     rule = json.loads((out / "rule.json").read_text())
     assert rule["choice"]["epochs"] in (1, 2)
 
-    # rebuilt: the same bytes
+    # rebuilt: the same bytes, also while another process holds the study (a report of the finished
+    # cells while the study runs)
     before = {p.name: p.read_bytes() for p in report.iterdir() if p.is_file()}
-    assert run_cli("study", study, "--out", out, "--report-only", "--cpu") == 0
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from metanmt.locking import FolderLock; "
+                               "FolderLock(sys.argv[1], 'study').acquire(); print('held', flush=True); time.sleep(120)",
+                               str(out)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert run_cli("study", study, "--out", out, "--report-only", "--cpu") == 0
+        assert run_cli("study", study, "--out", out, "--cpu") == 2  # a start is refused while it is held
+    finally:
+        holder.kill()
+        holder.wait()
+    (out / ".metanmt.lock").unlink()
     after = {p.name: p.read_bytes() for p in report.iterdir() if p.is_file()}
     assert after == before
 

@@ -77,6 +77,30 @@ def write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
+def _settings_changed(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """What differs, '' for nothing; budgets may grow (a later phase: 16k, 40k: the finished cells stay
+    valid and new ones are added)."""
+    new = json.loads(json.dumps(new))
+    grown = set(old.get("budgets", [])) <= set(new.get("budgets", []))
+    return describe_changes({**old, "budgets": None} if grown else old, {**new, "budgets": None} if grown else new,
+                            limit=4)
+
+
+def check_settings(out: Path, settings: dict[str, Any], data_root: Path) -> None:
+    """``out`` holds this study, made from this data, where it lies now (for a report of its finished
+    cells, which reads the folder without claiming it)."""
+    record = read_json(out / RECORD)
+    details = _settings_changed(record["settings"], settings)
+    if details:
+        raise UserError(f"{out}: holds this study with other settings ({details})")
+    if record["data_fingerprint"] != data_fingerprint(data_root):
+        raise UserError(f"{out}: was made from other data than {data_root} (other file names or sizes); give "
+                        "--data-root the study's corpus")
+    if record["folder"] != str(out.resolve()) or record["data_root"] != str(data_root):
+        raise UserError(f"{out}: was moved (or its data was) since its last start; run the study once without "
+                        "--report-only to take it up here")
+
+
 def claim(out: Path, settings: dict[str, Any], data_root: Path, overwrite: bool) -> bool:
     """Lock ``out`` for this study (a folder of another study, or of the same study with other
     settings, is refused), relocate it if it was moved, and record the settings. Returns True
@@ -86,12 +110,7 @@ def claim(out: Path, settings: dict[str, Any], data_root: Path, overwrite: bool)
     continuing = claim_directory(out, record, "study", resume=not overwrite, overwrite=overwrite, out_flag="--out")
     if continuing:
         old = read_json(record)
-        new = json.loads(json.dumps(settings))
-        # budgets may grow (a later phase: 16k, 40k): the finished cells stay valid and new ones are added
-        old_budgets, new_budgets = old["settings"].get("budgets", []), new.get("budgets", [])
-        grown = set(old_budgets) <= set(new_budgets)
-        details = describe_changes({**old["settings"], "budgets": None} if grown else old["settings"],
-                                   {**new, "budgets": None} if grown else new, limit=4)
+        details = _settings_changed(old["settings"], settings)
         if details:
             raise UserError(f"{out}: holds this study with other settings ({details}); use another --out or "
                             "pass --overwrite")

@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional
 from ..engine.checkpoint import confirm_replacement, release_directory, restore_on_failure
 from ..errors import UserError
 from . import cells as study_cells
-from .folder import (claim, data_fingerprint, init_dir, inner_file, read_json, report_dir, rule_file, warm_dir,
+from .folder import (check_settings, claim, data_fingerprint, init_dir, inner_file, read_json, report_dir, rule_file, warm_dir,
                      write_json)
 from .inits import export_warm_start, train_command, trained_to
 from .spec import Study, describe
@@ -310,6 +310,10 @@ def run_study(study: Study, out: Path, jobs: Optional[int] = None, overwrite: bo
     if report_only:
         if not (out / "study.json").is_file():
             raise UserError(f"--report-only: {out} holds no study to report on")
+        # a report of the finished cells while the study runs: it reads the folder and writes only
+        # report/, which compare locks for itself, so the study's own lock is not taken
+        check_settings(out, settings, study.data_root)
+        return _run(study, out, tasks, jobs, report_only, device, argv_extra or [])
     claim(out, settings, study.data_root, overwrite)
     try:
         # --overwrite set the previous study aside: it comes back if this start fails before its first task ends
@@ -330,7 +334,6 @@ def _run(study: Study, out: Path, tasks: list[Task], jobs: int, report_only: boo
             raise UserError(f"--report-only: the cells of {' '.join(missing)} have not started in {out}; a report needs "
                             "every language begun")
         run_task(study, out, "report", device)
-        confirm_replacement(out)
         return {"ran": ["report"], "already": [], "report": str(report_dir(out) / "report.html")}
 
     by_key = {t.key: t for t in tasks}
