@@ -86,6 +86,12 @@ def _settings_changed(old: dict[str, Any], new: dict[str, Any]) -> str:
                             limit=4)
 
 
+def _check_data(out: Path, record: dict[str, Any], data_root: Path, fingerprint: str | None = None) -> None:
+    if record["data_fingerprint"] != (fingerprint or data_fingerprint(data_root)):
+        raise UserError(f"{out}: was made from other data than {data_root} (other file names or sizes); give "
+                        "--data-root the study's corpus")
+
+
 def check_settings(out: Path, settings: dict[str, Any], data_root: Path) -> None:
     """``out`` holds this study, made from this data, where it lies now (for a report of its finished
     cells, which reads the folder without claiming it)."""
@@ -93,9 +99,7 @@ def check_settings(out: Path, settings: dict[str, Any], data_root: Path) -> None
     details = _settings_changed(record["settings"], settings)
     if details:
         raise UserError(f"{out}: holds this study with other settings ({details})")
-    if record["data_fingerprint"] != data_fingerprint(data_root):
-        raise UserError(f"{out}: was made from other data than {data_root} (other file names or sizes); give "
-                        "--data-root the study's corpus")
+    _check_data(out, record, data_root)
     if record["folder"] != str(out.resolve()) or record["data_root"] != str(data_root):
         raise UserError(f"{out}: was moved (or its data was) since its last start; run the study once without "
                         "--report-only to take it up here")
@@ -114,9 +118,7 @@ def claim(out: Path, settings: dict[str, Any], data_root: Path, overwrite: bool)
         if details:
             raise UserError(f"{out}: holds this study with other settings ({details}); use another --out or "
                             "pass --overwrite")
-        if old["data_fingerprint"] != fingerprint:
-            raise UserError(f"{out}: was made from other data than {data_root} (other file names or sizes); give "
-                            "--data-root the study's corpus")
+        _check_data(out, old, data_root, fingerprint)
         moved = {old["folder"]: str(out.resolve()), old["data_root"]: str(data_root)}
         moved = {a: b for a, b in moved.items() if a != b}
         if moved:

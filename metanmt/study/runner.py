@@ -116,11 +116,13 @@ def _priority_order(tasks: list[Task], first: list[str]) -> list[Task]:
     for task in tasks:
         task.urgent = task.key in urgent
     placed: list[Task] = []
+    placed_keys: set[str] = set()
     left = list(tasks)
     while left:
-        ready = [t for t in left if all(d in {p.key for p in placed} for d in t.deps)]
+        ready = [t for t in left if all(d in placed_keys for d in t.deps)]
         task = next((t for t in ready if t.key in urgent), ready[0])
         placed.append(task)
+        placed_keys.add(task.key)
         left.remove(task)
     return placed
 
