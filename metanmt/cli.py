@@ -208,6 +208,9 @@ def _data_gettext(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .study.threads import follow_lent_threads
+
+    follow_lent_threads()  # a study's task: take the cores the study lends it
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr

@@ -100,6 +100,7 @@ def test_a_tiny_study_runs_every_stage_resumes_and_rebuilds_its_report_byte_equa
     md = (report / "report.md").read_text(encoding="utf-8")
     assert "The inner loop of `meta`, chosen on xa at multi@2" in md and "The fine-tuning length, chosen on xa" in md
     assert "Convergence of `multi`" in md and "all 2" in md or "cells finished" in md
+    assert "| multi | ../inits/multi | 4 |" in md and str(out) not in md  # the report does not name the folder
     inner = json.loads((out / "inner" / "meta.json").read_text())
     assert inner["choice"]["gain"] > 0 and len(inner["candidates"]) == 4
     # the meta init trained with the chosen inner loop, from the warm start, for 2 updates (4 in all)
@@ -272,6 +273,67 @@ def test_free_processes_take_the_reference_first_then_the_costliest_measured_tra
     for name, seconds in (("meta", 100.0), ("slow", 120.0)):
         (out / "inner" / f"{name}.json").write_text(json.dumps({"seconds": seconds}), encoding="utf-8")
     assert [t.key for t in _costliest_first(ready, study, out)] == ["train:multi", "train:slow", "train:meta", "rule"]
+
+
+CHILD = """
+import sys, time, torch
+from pathlib import Path
+from metanmt.study import threads
+threads.follow_lent_threads()          # what the command line does first in a study's task
+seen = [torch.get_num_threads()]
+Path(sys.argv[1]).write_text("started")
+deadline = time.monotonic() + 30
+while time.monotonic() < deadline and seen[-1] == seen[0]:
+    time.sleep(0.05)                   # the runner lends the core freed by the other task
+    seen.append(torch.get_num_threads())
+Path(sys.argv[2]).write_text(" ".join(map(str, [seen[0], seen[-1]])))
+"""
+
+
+def test_a_task_left_running_alone_is_lent_the_free_core_and_a_new_task_takes_it_back(study_setup, tmp_path,
+                                                                                      monkeypatch):
+    """The runner's own loop with two real processes: both start with one thread; when the short one
+    ends and nothing else can start, the long one is signalled to take two; the signal sent before a
+    child installs its handler waits instead of killing it."""
+    from metanmt.study import runner
+    from metanmt.study.runner import Task
+
+    monkeypatch.setattr(runner, "POLL_SECONDS", 0.1)
+    study, out = load_study(study_setup[0]), tmp_path / "out"
+    out.mkdir()
+    started, seen = tmp_path / "started", tmp_path / "seen"
+    short = Task("short", "cells", [], done=lambda: (tmp_path / "short").is_file(),
+                 command=lambda: [sys.executable, "-c", f"import time, pathlib; time.sleep(1); "
+                                  f"pathlib.Path({str(tmp_path / 'short')!r}).touch()"])
+    long = Task("long", "cells", [], done=seen.is_file,
+                command=lambda: [sys.executable, "-c", CHILD, str(started), str(seen)])
+    result = runner._run(study, out, [long, short], jobs=2, report_only=False, device="cpu", argv_extra=[])
+    assert sorted(result["ran"]) == ["long", "short"]
+    assert seen.read_text() == "1 2"  # started beside another task with one thread, then lent the second
+    assert (out / "logs" / "long.threads").read_text().strip() == "2"
+
+    # a third task that becomes ready while one holds both cores: the lent core comes back first
+    from metanmt.study.threads import ThreadLender
+
+    class Proc:
+        def __init__(self):
+            self.signals = []
+
+        def poll(self):
+            return None
+
+        def send_signal(self, sig):
+            self.signals.append(sig)
+
+    lender, proc = ThreadLender(jobs=2), Proc()
+    lender.started("long", proc, tmp_path / "l.threads", 1)
+    lender.lend()
+    assert lender.holding() == {"long": 2} and len(proc.signals) == 1
+    lender.lend()  # already holding its share: no second signal
+    assert len(proc.signals) == 1
+    lender.take_back(starting=1)
+    assert lender.holding() == {"long": 1} and (tmp_path / "l.threads").read_text() == "1\n"
+    assert ThreadLender(jobs=3).shares(2) == [2, 1] and ThreadLender(jobs=2).shares(3) == [1, 1, 1]
 
 
 def test_the_length_rule_takes_the_best_mean_chrf_and_within_the_tie_the_fewest_updates():

@@ -63,6 +63,7 @@ import glob
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import time
@@ -664,6 +665,19 @@ def significance(rows: list[dict[str, Any]], reference: str, references: dict[st
     return out
 
 
+def _shown_path(path: str, out: Path) -> str:
+    """An init's folder as the report shows it: relative to the report where both lie in one folder
+    (a study's ``inits/`` beside its ``report/``), so the report does not change when the folder moves."""
+    if not path or path == RANDOM:
+        return path
+    here = Path(out).resolve().parent
+    try:
+        Path(path).resolve().relative_to(here)
+    except ValueError:
+        return path
+    return os.path.relpath(Path(path).resolve(), Path(out).resolve())
+
+
 def _mark(p: Optional[float]) -> str:
     if p is None or math.isnan(p):
         return ""
@@ -691,7 +705,7 @@ def write_report(out: Path, rows: list[dict[str, Any]], inits: list[str], langs:
              "target token (lower is better). Budgets in English words; 0 = zero-shot.", ""]
     if planned is not None and len(rows) < planned:
         lines += [f"**Partial report: {_finished_text(len(rows), planned)}** (still running, or not run yet: "
-                  "`metanmt compare` without `--report-only` runs them).", ""]
+                  "the same command without `--report-only` runs them).", ""]
     lines += ["| lang | budget | init | BLEU | chrF | NLL | updates | seconds | n |",
               "|---|---|---|---|---|---|---|---|---|"]
     for lang in langs:
@@ -751,7 +765,7 @@ def write_report(out: Path, rows: list[dict[str, Any]], inits: list[str], langs:
               "|---|---|---|---|---|---|---|"]
     for init in inits:
         first_row = next((r for r in rows if r["init"] == init), None)
-        src = settings["inits"].get(init, "")
+        src = _shown_path(settings["inits"].get(init, ""), out)
         if first_row is None:
             continue
         lines.append(f"| {init} | {src} | {first_row['init_steps']} | {first_row['init_pairs']} | {first_row['init_tokens']} "

@@ -12,8 +12,9 @@ missing, and a killed study resumes at the task it was in):
     report         every cell gathered; results.csv, results.md, the plots, report.html
 
 Tasks whose inputs are there run side by side, up to ``jobs`` at once, each in its own process
-(``OMP_NUM_THREADS`` = 1 where several run; a task that runs alone gets ``jobs`` threads); a free
-process takes the reference's training first, then the costliest (:func:`_priority_order`). The
+(``OMP_NUM_THREADS`` = 1 where several run; a task that runs alone gets ``jobs`` threads, and one
+left running alone is lent the free cores: threads.py); a free process takes the reference's
+training first, then the costliest (:func:`_priority_order`). The
 device is where Accelerate puts each process (CUDA when present), so one study file runs on a
 CPU or a GPU and writes the same report. A progress line says which stage and which cell each
 process is at, and the time left at the rates measured so far.
@@ -38,6 +39,7 @@ from .folder import (check_settings, claim, data_fingerprint, init_dir, inner_fi
                      write_json)
 from .inits import export_warm_start, train_command, trained_to
 from .spec import Study, describe
+from .threads import THREADS_FILE, ThreadLender, block_lending_signal, threads_file
 
 log = logging.getLogger(__name__)
 
@@ -194,14 +196,16 @@ def _planned_command(study: Study, out: Path, task: Task, argv_extra: list[str])
         return None
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    """A task's process ends when the study's does (Linux), so a killed study leaves no orphan holding a lock."""
+def _start_child() -> None:  # pragma: no cover - runs in the child
+    """A task's process ends when the study's does (Linux), so a killed study leaves no orphan holding a
+    lock; and it holds the thread-lending signal until it can take it (threads.py)."""
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+    block_lending_signal()
 
 
 class Progress:
@@ -350,6 +354,7 @@ def _run(study: Study, out: Path, tasks: list[Task], jobs: int, report_only: boo
     progress = Progress(study, out, tasks, jobs)
     finished: set[str] = set(already)
     running: dict[str, tuple[subprocess.Popen, Any]] = {}
+    lender = ThreadLender(jobs)
     ran: list[str] = []
     (out / "logs").mkdir(exist_ok=True)
     last_time = 0.0
@@ -358,22 +363,35 @@ def _run(study: Study, out: Path, tasks: list[Task], jobs: int, report_only: boo
             ready = [t for t in tasks if t.key not in finished and t.key not in running and all(d in finished for d in t.deps)]
             ready = _costliest_first(ready, study, out)
             started_or_ended = False
+            starting = []
             for task in ready[: max(0, jobs - len(running))]:
                 if task.done():  # finished by an earlier start while its dependants waited
                     finished.add(task.key)
-                    continue
-                alone = len(running) == 0 and len(ready) == 1
-                threads = str(max(1, jobs) if alone else 1)
+                else:
+                    starting.append(task)
+            held = lender.holding()
+            if starting:  # the cores lent to running tasks come back first
+                lender.take_back(len(starting))
+            elif running:  # nothing can start: the running tasks take the free cores (threads.py)
+                lender.lend()
+            for key, threads in lender.holding().items():
+                if threads != held[key]:
+                    log.info("study %s: %s now has %d thread%s", study.name, key, threads, "" if threads == 1 else "s")
+            shares = lender.shares(len(running) + len(starting))
+            for task in starting:
+                threads = str(shares[len(running)])
                 command = task.command() if task.command else _task_command(study, out, task.key, argv_extra)
                 logfile = open(out / "logs" / f"{task.key.replace(':', '_')}.log", "a", encoding="utf-8")
                 logfile.write(f"+ {' '.join(command)}\n")
                 logfile.flush()
-                env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+                env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+                       THREADS_FILE: str(threads_file(out / "logs", task.key))}
                 log.info("study %s: start %s (%s thread%s)", study.name, task.key, threads, "" if threads == "1" else "s")
                 started_or_ended = True
-                running[task.key] = (subprocess.Popen(command, stdout=logfile, stderr=subprocess.STDOUT, env=env,
-                                                      preexec_fn=_die_with_parent if sys.platform == "linux" else None),
-                                     logfile)
+                proc = subprocess.Popen(command, stdout=logfile, stderr=subprocess.STDOUT, env=env,
+                                        preexec_fn=_start_child if sys.platform == "linux" else None)
+                running[task.key] = (proc, logfile)
+                lender.started(task.key, proc, threads_file(out / "logs", task.key), int(threads))
             if not running:
                 stuck = [t.key for t in tasks if t.key not in finished]
                 if stuck:
@@ -386,6 +404,7 @@ def _run(study: Study, out: Path, tasks: list[Task], jobs: int, report_only: boo
                     continue
                 logfile.close()
                 del running[key]
+                lender.ended(key)
                 if code != 0:
                     tail = (out / "logs" / f"{key.replace(':', '_')}.log").read_text(encoding="utf-8").strip().splitlines()
                     reason = next((line for line in reversed(tail) if "error" in line.lower()), tail[-1] if tail else "")
