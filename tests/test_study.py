@@ -325,15 +325,15 @@ def test_a_task_left_running_alone_is_lent_the_free_core_and_a_new_task_takes_it
         def send_signal(self, sig):
             self.signals.append(sig)
 
-    lender, proc = ThreadLender(jobs=2), Proc()
-    lender.started("long", proc, tmp_path / "l.threads", 1)
+    lender, proc = ThreadLender(jobs=2, logs=tmp_path), Proc()
+    lender.started("long", proc, 1)
     lender.lend()
     assert lender.holding() == {"long": 2} and len(proc.signals) == 1
     lender.lend()  # already holding its share: no second signal
     assert len(proc.signals) == 1
     lender.take_back(starting=1)
-    assert lender.holding() == {"long": 1} and (tmp_path / "l.threads").read_text() == "1\n"
-    assert ThreadLender(jobs=3).shares(2) == [2, 1] and ThreadLender(jobs=2).shares(3) == [1, 1, 1]
+    assert lender.holding() == {"long": 1} and (tmp_path / "long.threads").read_text() == "1\n"
+    assert ThreadLender(3, tmp_path).shares(2) == [2, 1] and ThreadLender(2, tmp_path).shares(3) == [1, 1, 1]
 
 
 def test_the_length_rule_takes_the_best_mean_chrf_and_within_the_tie_the_fewest_updates():

@@ -670,12 +670,8 @@ def _shown_path(path: str, out: Path) -> str:
     (a study's ``inits/`` beside its ``report/``), so the report does not change when the folder moves."""
     if not path or path == RANDOM:
         return path
-    here = Path(out).resolve().parent
-    try:
-        Path(path).resolve().relative_to(here)
-    except ValueError:
-        return path
-    return os.path.relpath(Path(path).resolve(), Path(out).resolve())
+    folder, report = Path(path).resolve(), Path(out).resolve()
+    return os.path.relpath(folder, report) if folder.is_relative_to(report.parent) else path
 
 
 def _mark(p: Optional[float]) -> str:

@@ -39,7 +39,7 @@ from .folder import (check_settings, claim, data_fingerprint, init_dir, inner_fi
                      write_json)
 from .inits import export_warm_start, train_command, trained_to
 from .spec import Study, describe
-from .threads import THREADS_FILE, ThreadLender, block_lending_signal, threads_file
+from .threads import THREADS_FILE, ThreadLender, block_lending_signal
 
 log = logging.getLogger(__name__)
 
@@ -354,7 +354,7 @@ def _run(study: Study, out: Path, tasks: list[Task], jobs: int, report_only: boo
     progress = Progress(study, out, tasks, jobs)
     finished: set[str] = set(already)
     running: dict[str, tuple[subprocess.Popen, Any]] = {}
-    lender = ThreadLender(jobs)
+    lender = ThreadLender(jobs, out / "logs")
     ran: list[str] = []
     (out / "logs").mkdir(exist_ok=True)
     last_time = 0.0
@@ -385,13 +385,13 @@ def _run(study: Study, out: Path, tasks: list[Task], jobs: int, report_only: boo
                 logfile.write(f"+ {' '.join(command)}\n")
                 logfile.flush()
                 env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
-                       THREADS_FILE: str(threads_file(out / "logs", task.key))}
+                       THREADS_FILE: str(lender.file(task.key))}
                 log.info("study %s: start %s (%s thread%s)", study.name, task.key, threads, "" if threads == "1" else "s")
                 started_or_ended = True
                 proc = subprocess.Popen(command, stdout=logfile, stderr=subprocess.STDOUT, env=env,
                                         preexec_fn=_start_child if sys.platform == "linux" else None)
                 running[task.key] = (proc, logfile)
-                lender.started(task.key, proc, threads_file(out / "logs", task.key), int(threads))
+                lender.started(task.key, proc, int(threads))
             if not running:
                 stuck = [t.key for t in tasks if t.key not in finished]
                 if stuck:

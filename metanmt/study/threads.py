@@ -59,31 +59,36 @@ def follow_lent_threads() -> None:
 class ThreadLender:
     """The threads each running task's process holds, lent out and taken back by the study."""
 
-    def __init__(self, jobs: int):
-        self.jobs = max(1, jobs)
-        self.held: dict[str, tuple[subprocess.Popen, Path, int]] = {}
+    def __init__(self, jobs: int, logs: Path):
+        self.jobs, self.logs = max(1, jobs), logs
+        self.held: dict[str, tuple[subprocess.Popen, int]] = {}
 
-    def started(self, key: str, proc: subprocess.Popen, path: Path, threads: int) -> None:
-        self.held[key] = (proc, path, threads)
+    def file(self, key: str) -> Path:
+        """The task's threads file (its process finds it in ``METANMT_THREADS_FILE``)."""
+        return self.logs / f"{key.replace(':', '_')}.threads"
+
+    def started(self, key: str, proc: subprocess.Popen, threads: int) -> None:
+        self.held[key] = (proc, threads)
 
     def ended(self, key: str) -> None:
         self.held.pop(key, None)
 
     def _set(self, key: str, threads: int) -> None:
-        proc, path, held = self.held[key]
+        proc, held = self.held[key]
         if threads == held or LENDING_SIGNAL is None or proc.poll() is not None:
             return
+        path = self.file(key)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(f"{threads}\n", encoding="utf-8")
         os.replace(tmp, path)
         proc.send_signal(LENDING_SIGNAL)
-        self.held[key] = (proc, path, threads)
+        self.held[key] = (proc, threads)
 
     def take_back(self, starting: int) -> None:
         """Before ``starting`` more tasks start: every running process back to its share of what stays."""
         shares = self.shares(len(self.held) + starting)
         for key, threads in zip(list(self.held), shares):
-            if self.held[key][2] > threads:
+            if self.held[key][1] > threads:
                 self._set(key, threads)
 
     def lend(self) -> None:
@@ -99,9 +104,5 @@ class ThreadLender:
         return [max(1, base + (i < extra)) for i in range(processes)]
 
     def holding(self) -> dict[str, int]:
-        return {key: held for key, (_, _, held) in self.held.items()}
-
-
-def threads_file(logs: Path, key: str) -> Path:
-    return logs / f"{key.replace(':', '_')}.threads"
+        return {key: held for key, (_, held) in self.held.items()}
 
