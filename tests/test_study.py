@@ -302,8 +302,10 @@ def test_a_task_left_running_alone_is_lent_the_free_core_and_a_new_task_takes_it
     study, out = load_study(study_setup[0]), tmp_path / "out"
     out.mkdir()
     started, seen = tmp_path / "started", tmp_path / "seen"
+    # the short task ends once the long one has read its first count (however long torch takes to import)
     short = Task("short", "cells", [], done=lambda: (tmp_path / "short").is_file(),
-                 command=lambda: [sys.executable, "-c", f"import time, pathlib; time.sleep(1); "
+                 command=lambda: [sys.executable, "-c", f"import time, pathlib\n"
+                                  f"while not pathlib.Path({str(started)!r}).is_file(): time.sleep(0.05)\n"
                                   f"pathlib.Path({str(tmp_path / 'short')!r}).touch()"])
     long = Task("long", "cells", [], done=seen.is_file,
                 command=lambda: [sys.executable, "-c", CHILD, str(started), str(seen)])
@@ -334,6 +336,28 @@ def test_a_task_left_running_alone_is_lent_the_free_core_and_a_new_task_takes_it
     lender.take_back(starting=1)
     assert lender.holding() == {"long": 1} and (tmp_path / "long.threads").read_text() == "1\n"
     assert ThreadLender(3, tmp_path).shares(2) == [2, 1] and ThreadLender(2, tmp_path).shares(3) == [1, 1, 1]
+
+
+def test_a_count_sent_while_a_task_exits_does_not_kill_it(tmp_path):
+    """The interpreter's shutdown resets a Python signal handler to the default action (death by
+    SIGUSR1); a task signalled as it exits ends with its own exit status."""
+    from metanmt.study.threads import THREADS_FILE, block_lending_signal
+
+    (tmp_path / "t.threads").write_text("1\n")
+    child = ("from metanmt.study.threads import follow_lent_threads; follow_lent_threads(); import torch; "
+             "print('ready', flush=True)")
+    for _ in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                                env={**os.environ, THREADS_FILE: str(tmp_path / "t.threads")},
+                                preexec_fn=block_lending_signal)
+        assert proc.stdout.readline().strip() == "ready"
+        while proc.poll() is None:  # counts all through its shutdown
+            try:
+                proc.send_signal(signal.SIGUSR1)
+            except ProcessLookupError:
+                break
+            time.sleep(0.001)
+        assert proc.wait() == 0
 
 
 def test_the_length_rule_takes_the_best_mean_chrf_and_within_the_tie_the_fewest_updates():

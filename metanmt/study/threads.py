@@ -11,7 +11,7 @@ The study writes the count to the file named by the task's ``METANMT_THREADS_FIL
 ``SIGUSR1``; the task's process (:func:`follow_lent_threads`, called first thing by the command line)
 reads it and calls ``torch.set_num_threads``. The signal is blocked in the child from its start
 (:func:`block_lending_signal`) until the handler is installed, so a count sent early waits rather than
-killing it (SIGUSR1's default action).
+killing it (SIGUSR1's default action), and ignored from the start of its shutdown on.
 
 A process's float sums may be split differently across threads, so a task whose thread count changed
 can differ from one that did not in the last bits of a result (as two runs with different
@@ -20,6 +20,7 @@ can differ from one that did not in the last bits of a result (as two runs with 
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import subprocess
@@ -53,6 +54,9 @@ def follow_lent_threads() -> None:
 
     signal.signal(LENDING_SIGNAL, take)
     signal.siginterrupt(LENDING_SIGNAL, False)  # a system call the signal lands in restarts rather than fails
+    # the interpreter's shutdown puts a Python handler back to the default action (death by SIGUSR1)
+    # but leaves an ignored signal ignored: a count sent while the task exits must not kill it
+    atexit.register(signal.signal, LENDING_SIGNAL, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {LENDING_SIGNAL})  # a count sent before now arrives here
 
 
