@@ -115,6 +115,9 @@ class OptimConfig:
     momentum: float = field(default=0.0, metadata=fraction())
     schedule: Literal["constant", "linear", "cosine", "inverse_sqrt"] = "constant"
     warmup_steps: int = field(default=0, metadata=at_least(0))
+    # constant / inverse_sqrt only: from this update on the rate falls linearly to 0 at the last update
+    # (a warmup-stable-decay cooldown); the rates before it do not depend on train.steps. 0: none
+    cooldown_from: int = field(default=0, metadata=at_least(0))
     grad_clip: Optional[float] = field(default=None, metadata=at_least(0))  # max gradient norm; null or 0 = no clipping
 
 

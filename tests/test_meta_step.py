@@ -200,6 +200,40 @@ def test_learning_rate_schedules_follow_their_formulas(schedule, warmup):
         scheduler.step()
 
 
+@pytest.mark.parametrize("schedule", ["constant", "inverse_sqrt"])
+def test_a_cooldown_falls_linearly_to_zero_and_leaves_the_rates_before_it_alone(schedule):
+    """optim.cooldown_from: the rates before it are those of a run without it, whatever train.steps is (so a
+    run stopped at the cooldown's first update and resumed computes what an uninterrupted one does); from it
+    on the rate falls linearly from the one reached there to 0 at the last update."""
+
+    def rates(total: int, cooldown: int) -> list[float]:
+        cfg = load_config(SINE, [f"optim.schedule={schedule}", "optim.warmup_steps=3", f"train.steps={total}",
+                                 "optim.lr=0.5", f"optim.cooldown_from={cooldown}"])
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.5)
+        scheduler = make_scheduler(cfg, optimizer)
+        out = []
+        for _ in range(total):
+            out.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        return out
+
+    plain, cooled, stopped = rates(16, 0), rates(16, 8), rates(8, 8)
+    assert cooled[:8] == plain[:8] == stopped
+    reached = plain[8]
+    assert cooled[8:] == pytest.approx([reached * (16 - step) / 8 for step in range(8, 16)], rel=1e-12)
+    assert cooled[-1] == pytest.approx(reached / 8) and cooled[-1] < cooled[-2] < reached
+    if schedule == "constant":
+        assert reached == 0.5
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_a_cooldown_after_a_decaying_schedule_is_an_error(schedule):
+    cfg = load_config(SINE, [f"optim.schedule={schedule}", "train.steps=10", "optim.cooldown_from=5"])
+    with pytest.raises(ConfigError, match=f"optim.cooldown_from: .*not {schedule}"):
+        make_scheduler(cfg, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.5))
+
+
 def test_fomaml_is_maml_with_the_order_flag_off():
     assert issubclass(FOMAML, MAML) and MAML.second_order and not FOMAML.second_order
     assert FOMAML.task_gradient is MAML.task_gradient

@@ -409,6 +409,88 @@ def test_lr_from_warm_start_is_the_rate_the_sources_scheduler_reached(study_setu
     assert f"optim.lr={spec.lr_at_warm_start('meta'):.6g}" in command
 
 
+def test_the_convergence_check_measures_the_last_window_and_stops_at_a_cooldown(study_setup, tmp_path):
+    """The slope over the last 2,000 updates of validation; with a cooldown, over the 2,000 before it (a rate
+    falling to 0 flattens any curve), the cooldown's fall reported beside it."""
+    from metanmt.study.folder import init_dir
+    from metanmt.study.report import convergence
+
+    study, _ = study_setup
+    losses = {1000: 3.0, 2000: 2.9, 3000: 2.85, 4000: 2.845, 5000: 2.835, 6000: 2.834}
+    records = [{"kind": "train", "step": 50, "loss": 9.0}]
+    records += [{"kind": "validation", "step": step, "dev_loss": loss} for step, loss in losses.items()]
+    out = tmp_path / "out"
+    init_dir(out, "multi").mkdir(parents=True)
+    (init_dir(out, "multi") / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    check = convergence(load_study(study), out)
+    assert (check["from"], check["to"]) == (4000, 6000) and check["flat"]
+    assert check["fall_per_1000"] == pytest.approx((2.845 - 2.834) / 2) and "cooldown_from" not in check
+
+    data = yaml.safe_load(study.read_text())
+    data["inits"]["multi"]["set"] += ["optim.schedule=inverse_sqrt", "optim.cooldown_from=3500"]
+    data["inits"]["meta"]["warm_start"] = {"init": "multi", "update": 2}
+    cooled = study.parent / "cooled_study.yaml"
+    cooled.write_text(yaml.safe_dump(data, sort_keys=False))
+    check = convergence(load_study(cooled), out)
+    assert (check["from"], check["to"]) == (1000, 3000) and not check["flat"]
+    assert check["fall_per_1000"] == pytest.approx(0.075) and "before its cooldown" in check["criterion"]
+    assert check["cooldown_from"] == 3500 and check["cooldown_steps"] == (3000, 6000)
+    assert check["cooldown_fall"] == pytest.approx(2.85 - 2.834)
+
+
+def test_a_meta_init_warm_started_at_the_sources_cooldown_cools_down_with_it(study_setup):
+    """multi cools down from update 9 of 12; meta starts from multi's update 9 with lr_from_warm_start and
+    a linear schedule over its 3 updates: its rates are multi's last 3. A warm start inside the cooldown,
+    and a linear schedule with warmup, are errors."""
+    import torch
+
+    from metanmt.config import load_config
+    from metanmt.engine.trainer import make_scheduler
+
+    study, root = study_setup
+    data = yaml.safe_load(study.read_text())
+    data["inits"]["multi"]["set"] += ["optim.schedule=inverse_sqrt", "optim.warmup_steps=3", "train.steps=12",
+                                      "optim.cooldown_from=9"]
+    data["inits"]["meta"]["set"] = ["algorithm.name=fomaml", "train.steps=3", "optim.schedule=linear",
+                                    "optim.warmup_steps=0"]
+    data["inits"]["meta"]["warm_start"] = {"init": "multi", "update": 9}
+    data["inits"]["meta"]["lr_from_warm_start"] = True
+    data["inits"]["meta"]["inner"] = "config"
+
+    def load(changed_data):
+        changed = study.parent / "cooldown_study.yaml"
+        changed.write_text(yaml.safe_dump(changed_data, sort_keys=False))
+        return load_study(changed)
+
+    def rates(cfg):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr)
+        scheduler = make_scheduler(cfg, optimizer)
+        out = []
+        for _ in range(cfg.train.steps):
+            out.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return out
+
+    spec = load(data)
+    multi = rates(load_config(spec.inits["multi"].config, spec.inits["multi"].overrides))
+    meta = rates(load_config(spec.inits["meta"].config,
+                             [*spec.inits["meta"].overrides, f"optim.lr={spec.lr_at_warm_start('meta')!r}"]))
+    assert meta == pytest.approx(multi[9:], rel=1e-12) and meta[-1] < meta[0]
+
+    data["inits"]["meta"]["warm_start"]["update"] = 10
+    with pytest.raises(ConfigError, match="update 10 is inside multi's cooldown .from update 9."):
+        load(data)
+    data["inits"]["meta"]["warm_start"]["update"] = 12
+    with pytest.raises(ConfigError, match="multi's rate at update 12 is 0"):
+        load(data)
+    data["inits"]["meta"]["warm_start"]["update"] = 9
+    data["inits"]["meta"]["set"][-1] = "optim.warmup_steps=1"
+    with pytest.raises(ConfigError, match="constant, or linear without warmup.*not linear with warmup"):
+        load(data)
+
+
 def test_an_inner_loop_whose_best_gain_is_not_positive_stops_the_study(study_setup, tmp_path, monkeypatch):
     from metanmt.errors import UserError
     from metanmt.study import inner

@@ -96,6 +96,33 @@ def test_run_directory_is_loadable_and_refuses_a_second_run(tmp_path):
     MetaTrainer(small(), out, overwrite=True)  # allowed
 
 
+def test_a_cooldown_branched_on_resume_ends_where_an_uninterrupted_run_with_it_ends(tmp_path):
+    """Warmup-stable-decay: a run stopped before its cooldown may be resumed with the cooldown added or
+    moved (its rates so far do not depend on it), and ends with exactly the weights of one run with that
+    cooldown; once a checkpoint is inside a cooldown, moving it is refused."""
+    import shutil
+
+    stable = tmp_path / "stable"
+    MetaTrainer(small(steps=4, **{"optim.cooldown_from": 4}), stable).train()
+    branch = tmp_path / "branch"
+    shutil.copytree(stable, branch)
+    MetaTrainer(small(steps=8, **{"optim.cooldown_from": 6}), branch, resume=True).train()
+    whole = MetaTrainer(small(steps=8, **{"optim.cooldown_from": 6}), tmp_path / "whole")
+    whole.train()
+    branched = load_file(str(branch / "model.safetensors"))
+    assert branched.keys() == dict(whole.model.named_parameters()).keys()
+    for name, p in whole.model.named_parameters():
+        assert torch.equal(branched[name], p.detach()), name
+    plain = MetaTrainer(small(steps=8), tmp_path / "plain")
+    plain.train()
+    assert not all(torch.equal(branched[n], p.detach()) for n, p in plain.model.named_parameters())
+
+    with pytest.raises(UserError, match=r"optim.cooldown_from 4 -> 2: .* update 4, inside the cooldown already"):
+        MetaTrainer(small(steps=8, **{"optim.cooldown_from": 2}), stable, resume=True)
+    with pytest.raises(UserError, match=r"optim.cooldown_from 6 -> none: .* update 8, inside the cooldown"):
+        MetaTrainer(small(steps=10), branch, resume=True)
+
+
 def test_resume_accepts_a_run_saved_before_newer_keys_and_from_a_moved_checkout(tmp_path):
     """A config saved by an older metanmt lacks keys added since (they default to the old behaviour)
     and names the suite file by the absolute path of the checkout it came from."""

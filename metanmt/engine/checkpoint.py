@@ -374,11 +374,28 @@ def inspect_output_dir(output_dir: Path, cfg: RunConfig, resume: bool, overwrite
     saved = output_dir / CONFIG_FILE
     continuing = inspect_directory(output_dir, saved, "run", resume, overwrite, foreign="a metanmt run")
     if continuing:
-        details = describe_changes(with_defaults(read_yaml(saved)), with_defaults(cfg.to_dict()),
-                                   ignore=RESUMABLE_CHANGES | {"suite"})
+        before = with_defaults(read_yaml(saved))
+        details = describe_changes(before, with_defaults(cfg.to_dict()),
+                                   ignore=RESUMABLE_CHANGES | {"suite", "optim.cooldown_from"})
         if details:
             raise UserError(f"{output_dir}: holds a different run ({details}); pass --overwrite to replace it")
+        check_cooldown_change(output_dir, int(before.get("optim", {}).get("cooldown_from") or 0),
+                              cfg.optim.cooldown_from)
     return continuing
+
+
+def check_cooldown_change(output_dir: Path, before: int, after: int) -> None:
+    """A cooldown may be added, moved or removed on resume while the run has not reached it (the rates
+    before a cooldown do not depend on where it starts: a stable run can be branched into cooldowns of
+    several lengths, as in warmup-stable-decay training); once it has, its rates would change mid-way."""
+    if before == after:
+        return
+    step = int(latest_trainer_state(output_dir).get("step", 0))
+    starts = [c for c in (before, after) if c]
+    if starts and step > min(starts):
+        raise UserError(f"{output_dir}: optim.cooldown_from {before or 'none'} -> {after or 'none'}: the run's latest "
+                        f"checkpoint is at update {step}, inside the cooldown already; resume it with "
+                        f"optim.cooldown_from={before or 0}, or branch a copy of an earlier checkpoint")
 
 
 def prepare_output_dir(output_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool) -> bool:

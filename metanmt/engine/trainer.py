@@ -30,6 +30,7 @@ counts), and no forward pass that only feeds a log line on a step that does not 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -136,7 +137,10 @@ def make_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer) -> torch.op
     """
     o, total = cfg.optim, max(1, cfg.train.steps)
     warmup = max(0, o.warmup_steps)
-    if not warmup and o.schedule in ("constant", "linear", "cosine"):
+    if o.cooldown_from and o.schedule not in ("constant", "inverse_sqrt"):
+        raise ConfigError(f"optim.cooldown_from: a cooldown follows a constant or inverse_sqrt rate, not {o.schedule} "
+                          "(which already decays to the last update)")
+    if not warmup and not o.cooldown_from and o.schedule in ("constant", "linear", "cosine"):
         return get_scheduler(o.schedule, optimizer, num_warmup_steps=0, num_training_steps=total)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule_factor(o, total, step))
@@ -145,6 +149,9 @@ def make_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer) -> torch.op
 def schedule_factor(o: OptimConfig, total: int, step: int) -> float:
     """The factor of ``o.lr`` for update ``step`` (0-based) of a ``total``-update run: the rate a run
     warm-started after ``step`` updates continues from is ``o.lr * schedule_factor(o, total, step)``."""
+    if o.cooldown_from and step >= o.cooldown_from:
+        reached = schedule_factor(dataclasses.replace(o, cooldown_from=0), total, o.cooldown_from)
+        return reached * max(0.0, (total - step) / max(1, total - o.cooldown_from))
     warmup = max(0, o.warmup_steps)
     if warmup and step < warmup:
         return (step + 1) / warmup
@@ -668,12 +675,22 @@ class MetaTrainer:
             problem = ckpt.checkpoint_problem(candidate)
             if problem is None:
                 self.accelerator.load_state(str(candidate))
+                self._rate_from_schedule()
                 log.info("resumed from %s at step %d", candidate, self.state.step)
                 return
             skipped.append(f"{candidate.name} ({problem})")
             log.warning("--resume: skipping %s: %s", candidate, problem)
         raise UserError(f"{self.output_dir}: no complete checkpoint to resume from (damaged: {'; '.join(skipped)}); "
                         "start again with --overwrite")
+
+    def _rate_from_schedule(self) -> None:
+        """The next update's rate from this run's schedule, not the one saved in the optimizer state: that
+        was computed for the saved run's ``train.steps`` and cooldown, which a resume may change (the rates
+        of a linear or cosine schedule, or of a cooldown, depend on them)."""
+        sched = self.scheduler
+        for group, base, factor in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * factor(sched.last_epoch)
+        sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # what get_last_lr() reports
 
 
 def read_history(output_dir: str | Path, kind: str) -> list[dict[str, Any]]:

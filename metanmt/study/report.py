@@ -43,9 +43,22 @@ def offset_of(study: Study, name: str) -> int:
 
 
 def convergence(study: Study, out: Path) -> Optional[dict[str, Any]]:
-    """The reference's dev-NLL slope over its last ``WINDOW`` updates of validation, or None without validation."""
+    """The reference's dev-NLL slope over its last ``WINDOW`` updates of validation, or None without validation.
+
+    A reference that cools down (``optim.cooldown_from``) is checked on its validations up to the
+    cooldown: a rate falling to 0 flattens any curve, so a flat end there says nothing of convergence;
+    the cooldown's own fall is reported beside it."""
     points = [(r["step"], r["dev_loss"]) for r in history(out, study.file.reference)
               if r.get("kind") == "validation" and "dev_loss" in r]
+    cooldown = study.inits[study.file.reference].optim.cooldown_from
+    annealed: dict[str, Any] = {}
+    if cooldown and points and points[-1][0] > cooldown:
+        before = [p for p in points if p[0] <= cooldown]
+        if before:
+            annealed = {"cooldown_from": cooldown, "cooldown_fall": before[-1][1] - points[-1][1],
+                        "cooldown_loss_from": before[-1][1], "cooldown_loss_to": points[-1][1],
+                        "cooldown_steps": (before[-1][0], points[-1][0])}
+        points = before
     if len(points) < 2:
         return None
     last_step = points[-1][0]
@@ -57,7 +70,8 @@ def convergence(study: Study, out: Path) -> Optional[dict[str, Any]]:
     return {"from": s0, "to": s1, "dev_loss_from": l0, "dev_loss_to": l1, "fall_per_1000": slope,
             "flat": slope < FLAT_NATS_PER_1000,
             "criterion": f"dev NLL falls by less than {FLAT_NATS_PER_1000} nats per 1,000 updates over the last "
-                         f"{WINDOW:,} updates of validation"}
+                         f"{WINDOW:,} updates of validation" + (" before its cooldown" if annealed else ""),
+            **annealed}
 
 
 def plot_learning_curves(study: Study, out: Path, path: Path) -> Optional[Path]:
@@ -160,6 +174,11 @@ def study_markdown(study: Study, out: Path) -> str:
         lines += [f"Convergence of `{sf.reference}` ({check['criterion']}): dev NLL {check['dev_loss_from']:.3f} at "
                   f"{check['from']:,} -> {check['dev_loss_to']:.3f} at {check['to']:,}, "
                   f"{check['fall_per_1000']:+.4f} nats per 1,000 updates: **{'flat' if check['flat'] else 'not flat'}**."]
+        if "cooldown_from" in check:
+            start, end = check["cooldown_steps"]
+            lines[-1] += (f" Its cooldown (the rate falling to 0 from update {check['cooldown_from']:,}) then took the dev "
+                          f"NLL from {check['cooldown_loss_from']:.3f} at {start:,} to {check['cooldown_loss_to']:.3f} at "
+                          f"{end:,}.")
     return "\n".join(lines) + "\n"
 
 

@@ -47,8 +47,9 @@ class InitEntry:
     # "chosen": the inner loop (algorithm.inner_lr / inner_steps) that the study's `inner` search picks
     # on the dev language at the warm start; "config": the config's own
     inner: Literal["config", "chosen"] = "config"
-    # true: a constant outer rate equal to the one the warm start's own schedule had reached at its update
-    # (a fresh optimizer continues at the multi-task run's rate instead of jumping back to its peak)
+    # true: the outer rate starts where the warm start's own schedule had reached at its update (a fresh
+    # optimizer continues at the multi-task run's rate instead of jumping back to its peak); it stays there
+    # (schedule constant) or falls linearly to 0 (schedule linear, no warmup: the source's cooldown)
     lr_from_warm_start: bool = False
 
 
@@ -192,11 +193,8 @@ class Study:
 
     def lr_at_warm_start(self, name: str) -> float:
         """The rate ``name``'s warm start's schedule had reached at its update (for ``lr_from_warm_start``)."""
-        from ..engine.trainer import schedule_factor
-
         warm = self.inits[name].warm_start
-        source = self.inits[warm.init]
-        return source.optim.lr * schedule_factor(source.optim, source.steps, warm.update)
+        return _rate_reached(self.inits[warm.init], warm.update)
 
     def warm_starts(self) -> list[WarmStart]:
         """Each distinct (init, update) some init starts from, in training order."""
@@ -267,6 +265,13 @@ def load_study(path: str | Path, data_root: Optional[str | Path] = None, langs: 
         if str(exc).startswith(str(path)):
             raise
         raise _error(path, text, str(exc)) from None
+
+
+def _rate_reached(source: Init, update: int) -> float:
+    """The rate ``source``'s schedule gives its update ``update`` (0-based: the first after that many)."""
+    from ..engine.trainer import schedule_factor
+
+    return source.optim.lr * schedule_factor(source.optim, source.steps, update)
 
 
 def _check(path: Path, sf: StudyFile, entries: dict[str, InitEntry], data_root: Optional[str | Path],
@@ -351,9 +356,19 @@ def _check(path: Path, sf: StudyFile, entries: dict[str, InitEntry], data_root: 
             raise ConfigError(f"inits.{name}.warm_start: {warm.init} uses the {source.schedule} schedule, whose rate "
                               f"depends on train.steps, so its update {warm.update} would differ from a run that stops "
                               f"there; use one of {', '.join(STEP_FREE_SCHEDULES)} or warm-start at its last update")
-        if init.lr_from_warm_start and init.optim.schedule != "constant":
-            raise ConfigError(f"inits.{name}.lr_from_warm_start: the init's own schedule must be constant (it is "
-                              f"{init.optim.schedule}): the rate continues the warm start's")
+        cooldown = source.optim.cooldown_from
+        if cooldown and cooldown < warm.update < source.steps:
+            raise ConfigError(f"inits.{name}.warm_start: update {warm.update} is inside {warm.init}'s cooldown (from "
+                              f"update {cooldown}), whose rates depend on train.steps; warm-start at {cooldown} or before")
+        if init.lr_from_warm_start and not (init.optim.schedule == "constant" or
+                                            (init.optim.schedule == "linear" and not init.optim.warmup_steps)):
+            raise ConfigError(f"inits.{name}.lr_from_warm_start: the init's own schedule must be constant, or linear "
+                              f"without warmup (a cooldown from the warm start's rate), not {init.optim.schedule}"
+                              f"{' with warmup' if init.optim.schedule == 'linear' else ''}: the rate continues the "
+                              "warm start's")
+        if init.lr_from_warm_start and not _rate_reached(source, warm.update):
+            raise ConfigError(f"inits.{name}.lr_from_warm_start: {warm.init}'s rate at update {warm.update} is 0 (the "
+                              "end of its cooldown); warm-start where its rate is above 0")
         if init.inner == "chosen" and sf.inner is None:
             raise ConfigError(f"inits.{name}.inner: 'chosen' needs the study's `inner:` search")
     seen: set[str] = set()
