@@ -376,31 +376,49 @@ def test_the_length_rule_takes_the_best_mean_chrf_and_within_the_tie_the_fewest_
     assert choose_length(runs, rules, tie=0.0)["choice"]["epochs"] == 20
 
 
+def load_changed(study: Path, data: dict, name: str):
+    """The study file ``data`` written beside ``study`` as ``name`` and loaded."""
+    changed = study.parent / name
+    changed.write_text(yaml.safe_dump(data, sort_keys=False))
+    return load_study(changed)
+
+
+def scheduled_rates(cfg) -> list[float]:
+    """The rate of each of a run config's updates, from the trainer's own scheduler."""
+    import torch
+
+    from metanmt.engine.trainer import make_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr)
+    scheduler = make_scheduler(cfg, optimizer)
+    rates = []
+    for _ in range(cfg.train.steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def warm_started_meta(data: dict, sets: list[str]) -> None:
+    """``data``'s meta init: first-order MAML from multi's update 9 at the rate multi reached there."""
+    data["inits"]["meta"]["set"] = ["algorithm.name=fomaml", *sets]
+    data["inits"]["meta"]["warm_start"] = {"init": "multi", "update": 9}
+    data["inits"]["meta"]["lr_from_warm_start"] = True
+    data["inits"]["meta"]["inner"] = "config"
+
+
 def test_lr_from_warm_start_is_the_rate_the_sources_scheduler_reached(study_setup, tmp_path):
     """The meta init's constant rate equals what the trainer's own scheduler gives the warm start's source
     for its next update (inverse_sqrt with warmup)."""
-    import torch
-
     from metanmt.config import load_config
-    from metanmt.engine.trainer import make_scheduler
 
     study, root = study_setup
     data = yaml.safe_load(study.read_text())
     data["inits"]["multi"]["set"] += ["optim.schedule=inverse_sqrt", "optim.warmup_steps=3", "train.steps=12"]
-    data["inits"]["meta"]["set"] = ["algorithm.name=fomaml", "train.steps=3"]
-    data["inits"]["meta"]["warm_start"] = {"init": "multi", "update": 9}
-    data["inits"]["meta"]["lr_from_warm_start"] = True
-    data["inits"]["meta"]["inner"] = "config"
-    changed = study.parent / "lr_study.yaml"
-    changed.write_text(yaml.safe_dump(data, sort_keys=False))
-    spec = load_study(changed)
+    warm_started_meta(data, ["train.steps=3"])
+    spec = load_changed(study, data, "lr_study.yaml")
     cfg = load_config(spec.inits["multi"].config, spec.inits["multi"].overrides)
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr)
-    scheduler = make_scheduler(cfg, optimizer)
-    for _ in range(9):
-        optimizer.step()
-        scheduler.step()
-    assert spec.lr_at_warm_start("meta") == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-12)
+    assert spec.lr_at_warm_start("meta") == pytest.approx(scheduled_rates(cfg)[9], rel=1e-12)
     assert spec.lr_at_warm_start("meta") < cfg.optim.lr
 
     from metanmt.study.inits import train_command
@@ -430,9 +448,7 @@ def test_the_convergence_check_measures_the_last_window_and_stops_at_a_cooldown(
     data = yaml.safe_load(study.read_text())
     data["inits"]["multi"]["set"] += ["optim.schedule=inverse_sqrt", "optim.cooldown_from=3500"]
     data["inits"]["meta"]["warm_start"] = {"init": "multi", "update": 2}
-    cooled = study.parent / "cooled_study.yaml"
-    cooled.write_text(yaml.safe_dump(data, sort_keys=False))
-    check = convergence(load_study(cooled), out)
+    check = convergence(load_changed(study, data, "cooled_study.yaml"), out)
     assert (check["from"], check["to"]) == (1000, 3000) and not check["flat"]
     assert check["fall_per_1000"] == pytest.approx(0.075) and "before its cooldown" in check["criterion"]
     assert check["cooldown_from"] == 3500 and check["cooldown_steps"] == (3000, 6000)
@@ -443,40 +459,21 @@ def test_a_meta_init_warm_started_at_the_sources_cooldown_cools_down_with_it(stu
     """multi cools down from update 9 of 12; meta starts from multi's update 9 with lr_from_warm_start and
     a linear schedule over its 3 updates: its rates are multi's last 3. A warm start inside the cooldown,
     and a linear schedule with warmup, are errors."""
-    import torch
-
     from metanmt.config import load_config
-    from metanmt.engine.trainer import make_scheduler
 
     study, root = study_setup
     data = yaml.safe_load(study.read_text())
     data["inits"]["multi"]["set"] += ["optim.schedule=inverse_sqrt", "optim.warmup_steps=3", "train.steps=12",
                                       "optim.cooldown_from=9"]
-    data["inits"]["meta"]["set"] = ["algorithm.name=fomaml", "train.steps=3", "optim.schedule=linear",
-                                    "optim.warmup_steps=0"]
-    data["inits"]["meta"]["warm_start"] = {"init": "multi", "update": 9}
-    data["inits"]["meta"]["lr_from_warm_start"] = True
-    data["inits"]["meta"]["inner"] = "config"
+    warm_started_meta(data, ["train.steps=3", "optim.schedule=linear", "optim.warmup_steps=0"])
 
     def load(changed_data):
-        changed = study.parent / "cooldown_study.yaml"
-        changed.write_text(yaml.safe_dump(changed_data, sort_keys=False))
-        return load_study(changed)
-
-    def rates(cfg):
-        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr)
-        scheduler = make_scheduler(cfg, optimizer)
-        out = []
-        for _ in range(cfg.train.steps):
-            out.append(optimizer.param_groups[0]["lr"])
-            optimizer.step()
-            scheduler.step()
-        return out
+        return load_changed(study, changed_data, "cooldown_study.yaml")
 
     spec = load(data)
-    multi = rates(load_config(spec.inits["multi"].config, spec.inits["multi"].overrides))
-    meta = rates(load_config(spec.inits["meta"].config,
-                             [*spec.inits["meta"].overrides, f"optim.lr={spec.lr_at_warm_start('meta')!r}"]))
+    multi = scheduled_rates(load_config(spec.inits["multi"].config, spec.inits["multi"].overrides))
+    meta = scheduled_rates(load_config(spec.inits["meta"].config,
+                                       [*spec.inits["meta"].overrides, f"optim.lr={spec.lr_at_warm_start('meta')!r}"]))
     assert meta == pytest.approx(multi[9:], rel=1e-12) and meta[-1] < meta[0]
 
     data["inits"]["meta"]["warm_start"]["update"] = 10
