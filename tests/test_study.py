@@ -455,6 +455,35 @@ def test_the_convergence_check_measures_the_last_window_and_stops_at_a_cooldown(
     assert check["cooldown_fall"] == pytest.approx(2.85 - 2.834)
 
 
+def test_a_reference_that_is_not_flat_gets_the_update_where_its_fitted_power_law_passes_the_criterion():
+    """Validations that follow a known power law exactly: the fit recovers it, and the forecast is the first
+    update (rounded up to 500) at which the law's fall over the last 2,000 updates is under 0.01 nats per
+    1,000, found here by brute force over every update."""
+    from metanmt.study.convergence import FLAT_NATS_PER_1000, check, fall_per_1000, forecast, one_line
+
+    a, b, c = 2.0, 3.0, 0.5
+    points = [(step, a + b * (step / 1000) ** -c) for step in range(1000, 20001, 1000)]
+    result = check(points)
+    assert not result["flat"] and result["fall_per_1000"] == pytest.approx((points[-3][1] - points[-1][1]) / 2)
+    fit = result["forecast"]
+    assert (fit["a"], fit["b"], fit["c"]) == pytest.approx((a, b, c), rel=1e-5) and fit["rms"] < 1e-8
+    assert (fit["fit_from"], fit["fit_to"], fit["n"]) == (5000, 20000, 16)
+    first = next(step for step in range(20000, 10**6) if fall_per_1000((a, b, c), step) < FLAT_NATS_PER_1000)
+    assert fit["flat_at"] == -(-first // 500) * 500 and fit["flat_at"] > 20000
+    assert one_line("multi", result).endswith(f"not flat; a power law fitted from update 5,000 passes the criterion "
+                                              f"near {fit['flat_at']:,}")
+    # a law twice as steep passes later
+    steeper = [(step, a + 6.0 * (step / 1000) ** -c) for step in range(1000, 20001, 1000)]
+    assert check(steeper)["forecast"]["flat_at"] > fit["flat_at"]
+
+    flat = [(step, 2.0 + 0.001 * (30 - step / 1000)) for step in range(1000, 20001, 1000)]
+    assert check(flat)["flat"] and "forecast" not in check(flat)
+    rising = [(step, 2.0 + step / 10**6) for step in range(1000, 20001, 1000)]  # over-fitting: flat, no forecast
+    assert check(rising)["flat"] and "forecast" not in check(rising)
+    assert forecast(points[:4]) is None  # updates 3,000 and 4,000 only lie in the fitted range
+    assert check(points[:1]) is None
+
+
 def test_a_meta_init_warm_started_at_the_sources_cooldown_cools_down_with_it(study_setup):
     """multi cools down from update 9 of 12; meta starts from multi's update 9 with lr_from_warm_start and
     a linear schedule over its 3 updates: its rates are multi's last 3. A warm start inside the cooldown,

@@ -20,14 +20,10 @@ from typing import Any, Optional
 
 from ..evaluation.compare import save_figure
 from ..files import atomic_write_text
+from .convergence import check as convergence_check
+from .convergence import one_line, power_law
 from .folder import init_dir, inner_file, read_json, report_dir, rule_file
 from .spec import Study
-
-#: the convergence check of the reference init: its validation dev NLL fell by less than this many
-#: nats per 1,000 updates over the last validations covering at least WINDOW updates
-FLAT_NATS_PER_1000 = 0.01
-WINDOW = 2000
-
 
 def history(out: Path, name: str) -> list[dict[str, Any]]:
     path = init_dir(out, name) / "history.jsonl"
@@ -43,35 +39,14 @@ def offset_of(study: Study, name: str) -> int:
 
 
 def convergence(study: Study, out: Path) -> Optional[dict[str, Any]]:
-    """The reference's dev-NLL slope over its last ``WINDOW`` updates of validation, or None without validation.
-
-    A reference that cools down (``optim.cooldown_from``) is checked on its validations up to the
-    cooldown: a rate falling to 0 flattens any curve, so a flat end there says nothing of convergence;
-    the cooldown's own fall is reported beside it."""
+    """The reference's convergence check (:func:`.convergence.check`), or None without validation."""
     points = [(r["step"], r["dev_loss"]) for r in history(out, study.file.reference)
               if r.get("kind") == "validation" and "dev_loss" in r]
-    cooldown = study.inits[study.file.reference].optim.cooldown_from
-    annealed: dict[str, Any] = {}
-    if cooldown and points and points[-1][0] > cooldown:
-        before = [p for p in points if p[0] <= cooldown]
-        if before:
-            annealed = {"cooldown_from": cooldown, "cooldown_fall": before[-1][1] - points[-1][1],
-                        "cooldown_loss_from": before[-1][1], "cooldown_loss_to": points[-1][1],
-                        "cooldown_steps": (before[-1][0], points[-1][0])}
-        points = before
-    if len(points) < 2:
-        return None
-    last_step = points[-1][0]
-    window = [p for p in points if p[0] >= last_step - WINDOW]
-    if len(window) < 2:
-        window = points[-2:]
-    (s0, l0), (s1, l1) = window[0], window[-1]
-    slope = (l0 - l1) / max(1, s1 - s0) * 1000
-    return {"from": s0, "to": s1, "dev_loss_from": l0, "dev_loss_to": l1, "fall_per_1000": slope,
-            "flat": slope < FLAT_NATS_PER_1000,
-            "criterion": f"dev NLL falls by less than {FLAT_NATS_PER_1000} nats per 1,000 updates over the last "
-                         f"{WINDOW:,} updates of validation" + (" before its cooldown" if annealed else ""),
-            **annealed}
+    return convergence_check(points, study.inits[study.file.reference].optim.cooldown_from)
+
+
+def convergence_line(study: Study, out: Path) -> str:
+    return one_line(study.file.reference, convergence(study, out))
 
 
 def plot_learning_curves(study: Study, out: Path, path: Path) -> Optional[Path]:
@@ -94,6 +69,12 @@ def plot_learning_curves(study: Study, out: Path, path: Path) -> Optional[Path]:
         if dev:
             right.plot(*zip(*dev), color=color, marker="o", label=name)
             drawn = True
+            fit = (convergence(study, out) or {}).get("forecast") if name == study.file.reference else None
+            if fit is not None:  # the forecast's law, from its first fitted update to where it passes (or twice the run)
+                end = fit["flat_at"] or 2 * fit["fit_to"]
+                steps = [fit["fit_from"] + (end - fit["fit_from"]) * i / 100 for i in range(101)]
+                right.plot([s + offset for s in steps], [power_law(s / 1000, fit["a"], fit["b"], fit["c"]) for s in steps],
+                           color=color, linestyle="--", linewidth=1, label=f"{name}: power-law fit")
     if not drawn:
         plt.close(fig)
         return None
@@ -174,6 +155,13 @@ def study_markdown(study: Study, out: Path) -> str:
         lines += [f"Convergence of `{sf.reference}` ({check['criterion']}): dev NLL {check['dev_loss_from']:.3f} at "
                   f"{check['from']:,} -> {check['dev_loss_to']:.3f} at {check['to']:,}, "
                   f"{check['fall_per_1000']:+.4f} nats per 1,000 updates: **{'flat' if check['flat'] else 'not flat'}**."]
+        fit = check.get("forecast")
+        if fit is not None:
+            where = (f"puts the first update that passes it near **{fit['flat_at']:,}**" if fit["flat_at"] is not None
+                     else "does not pass it within 50 times the updates trained")
+            lines[-1] += (f" A power law fitted to its validations from update {fit['fit_from']:,} to {fit['fit_to']:,} "
+                          f"(dev NLL = {fit['a']:.3f} + {fit['b']:.3f} (t/1000)^-{fit['c']:.3f}, n = {fit['n']}, rms "
+                          f"residual {fit['rms']:.4f} nats) {where} (an extrapolation: dashed in the learning curves).")
         if "cooldown_from" in check:
             start, end = check["cooldown_steps"]
             lines[-1] += (f" Its cooldown (the rate falling to 0 from update {check['cooldown_from']:,}) then took the dev "

@@ -38,6 +38,7 @@ from . import cells as study_cells
 from .folder import (check_settings, claim, data_fingerprint, init_dir, inner_file, read_json, report_dir, rule_file, warm_dir,
                      write_json)
 from .inits import export_warm_start, train_command, trained_to
+from .report import convergence_line
 from .spec import Study, describe
 from .threads import THREADS_FILE, ThreadLender, block_lending_signal
 
@@ -420,6 +421,8 @@ def _run(study: Study, out: Path, tasks: list[Task], jobs: int, report_only: boo
                 ran.append(key)
                 confirm_replacement(out)  # a task of this start is done: what --overwrite set aside goes
                 log.info("study %s: %s done", study.name, key)
+                if key == f"train:{study.file.reference}":
+                    log.info("study %s: %s", study.name, convergence_line(study, out))
                 started_or_ended = True
             now = time.monotonic()
             if running and (now - last_time >= PROGRESS_SECONDS or started_or_ended):  # a line a minute, and one
