@@ -431,16 +431,19 @@ def test_the_convergence_check_measures_the_last_window_and_stops_at_a_cooldown(
     """The slope over the last 2,000 updates of validation; with a cooldown, over the 2,000 before it (a rate
     falling to 0 flattens any curve), the cooldown's fall reported beside it."""
     from metanmt.study.folder import init_dir
-    from metanmt.study.report import convergence
+    from metanmt.study.report import convergence, history
 
     study, _ = study_setup
     losses = {1000: 3.0, 2000: 2.9, 3000: 2.85, 4000: 2.845, 5000: 2.835, 6000: 2.834}
     records = [{"kind": "train", "step": 50, "loss": 9.0}]
     records += [{"kind": "validation", "step": step, "dev_loss": loss} for step, loss in losses.items()]
+    # a run killed after its validation at 6,000 and resumed from 5,000 logs 6,000 again: the last line counts
+    records[-1:-1] = [{"kind": "validation", "step": 6000, "dev_loss": 2.7}, {"kind": "train", "step": 50, "loss": 8.0}]
     out = tmp_path / "out"
     init_dir(out, "multi").mkdir(parents=True)
     (init_dir(out, "multi") / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
+    assert [(r["step"], r["loss"]) for r in history(out, "multi") if r["kind"] == "train"] == [(50, 8.0)]
     check = convergence(load_study(study), out)
     assert (check["from"], check["to"]) == (4000, 6000) and check["flat"]
     assert check["fall_per_1000"] == pytest.approx((2.845 - 2.834) / 2) and "cooldown_from" not in check

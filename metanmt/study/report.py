@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import re
 from pathlib import Path
 from typing import Any, Optional
 
+from ..engine.trainer import read_history
 from ..evaluation.compare import save_figure
 from ..files import atomic_write_text
 from .convergence import check as convergence_check
@@ -26,10 +26,9 @@ from .folder import init_dir, inner_file, read_json, report_dir, rule_file
 from .spec import Study
 
 def history(out: Path, name: str) -> list[dict[str, Any]]:
-    path = init_dir(out, name) / "history.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The init's training and validation records, the last one per step (a resumed run logs again
+    from its checkpoint's step: :func:`read_history`)."""
+    return [*read_history(init_dir(out, name), "train"), *read_history(init_dir(out, name), "validation")]
 
 
 def offset_of(study: Study, name: str) -> int:
