@@ -4,7 +4,7 @@ fitted to them puts the first update at which the slope passes the criterion.
 The check is what the study states (docs/design.md, "Convergence and cooldowns"): the validation dev
 NLL falls by less than ``FLAT_NATS_PER_1000`` nats per 1,000 updates over the last ``WINDOW`` updates.
 A reference that is not flat gets a forecast, so that a user knows how many updates to ask for (the
-study's own model needed about 28,000 where it trained 20,000: bench/README.md, "Is the multi-task init
+study's own model needed about 29,000 where it trained 20,000: bench/README.md, "Is the multi-task init
 converged?"). The law ``L(t) = a + b (t/1000)^-c`` is the usual form of a loss curve under a decaying
 rate; it is fitted with scipy's ``curve_fit`` on the validations from a quarter of the run on (the
 first updates, still in warmup, follow another curve). A forecast is an extrapolation, and the report

@@ -21,9 +21,10 @@ from ..engine.trainer import read_history
 from ..evaluation.compare import save_figure
 from ..files import atomic_write_text
 from .convergence import check as convergence_check
-from .convergence import one_line, power_law
+from .convergence import FORECAST_HORIZON, one_line, power_law
 from .folder import init_dir, inner_file, read_json, report_dir, rule_file
 from .spec import Study
+
 
 def history(out: Path, name: str) -> list[dict[str, Any]]:
     """The init's training and validation records, the last one per step (a resumed run logs again
@@ -69,11 +70,12 @@ def plot_learning_curves(study: Study, out: Path, path: Path) -> Optional[Path]:
             right.plot(*zip(*dev), color=color, marker="o", label=name)
             drawn = True
             fit = (convergence(study, out) or {}).get("forecast") if name == study.file.reference else None
-            if fit is not None:  # the forecast's law, from its first fitted update to where it passes (or twice the run)
+            if fit is not None:  # the forecast's law, from its first fitted update to where it passes (or 2x the run)
                 end = fit["flat_at"] or 2 * fit["fit_to"]
                 steps = [fit["fit_from"] + (end - fit["fit_from"]) * i / 100 for i in range(101)]
-                right.plot([s + offset for s in steps], [power_law(s / 1000, fit["a"], fit["b"], fit["c"]) for s in steps],
-                           color=color, linestyle="--", linewidth=1, label=f"{name}: power-law fit")
+                law = [power_law(s / 1000, fit["a"], fit["b"], fit["c"]) for s in steps]
+                right.plot([s + offset for s in steps], law, color=color, linestyle="--", linewidth=1,
+                           label=f"{name}: power-law fit")
     if not drawn:
         plt.close(fig)
         return None
@@ -156,11 +158,13 @@ def study_markdown(study: Study, out: Path) -> str:
                   f"{check['fall_per_1000']:+.4f} nats per 1,000 updates: **{'flat' if check['flat'] else 'not flat'}**."]
         fit = check.get("forecast")
         if fit is not None:
-            where = (f"puts the first update that passes it near **{fit['flat_at']:,}**" if fit["flat_at"] is not None
-                     else "does not pass it within 50 times the updates trained")
-            lines[-1] += (f" A power law fitted to its validations from update {fit['fit_from']:,} to {fit['fit_to']:,} "
-                          f"(dev NLL = {fit['a']:.3f} + {fit['b']:.3f} (t/1000)^-{fit['c']:.3f}, n = {fit['n']}, rms "
-                          f"residual {fit['rms']:.4f} nats) {where} (an extrapolation: dashed in the learning curves).")
+            where = (f"puts the first update that passes it near **{fit['flat_at']:,}**"
+                     if fit["flat_at"] is not None
+                     else f"does not pass it within {FORECAST_HORIZON} times the updates trained")
+            lines[-1] += (f" A power law fitted to its validations from update {fit['fit_from']:,} to "
+                          f"{fit['fit_to']:,} (dev NLL = {fit['a']:.3f} + {fit['b']:.3f} (t/1000)^-{fit['c']:.3f}, "
+                          f"n = {fit['n']}, rms residual {fit['rms']:.4f} nats) {where} (an extrapolation: dashed in "
+                          "the learning curves).")
         if "cooldown_from" in check:
             start, end = check["cooldown_steps"]
             lines[-1] += (f" Its cooldown (the rate falling to 0 from update {check['cooldown_from']:,}) then took the dev "
