@@ -3,10 +3,10 @@ power-law forecast for each (metanmt/study/convergence.py).
 
     python bench/convergence.py RUN [RUN ...] [--label NAME ...] [--plot PATH] [--json PATH]
 
-Each RUN is a run folder (or a folder holding its ``history.jsonl``). Prints a markdown table of the
+Each RUN is a folder holding a ``history.jsonl`` (a run folder). Prints a markdown table of the
 validations (dev NLL after validation's fine-tune / dev chrF) every 2,000 updates, and per run: its
 last validation, the fall over its last 2,000 updates, and where the fitted law passes the criterion.
-bench/README.md, "The study's model at a higher rate", ran it on bench/results/study_convergence/.
+bench/README.md, "The rate, and a smaller model", ran it on bench/results/study_convergence/.
 """
 
 from __future__ import annotations
@@ -15,13 +15,12 @@ import argparse
 import json
 from pathlib import Path
 
-from metanmt.study.convergence import check, power_law
+from metanmt.engine.trainer import read_history
+from metanmt.study.convergence import check, fitted_curve, power_law
 
 
 def validations(run: Path) -> dict[int, dict]:
-    path = run / "history.jsonl" if run.is_dir() else run
-    records = (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
-    return {r["step"]: r for r in records if r.get("kind") == "validation" and "dev_loss" in r}
+    return {r["step"]: r for r in read_history(run, "validation") if "dev_loss" in r}
 
 
 def main() -> None:
@@ -69,9 +68,7 @@ def main() -> None:
                     color=color, label=label)
             fit = (summary[label] or {}).get("forecast")
             if fit and fit["flat_at"]:
-                xs = [fit["fit_from"] + (fit["flat_at"] - fit["fit_from"]) * i / 100 for i in range(101)]
-                ax.plot(xs, [power_law(x / 1000, fit["a"], fit["b"], fit["c"]) for x in xs], "--", color=color,
-                        linewidth=1)
+                ax.plot(*fitted_curve(fit, fit["flat_at"]), "--", color=color, linewidth=1)
                 ax.plot([fit["flat_at"]], [power_law(fit["flat_at"] / 1000, fit["a"], fit["b"], fit["c"])], "x",
                         color=color)
         ax.set(xlabel="updates", ylabel="Romanian dev NLL after validation's fine-tune",

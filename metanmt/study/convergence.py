@@ -45,6 +45,12 @@ def power_law(t, a, b, c):
     return a + b * t ** -c
 
 
+def fitted_curve(fit: dict[str, Any], end: float, points: int = 101) -> tuple[list[float], list[float]]:
+    """A forecast's law from its first fitted update to ``end``, for plots: (updates, dev NLL)."""
+    steps = [fit["fit_from"] + (end - fit["fit_from"]) * i / (points - 1) for i in range(points)]
+    return steps, [power_law(s / 1000, fit["a"], fit["b"], fit["c"]) for s in steps]
+
+
 def fall_per_1000(params: Sequence[float], step: float) -> float:
     """The law's fall per 1,000 updates over the ``WINDOW`` updates ending at ``step``."""
     a, b, c = params

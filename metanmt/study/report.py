@@ -21,7 +21,7 @@ from ..engine.trainer import read_history
 from ..evaluation.compare import save_figure
 from ..files import atomic_write_text
 from .convergence import check as convergence_check
-from .convergence import FORECAST_HORIZON, one_line, power_law
+from .convergence import FORECAST_HORIZON, fitted_curve, one_line
 from .folder import init_dir, inner_file, read_json, report_dir, rule_file
 from .spec import Study
 
@@ -71,9 +71,7 @@ def plot_learning_curves(study: Study, out: Path, path: Path) -> Optional[Path]:
             drawn = True
             fit = (convergence(study, out) or {}).get("forecast") if name == study.file.reference else None
             if fit is not None:  # the forecast's law, from its first fitted update to where it passes (or 2x the run)
-                end = fit["flat_at"] or 2 * fit["fit_to"]
-                steps = [fit["fit_from"] + (end - fit["fit_from"]) * i / 100 for i in range(101)]
-                law = [power_law(s / 1000, fit["a"], fit["b"], fit["c"]) for s in steps]
+                steps, law = fitted_curve(fit, fit["flat_at"] or 2 * fit["fit_to"])
                 right.plot([s + offset for s in steps], law, color=color, linestyle="--", linewidth=1,
                            label=f"{name}: power-law fit")
     if not drawn:
