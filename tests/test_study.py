@@ -443,7 +443,7 @@ def test_the_convergence_check_measures_the_last_window_and_stops_at_a_cooldown(
     init_dir(out, "multi").mkdir(parents=True)
     (init_dir(out, "multi") / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
-    assert [(r["step"], r["loss"]) for r in history(out, "multi") if r["kind"] == "train"] == [(50, 8.0)]
+    assert [(r["step"], r["loss"]) for r in history(out, "multi", "train")] == [(50, 8.0)]
     check = convergence(load_study(study), out)
     assert (check["from"], check["to"]) == (4000, 6000) and check["flat"]
     assert check["fall_per_1000"] == pytest.approx((2.845 - 2.834) / 2) and "cooldown_from" not in check

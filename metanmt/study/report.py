@@ -26,10 +26,10 @@ from .folder import init_dir, inner_file, read_json, report_dir, rule_file
 from .spec import Study
 
 
-def history(out: Path, name: str) -> list[dict[str, Any]]:
-    """The init's training and validation records, the last one per step (a resumed run logs again
-    from its checkpoint's step: :func:`read_history`)."""
-    return [*read_history(init_dir(out, name), "train"), *read_history(init_dir(out, name), "validation")]
+def history(out: Path, name: str, kind: str) -> list[dict[str, Any]]:
+    """The init's records of one kind ("train" or "validation"), the last one per step (a resumed run
+    logs again from its checkpoint's step: :func:`read_history`)."""
+    return read_history(init_dir(out, name), kind)
 
 
 def offset_of(study: Study, name: str) -> int:
@@ -40,8 +40,7 @@ def offset_of(study: Study, name: str) -> int:
 
 def convergence(study: Study, out: Path) -> Optional[dict[str, Any]]:
     """The reference's convergence check (:func:`.convergence.check`), or None without validation."""
-    points = [(r["step"], r["dev_loss"]) for r in history(out, study.file.reference)
-              if r.get("kind") == "validation" and "dev_loss" in r]
+    points = [(r["step"], r["dev_loss"]) for r in history(out, study.file.reference, "validation") if "dev_loss" in r]
     return convergence_check(points, study.inits[study.file.reference].optim.cooldown_from)
 
 
@@ -60,9 +59,9 @@ def plot_learning_curves(study: Study, out: Path, path: Path) -> Optional[Path]:
     drawn = False
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for index, name in enumerate(study.order()):
-        records, offset, color = history(out, name), offset_of(study, name), colors[index % len(colors)]
-        train = [(r["step"] + offset, r["loss"]) for r in records if r.get("kind") == "train" and "loss" in r]
-        dev = [(r["step"] + offset, r["dev_loss"]) for r in records if r.get("kind") == "validation" and "dev_loss" in r]
+        offset, color = offset_of(study, name), colors[index % len(colors)]
+        train = [(r["step"] + offset, r["loss"]) for r in history(out, name, "train") if "loss" in r]
+        dev = [(r["step"] + offset, r["dev_loss"]) for r in history(out, name, "validation") if "dev_loss" in r]
         if train:
             left.plot(*zip(*train), color=color, label=name, linewidth=1)
             drawn = True
