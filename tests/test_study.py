@@ -251,6 +251,36 @@ def test_the_progress_line_gives_no_estimate_before_a_rate_is_measured(study_set
     assert "train:multi@2 1/2 updates" in line and "about 2 min left" in line and "not measured yet: inner:meta" in line
 
 
+def test_the_cells_time_left_grows_with_each_cells_budget_at_the_measured_rates(study_setup, tmp_path):
+    """A later phase's cells fine-tune longer than the finished ones: the estimate is planned updates x
+    seconds per update (+ scoring, + the curve where the cell draws one), not a mean per cell."""
+    from metanmt.study import cells as study_cells
+
+    study_file, root = study_setup
+    out = tmp_path / "out"
+    folder = out / "cells" / "xb" / "cells"
+    folder.mkdir(parents=True)
+    finished = {"multi__xb__0__s0": dict(steps=0, words=0, eval_seconds=1.0),
+                "multi__xb__100__s0": dict(steps=2, words=100, finetune_seconds=10.0, eval_seconds=3.0,
+                                           curve_seconds=6.0)}
+    for name, row in finished.items():
+        init, lang, budget, seed = name.split("__")
+        (folder / f"{name}.json").write_text(json.dumps(dict(row, init=init, lang=lang, budget=budget,
+                                                             seed=int(seed[1:]))), encoding="utf-8")
+    study = load_study(study_file)
+    cells = [study_cells.read_json(p) for p in sorted(folder.glob("*.json"))]
+    # 5 s an update, 0.02 updates a word, 2 s to score, 6 s a curve (seed 0 only), at most 4 updates
+    # left of xb: meta zero-shot 2; multi s1 2 + 2 x 5; meta s0 2 + 10 + 6, s1 12; scratch s0 18
+    assert study_cells.seconds_left(study, out, "xb", cells) == pytest.approx(62.0)
+    assert study_cells.seconds_left(study, out, "xc", cells) == pytest.approx(62.0 + 2 + 18)  # its own two too
+    grown = load_study(study_file, extra=["budgets=[0, 100, 300]"])
+    # 300 words: 6 updates by the rate per word, cut to max_steps 4: 2 + 4 x 5 (+ 6 with a curve) for
+    # multi s0 s1, meta s0 s1 and scratch s0
+    assert study_cells.seconds_left(grown, out, "xb", cells) == pytest.approx(62.0 + 3 * 28 + 2 * 22)
+    zero_shot_only = [cells[0]]  # no fine-tuning measured yet: no estimate rather than a wrong one
+    assert study_cells.seconds_left(study, out, "xb", zero_shot_only) is None
+
+
 def test_free_processes_take_the_reference_first_then_the_costliest_measured_training(study_setup, tmp_path):
     from metanmt.study.runner import _costliest_first, tasks_of
 

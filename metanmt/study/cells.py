@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from ..errors import UserError
-from ..evaluation.compare import compare, plan_cells
+from ..evaluation.compare import budget_words, cell_name, compare, plan_cells
 from .folder import cells_dir, init_dir, read_json, report_dir
 from .rule import length_of
 from .spec import Study
@@ -32,13 +32,17 @@ def compare_arguments(study: Study, out: Path, langs: list[str], folder: Path, d
         reference=sf.reference, paired_test=sf.paired_test, device=device)
 
 
-def planned_cells(study: Study, lang: str) -> int:
-    """How many cells the language has (zero-shot, fine-tuned and from-scratch)."""
+def _plan(study: Study, lang: str) -> list[tuple[str, str, str, int]]:
+    """The language's cells, (init, lang, budget, seed): zero-shot, fine-tuned and from-scratch."""
     sf = study.file
     names = study.order() + (["scratch"] if sf.scratch_seeds else [])
-    plan = plan_cells(names, {"scratch"} if sf.scratch_seeds else set(), study.data_root, [lang], sf.budgets,
-                      sf.seeds, sf.data.finetune, sf.scratch_seeds or None)
-    return len(plan.cells)
+    return plan_cells(names, {"scratch"} if sf.scratch_seeds else set(), study.data_root, [lang], sf.budgets,
+                      sf.seeds, sf.data.finetune, sf.scratch_seeds or None).cells
+
+
+def planned_cells(study: Study, lang: str) -> int:
+    """How many cells the language has (zero-shot, fine-tuned and from-scratch)."""
+    return len(_plan(study, lang))
 
 
 def count_finished(out: Path, lang: str) -> int:
@@ -50,6 +54,46 @@ def count_finished(out: Path, lang: str) -> int:
 def finished_cells(out: Path, lang: str) -> list[dict[str, Any]]:
     folder = cells_dir(out, lang) / "cells"
     return [read_json(p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+
+
+def seconds_left(study: Study, out: Path, lang: str, finished: list[dict[str, Any]]) -> Optional[float]:
+    """The language's unfinished cells, in seconds at the rates the ``finished`` cells (of every
+    language) measured; None while a rate it needs is unmeasured.
+
+    A cell's cost is not one mean: at a fixed fine-tuning length its updates grow with its budget
+    (a 16k cell fine-tunes about four times as long as a 4k one), so the estimate is the planned
+    updates x the measured seconds per update, plus the measured seconds to score a cell and, for a
+    cell with an adaptation curve, to draw it. The planned updates are the budget's English words x
+    the updates per word of the language's finished cells (of every language's before it has any),
+    at most the rule's ``max_steps``; a budget of the whole pool is taken at ``max_steps``."""
+    tuned = [c for c in finished if int(c.get("steps") or 0) > 0 and c.get("words")]
+    scored = [float(c.get("eval_seconds") or 0.0) for c in finished]
+    curves = [float(c["curve_seconds"]) for c in finished if c.get("curve_seconds")]
+    own = [c for c in tuned if c.get("lang") == lang] or tuned
+    per_update = (sum(float(c.get("finetune_seconds") or 0.0) for c in tuned) / sum(int(c["steps"]) for c in tuned)
+                  if tuned else None)
+    per_word = sum(int(c["steps"]) for c in own) / sum(int(c["words"]) for c in own) if own else None
+    sf = study.file
+    done = {p.stem for p in (cells_dir(out, lang) / "cells").glob("*.json")}
+    total = 0.0
+    for init, _, budget, seed in _plan(study, lang):
+        if cell_name(init, lang, budget, seed) in done:
+            continue
+        if not scored:
+            return None
+        total += sum(scored) / len(scored)
+        words = budget_words(budget)
+        if words == 0:
+            continue  # zero-shot: scored only
+        if per_update is None or per_word is None:
+            return None
+        updates = sf.finetune.max_steps if words is None else min(sf.finetune.max_steps, round(per_word * words))
+        total += updates * per_update
+        if sf.curve.points and seed < sf.curve.seeds:
+            if not curves:
+                return None
+            total += sum(curves) / len(curves)
+    return total
 
 
 def run_language(study: Study, out: Path, lang: str, device: str = "cpu") -> dict[str, Any]:

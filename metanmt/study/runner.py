@@ -243,9 +243,7 @@ class Progress:
         left, busy, unknown = 0.0, [], []  # seconds left of waiting tasks; of each running one
         rates = {n: r for n in study.inits if (r := self._train_rate(n))}
         mean_rate = sum(rates.values()) / len(rates) if rates else None
-        cell_seconds = [float(c.get("seconds", 0)) + float(c.get("curve_seconds", 0))
-                        for lang in study.langs for c in study_cells.finished_cells(out, lang)]
-        per_cell = sum(cell_seconds) / len(cell_seconds) if cell_seconds else None
+        finished_cells = [c for lang in study.langs for c in study_cells.finished_cells(out, lang)]
         where = []
         for task in self.tasks:
             if task.key in done:
@@ -267,12 +265,13 @@ class Progress:
             elif task.key.startswith("cells:"):
                 lang = task.key[len("cells:"):]
                 n_done, planned = study_cells.count_finished(out, lang), study_cells.planned_cells(study, lang)
-                if per_cell is None:
+                seconds = study_cells.seconds_left(study, out, lang, finished_cells)
+                if seconds is None:
                     unknown.append(task.key)
                 elif task.key in running:
-                    busy.append((planned - n_done) * per_cell)
+                    busy.append(seconds)
                 else:
-                    left += (planned - n_done) * per_cell
+                    left += seconds
                 if task.key in running:
                     where.append(f"{task.key} {n_done}/{planned} cells")
             elif task.key in running:
