@@ -22,9 +22,10 @@ log = logging.getLogger("metanmt")
 
 def _meta_train(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .engine.trainer import MetaTrainer
 
     cfg = load_config(args.config, args.set)
+    from .engine.trainer import MetaTrainer  # after the config is read: its error takes a second, not ten
+
     trainer = MetaTrainer(cfg, args.output_dir, resume=args.resume, overwrite=args.overwrite)
     summary = trainer.train()
     if trainer.accelerator.is_main_process:
@@ -169,11 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _study(args: argparse.Namespace) -> int:
-    from .evaluation.commands import device_of
-    from .study.runner import run_study, run_task
     from .study.spec import load_study
 
     study = load_study(args.study, args.data_root, args.langs, args.set)
+    from .evaluation.commands import device_of  # after the study file is read: its error takes a second, not ten
+    from .study.runner import run_study, run_task
+
     device, precision = device_of(args)
     extra = [x for s in args.set for x in ("--set", s)] + (["--cpu"] if args.cpu else [])
     extra += ["--mixed-precision", args.mixed_precision] if args.mixed_precision != "no" else []

@@ -46,7 +46,7 @@ def test_project_requires_a_torch_range_not_a_pin():
     assert ">=2.4" in spec and "==" not in spec
 
 
-@pytest.mark.parametrize("name", ["torch", "transformers", "accelerate", "peft", "datasets", "sacrebleu", "pytest"])
+@pytest.mark.parametrize("name", ["torch", "transformers", "accelerate", "peft", "datasets", "sacrebleu", "pytest", "pytest-xdist"])
 def test_libraries_whose_next_major_release_may_break_the_api_have_an_upper_bound(name):
     assert "<" in dependencies()[name], f"{name}: no upper bound in pyproject.toml"
 
