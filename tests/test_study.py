@@ -279,6 +279,14 @@ def test_the_cells_time_left_grows_with_each_cells_budget_at_the_measured_rates(
     assert study_cells.seconds_left(grown, out, "xb", cells) == pytest.approx(62.0 + 3 * 28 + 2 * 22)
     zero_shot_only = [cells[0]]  # no fine-tuning measured yet: no estimate rather than a wrong one
     assert study_cells.seconds_left(study, out, "xb", zero_shot_only) is None
+    # the line names the cell the process is at: its fine-tune folder is in work/ and it is not finished
+    from metanmt.study.runner import Progress, tasks_of
+
+    for name in ("meta__xb__100__s0", "meta__xb__100__s0__curve", "multi__xb__100__s0"):
+        (out / "cells" / "xb" / "work" / name).mkdir(parents=True)
+    assert study_cells.cells_at(out, "xb") == ["meta xb 100 s0"]
+    line = Progress(study, out, tasks_of(study, out), jobs=2).line(["cells:xb"])
+    assert "cells:xb 2/7 cells (at meta xb 100 s0)" in line
 
 
 def test_free_processes_take_the_reference_first_then_the_costliest_measured_training(study_setup, tmp_path):

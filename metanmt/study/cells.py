@@ -51,6 +51,14 @@ def count_finished(out: Path, lang: str) -> int:
     return sum(1 for _ in folder.glob("*.json")) if folder.is_dir() else 0
 
 
+def cells_at(out: Path, lang: str) -> list[str]:
+    """The cells the language's process is at (their fine-tune folders exist in ``work/`` and they are
+    not finished), e.g. ``["meta lv 16k s0"]``."""
+    work, done = cells_dir(out, lang) / "work", cells_dir(out, lang) / "cells"
+    names = {p.name.removesuffix("__curve") for p in work.iterdir() if p.is_dir()} if work.is_dir() else set()
+    return [name.replace("__", " ") for name in sorted(names) if not (done / f"{name}.json").is_file()]
+
+
 def finished_cells(out: Path, lang: str) -> list[dict[str, Any]]:
     folder = cells_dir(out, lang) / "cells"
     return [read_json(p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []

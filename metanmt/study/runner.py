@@ -273,7 +273,8 @@ class Progress:
                 else:
                     left += seconds
                 if task.key in running:
-                    where.append(f"{task.key} {n_done}/{planned} cells")
+                    at = study_cells.cells_at(out, lang)
+                    where.append(f"{task.key} {n_done}/{planned} cells{' (at ' + ', '.join(at) + ')' if at else ''}")
             elif task.key in running:
                 where.append(task.key)
             elif task.stage != "report":
