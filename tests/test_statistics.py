@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from metanmt.evaluation.few_shot import mean_ci95
-from metanmt.evaluation.statistics import holm, paired_mt_test, paired_nll_test, t_interval, t_quantile
+from metanmt.evaluation.statistics import holm, paired_mt_test, paired_nll_test, resamples_for, t_interval, t_quantile
 
 
 def test_t_quantiles_match_the_tables() -> None:
@@ -109,3 +109,30 @@ def test_seeds_are_averaged_per_sentence() -> None:
         paired_nll_test(nll, nll[:, :-1])
     with pytest.raises(ValueError):
         paired_mt_test([base], [REFS[:-1]], REFS)
+
+
+def test_resamples_grow_with_the_comparisons_so_that_holm_can_reach_a_tenth_of_alpha() -> None:
+    assert resamples_for("bs", 5) == 1000  # sacreBLEU's default where it is enough
+    assert resamples_for("bs", 32) == 7000 and 32 / 7001 <= 0.005
+    assert resamples_for("bs", 53) == 11000 and 53 / 11001 <= 0.005
+    assert resamples_for("ar", 32) == 10000
+
+
+def test_a_large_gap_stays_significant_in_a_report_of_many_comparisons() -> None:
+    """n resamples cannot give a p below 1/(n + 1), and Holm multiplies the smallest by the number of
+    comparisons: at 200 resamples and 12 comparisons a perfect system against a broken one reads
+    as no difference (12/201 = 0.06), as 60 comparisons do at sacreBLEU's 1,000. The report's own
+    count keeps it significant."""
+    from metanmt.evaluation.compare import significance
+
+    nll = np.random.default_rng(0).gamma(5.0, 4.0, size=len(REFS))
+    langs = [f"x{i:02d}" for i in range(12)]
+    rows = [dict(init=init, lang=lang, budget="1k", hyps=hyps, sentence_nll=list(nll - shift))
+            for lang in langs for init, hyps, shift in (("multi", [broken(r) for r in REFS], 0.0),
+                                                        ("meta", list(REFS), 1.0))]
+    references = {lang: REFS for lang in langs}
+    floored, samples = significance(rows, "multi", references, "bs", paired_samples=200)
+    assert samples == 200 and min(p["bleu"] for p in floored.values()) == pytest.approx(12 / 201)
+    chosen, samples = significance(rows, "multi", references, "bs")
+    assert samples == resamples_for("bs", 12) == 3000 and len(chosen) == 12
+    assert all(p["bleu"] <= 12 / 3001 and p["chrf"] <= 12 / 3001 and p["nll"] < 0.05 for p in chosen.values())

@@ -85,7 +85,8 @@ from ..tasks.language_embeddings import set_language
 from ..tasks.translation.decoding import translate_batch
 from .few_shot import mean_ci95
 from .scoring import score
-from .statistics import DEFAULT_SAMPLES, NLL_RESAMPLES, TESTS, holm, paired_mt_test, paired_nll_test, t_interval
+from .statistics import (DEFAULT_SAMPLES, NLL_RESAMPLES, TESTS, holm, paired_mt_test, paired_nll_test,
+                         resamples_for, t_interval)
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +347,7 @@ def compare(inits: list[tuple[str, str]], data_root: str | Path, langs: list[str
     segments (default: the cells' test set; the cells themselves always score all of it).
     ``reference``: the init every other init is tested against (default ``multi`` if present, else
     the first); ``paired_test``: ``bs`` or ``ar`` (:mod:`.statistics`) with ``paired_samples``
-    resamples (0: sacreBLEU's default).
+    resamples (0: sacreBLEU's default, or more where the report's comparisons need them: :func:`.statistics.resamples_for`).
     """
     data_root, out = Path(data_root), Path(out)
     curve = sorted(set(curve))
@@ -636,25 +637,27 @@ def summarize(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict[str
 
 
 def significance(rows: list[dict[str, Any]], reference: str, references: dict[str, list[str]],
-                 paired_test: str = "bs", paired_samples: int = 0) -> dict[tuple[str, str, str], dict[str, float]]:
+                 paired_test: str = "bs", paired_samples: int = 0
+                 ) -> tuple[dict[tuple[str, str, str], dict[str, float]], int]:
     """(init, lang, budget) -> {"bleu", "chrf", "nll"}: Holm-corrected p-values of every init
-    against ``reference`` in every cell where both have stored hypotheses (:mod:`.statistics`).
-    Each metric's family is all the (init, cell) comparisons of the report; ``raw_*`` keep the
-    uncorrected values. Cells made before hypotheses were stored are left out (NaN)."""
+    against ``reference`` in every cell where both have stored hypotheses (:mod:`.statistics`),
+    and the resamples of the BLEU / chrF test (``paired_samples``, or 0: :func:`resamples_for` the
+    number of comparisons). Each metric's family is all the (init, cell) comparisons of the report;
+    ``raw_*`` keep the uncorrected values. Cells made before hypotheses were stored are left out (NaN)."""
     stored: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for row in rows:
         if row.get("hyps") is not None and row.get("sentence_nll") is not None:
             stored.setdefault((row["init"], row["lang"], row["budget"]), []).append(row)
+    pairs = [(key, cells, stored[(reference, key[1], key[2])]) for key, cells in stored.items()
+             if key[0] != reference and stored.get((reference, key[1], key[2]))]
+    samples = paired_samples or resamples_for(paired_test, len(pairs), ALPHA)
     tests: list[tuple[tuple[str, str, str], dict[str, float]]] = []
-    for (init, lang, budget), cells in stored.items():
-        base = stored.get((reference, lang, budget))
-        if init == reference or not base:
-            continue
+    for (init, lang, budget), cells, base in pairs:
         refs = references[lang]
         if any(len(c["hyps"]) != len(refs) for c in (*cells, *base)):
             raise DataError(f"{lang} {budget}: the stored hypotheses do not match the {len(refs)} test segments; "
                             "were the cells made with another --max-test-segments?")
-        p = paired_mt_test([c["hyps"] for c in base], [c["hyps"] for c in cells], refs, paired_test, paired_samples)
+        p = paired_mt_test([c["hyps"] for c in base], [c["hyps"] for c in cells], refs, paired_test, samples)
         p["nll"] = paired_nll_test([c["sentence_nll"] for c in base], [c["sentence_nll"] for c in cells])
         tests.append(((init, lang, budget), p))
     out: dict[tuple[str, str, str], dict[str, float]] = {key: {} for key, _ in tests}
@@ -662,7 +665,7 @@ def significance(rows: list[dict[str, Any]], reference: str, references: dict[st
         for (key, p), adjusted in zip(tests, holm([p[metric] for _, p in tests])):
             out[key][metric] = adjusted
             out[key][f"raw_{metric}"] = p[metric]
-    return out
+    return out, samples
 
 
 def _shown_path(path: str, out: Path) -> str:
@@ -689,10 +692,10 @@ def write_report(out: Path, rows: list[dict[str, Any]], inits: list[str], langs:
     number of cells of the comparison; a report with fewer rows says how many are missing."""
     reference = reference or ("multi" if "multi" in inits else inits[0])
     curve = list(settings.get("curve") or [])
-    sig = significance(rows, reference, references, paired_test, paired_samples) if references else {}
+    sig, samples = (significance(rows, reference, references, paired_test, paired_samples) if references
+                    else ({}, paired_samples or DEFAULT_SAMPLES[paired_test]))
     write_csv(out, rows, curve, sig)
     table = summarize(rows)
-    samples = paired_samples or DEFAULT_SAMPLES[paired_test]
     lines = ["# Initializations compared on low-resource languages", "",
              f"BLEU and chrF (sacreBLEU: {rows[0]['bleu_signature'] if rows else '-'}; "
              f"{rows[0]['chrf_signature'] if rows else '-'}) of beam-{settings['num_beams']} decoding of each "

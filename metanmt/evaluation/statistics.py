@@ -2,6 +2,7 @@
 
     mean, half, n = t_interval([20.1, 21.3, 19.8])      # 95% Student t interval: mean ± half over n values
     p = paired_mt_test(ref_hyps, sys_hyps, references)   # {"bleu": p, "chrf": p}, sacreBLEU's paired test
+    resamples_for("bs", comparisons=53)                  # 11000: enough that Holm over 53 can reach 0.005
     p_nll = paired_nll_test(ref_nll, sys_nll)            # sign-flip permutation test on per-sentence NLL
     holm([0.01, 0.04, 0.03, 0.005])                       # [0.03, 0.06, 0.06, 0.02]
 
@@ -29,6 +30,12 @@ fine-tuning seeds, on the same test sentences:
 - Over the cells of a report the p-values of each metric are Holm-corrected (:func:`holm`;
   statsmodels is not a dependency, and Holm is four lines; scipy has only Benjamini-Hochberg).
 
+How many resamples: a paired test with n resamples cannot give a p below 1 / (n + 1), and Holm
+multiplies the smallest p of m comparisons by m, so with sacreBLEU's default 1,000 a report of 50
+or more comparisons could mark no BLEU or chrF gap significant at 0.05, however large (a study's
+16k and 40k phases reach that). A report therefore draws :func:`resamples_for` its comparisons: the
+default, or more, so that this floor stays 10x below the corrected threshold.
+
 An observed gap of exactly 0 gets p = 1. sacreBLEU counts resamples whose gap is strictly larger
 than the observed one, which for two identical systems gives 1 / (n + 1) (p = 0.001 for two copies
 of one output), a value that would mark no difference at all as significant.
@@ -46,6 +53,13 @@ TESTS = {"bs": "paired bootstrap resampling", "ar": "paired approximate randomiz
 DEFAULT_SAMPLES = {"bs": 1000, "ar": 10000}  # sacreBLEU's defaults
 NLL_RESAMPLES = 9999
 SEED = 12345  # sacreBLEU's default seed (SACREBLEU_SEED); fixed, so a report is reproducible byte for byte
+
+
+def resamples_for(test: str, comparisons: int, alpha: float = 0.05) -> int:
+    """Resamples of the paired ``test`` for ``comparisons`` Holm-corrected tests: sacreBLEU's default,
+    or the next thousand from which ``comparisons / (n + 1)`` is at most ``alpha / 10``."""
+    need = math.ceil(10 * comparisons / alpha) - 1
+    return max(DEFAULT_SAMPLES[test], -(-need // 1000) * 1000)
 
 
 def t_quantile(n: int, level: float = 0.95) -> float:
