@@ -5,6 +5,7 @@ a study folder moved elsewhere resumes there."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -232,6 +233,18 @@ def test_dry_run_lists_the_tasks_in_order(study_setup, tmp_path, capsys):
     assert keys == ["train:multi@2", "train:multi", "inner:meta", "train:meta", "rule", "cells:xb", "cells:xc",
                     "report"]
     assert plan["cells"] == {"xb": 2 + 5, "xc": 2 + 5} and not (tmp_path / "out").exists()
+    assert plan["time_left"] == "time left not measured yet (nothing has run)"
+
+
+def test_dry_run_of_a_finished_study_with_a_later_phase_says_its_time_at_the_measured_rates(study_setup, finished,
+                                                                                            tmp_path, capsys):
+    study, _ = study_setup
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    assert run_cli("study", study, "--out", out, "--set", "budgets=[0, 100, 300]", "--dry-run") == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert [t["task"] for t in plan["plan"] if not t["done"]] == ["cells:xb", "cells:xc"]
+    assert re.fullmatch(r"about \d+ min left at the measured rates", plan["time_left"]), plan["time_left"]
 
 
 def test_the_progress_line_gives_no_estimate_before_a_rate_is_measured(study_setup, tmp_path):
@@ -287,6 +300,33 @@ def test_the_cells_time_left_grows_with_each_cells_budget_at_the_measured_rates(
     assert study_cells.cells_at(out, "xb") == ["meta xb 100 s0"]
     line = Progress(study, out, tasks_of(study, out), jobs=2).line(["cells:xb"])
     assert "cells:xb 2/7 cells (at meta xb 100 s0)" in line
+
+
+def test_a_budget_one_language_cannot_fill_is_left_out_of_its_cells_not_an_error(study_setup, tmp_path):
+    """Latvian 40k: once its 16k uses the whole pool, a larger budget has no Latvian cell. The study
+    plans over all its languages, so that language's task runs without the budget and the report
+    keeps it for the others (a compare of Latvian alone would refuse it)."""
+    from metanmt.study import cells as study_cells
+
+    study_file, root = study_setup
+    data = tmp_path / "l10n"
+    shutil.copytree(root, data)
+    for lang in ("xb", "xc"):  # a 500-word budget: xb's is its whole pool again, xc has its own
+        shutil.copy(data / "finetune" / f"{lang}.300.tsv.gz", data / "finetune" / f"{lang}.500.tsv.gz")
+    split = json.loads((data / "split.json").read_text())
+    split["finetune"]["xb"]["500"] = {"complete": False, "en_words": 200}
+    (data / "split.json").write_text(json.dumps(split))
+    study = load_study(study_file, data_root=data, extra=["budgets=[0, 100, 300, 500]"])
+    assert study_cells.planned_cells(study, "xb") == 7 + 5  # 300 (the pool) added, 500 left out
+    assert study_cells.planned_cells(study, "xc") == 7 + 2 * 5  # both added
+    out = tmp_path / "out"
+    (out / "rule.json").parent.mkdir(parents=True)
+    (out / "rule.json").write_text(json.dumps({"choice": {"epochs": 1, "min_steps": 0, "max_steps": 4}}),
+                                   encoding="utf-8")
+    arguments = {lang: study_cells.compare_arguments(study, out, langs, tmp_path / "c", "cpu")["budgets"]
+                 for lang, langs in (("xb", ["xb"]), ("xc", ["xc"]), ("both", ["xb", "xc"]))}
+    assert arguments == {"xb": ["0", "100", "300"], "xc": ["0", "100", "300", "500"],
+                         "both": ["0", "100", "300", "500"]}
 
 
 def test_free_processes_take_the_reference_first_then_the_costliest_measured_training(study_setup, tmp_path):

@@ -235,11 +235,18 @@ class Progress:
         return last["seconds"] / max(1, last["step"]) if last else None
 
     def line(self, running: list[str]) -> str:
-        study, out = self.study, self.out
         done = {t.key for t in self.tasks if t.done()}
         counts = " · ".join(f"{stage} {sum(t.key in done for t in self.tasks if t.stage == stage)}/"
                             f"{sum(t.stage == stage for t in self.tasks)}" for stage in STAGES
                             if any(t.stage == stage for t in self.tasks))
+        where, eta = self.estimate(running, done)
+        return f"study {self.study.name} [{counts}] running: {', '.join(where) or '-'}; {eta}"
+
+    def estimate(self, running: list[str], done: Optional[set[str]] = None) -> tuple[list[str], str]:
+        """What each running task is at, and the time left of every unfinished task at the measured
+        rates (what waits shares the ``jobs`` processes)."""
+        study, out = self.study, self.out
+        done = {t.key for t in self.tasks if t.done()} if done is None else done
         left, busy, unknown = 0.0, [], []  # seconds left of waiting tasks; of each running one
         rates = {n: r for n in study.inits if (r := self._train_rate(n))}
         mean_rate = sum(rates.values()) / len(rates) if rates else None
@@ -287,7 +294,7 @@ class Progress:
             eta = f"about {(max(busy, default=0.0) + left / self.jobs) / 60:.0f} min left at the measured rates"
             if unknown:
                 eta += f" (not measured yet: {not_measured})"
-        return f"study {study.name} [{counts}] running: {', '.join(where) or '-'}; {eta}"
+        return where, eta
 
 
 def run_study(study: Study, out: Path, jobs: Optional[int] = None, overwrite: bool = False,
@@ -304,6 +311,8 @@ def run_study(study: Study, out: Path, jobs: Optional[int] = None, overwrite: bo
         return {"plan": [{"task": t.key, "after": t.deps, "done": t.done() if out.is_dir() else False,
                           "command": _planned_command(study, out, t, argv_extra or [])} for t in tasks],
                 "cells": {lang: study_cells.planned_cells(study, lang) for lang in study.langs},
+                "time_left": Progress(study, out, tasks, jobs).estimate([])[1] if out.is_dir() else
+                "time left not measured yet (nothing has run)",
                 "data_fingerprint": data_fingerprint(study.data_root)}
     # a language or budget that selects no cell stops here, before --out is touched
     from ..evaluation.compare import _path
