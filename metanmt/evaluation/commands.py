@@ -211,8 +211,9 @@ def add_translation_commands(sub: Any) -> None:
     p.add_argument("--reference", help="the init the others are tested against (default: multi if given, else the first)")
     p.add_argument("--paired-test", choices=["bs", "ar"], default="bs",
                    help="sacreBLEU's paired bootstrap (bs) or approximate randomization (ar) for BLEU/chrF")
-    p.add_argument("--paired-samples", type=int, default=0, help="resamples of the paired BLEU / chrF test (0: sacreBLEU's default, or enough that the Holm-corrected p of "
-                        "the report's comparisons can reach 0.005)")
+    p.add_argument("--paired-samples", type=int, default=0,
+                   help="resamples of the paired BLEU / chrF test (0: sacreBLEU's default, or enough that the "
+                        "Holm-corrected p of the report's comparisons can reach 0.005)")
     add_recipe_flags(p)
     add_device_flags(p)
     p.set_defaults(func=_compare)

@@ -347,7 +347,8 @@ def compare(inits: list[tuple[str, str]], data_root: str | Path, langs: list[str
     segments (default: the cells' test set; the cells themselves always score all of it).
     ``reference``: the init every other init is tested against (default ``multi`` if present, else
     the first); ``paired_test``: ``bs`` or ``ar`` (:mod:`.statistics`) with ``paired_samples``
-    resamples (0: sacreBLEU's default, or more where the report's comparisons need them: :func:`.statistics.resamples_for`).
+    resamples (0: sacreBLEU's default, or more where the report's comparisons need them:
+    :func:`.statistics.resamples_for`).
     """
     data_root, out = Path(data_root), Path(out)
     curve = sorted(set(curve))
