@@ -24,6 +24,10 @@ def _meta_train(args: argparse.Namespace) -> int:
     from .config import load_config
 
     cfg = load_config(args.config, args.set)
+    from . import registry
+
+    registry.check(registry.TASK_FAMILIES, cfg.family)
+    registry.check(registry.ALGORITHMS, cfg.algorithm.name)
     from .engine.trainer import MetaTrainer  # after the config is read: its error takes a second, not ten
 
     trainer = MetaTrainer(cfg, args.output_dir, resume=args.resume, overwrite=args.overwrite)
@@ -66,6 +70,9 @@ def refuse_unread_options(family: Any, evaluator: Callable[..., Any], args: argp
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from .engine.checkpoint import load_run_config
+
+    load_run_config(args.run)  # a wrong path fails before the model's imports: in a second, not ten
     from .engine.run import load_run
     from .evaluation.commands import device_of
 

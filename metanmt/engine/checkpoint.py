@@ -568,3 +568,20 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
     if not path.is_file():
         raise UserError(f"{run_dir}: not a metanmt run directory (no {CONFIG_FILE})")
     return from_dict(RunConfig, read_yaml(path))
+
+
+HISTORY_FILE = "history.jsonl"  # the trainer's log: one JSON record a line (train and validation)
+
+
+def read_history(output_dir: str | Path, kind: str) -> list[dict[str, Any]]:
+    """The ``history.jsonl`` records of one kind ("train" or "validation"), last one per step, by step."""
+    path = Path(output_dir) / HISTORY_FILE
+    if not path.is_file():
+        return []
+    by_step: dict[int, dict[str, Any]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            record = json.loads(line)
+            if record.get("kind") == kind:
+                by_step[record["step"]] = record
+    return [by_step[k] for k in sorted(by_step)]

@@ -30,7 +30,6 @@ counts), and no forward pass that only feeds a log line on a step that does not 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -52,17 +51,18 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from .. import files, registry
-from ..config import OptimConfig, RunConfig
+from ..config import RunConfig
 from ..errors import ConfigError, NonFiniteError, UserError
 from ..tasks.base import Episode, TaskFamily
 from . import checkpoint as ckpt
+from .checkpoint import HISTORY_FILE, read_history  # noqa: F401  (read_history: imported from here too)
+from .schedule import schedule_factor
 from .algorithms.base import LOGGED_METRICS, TaskResult
 from .inner import InnerLoop, select_names, trainable_names
 from .sampler import TaskSampler, episode_torch_seed
 
 log = logging.getLogger(__name__)
 LEARNED_LRS_FILE = "inner_lrs.safetensors"
-HISTORY_FILE = "history.jsonl"
 
 
 class LearnedLearningRates(nn.Module):
@@ -144,25 +144,6 @@ def make_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer) -> torch.op
         return get_scheduler(o.schedule, optimizer, num_warmup_steps=0, num_training_steps=total)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule_factor(o, total, step))
-
-
-def schedule_factor(o: OptimConfig, total: int, step: int) -> float:
-    """The factor of ``o.lr`` for update ``step`` (0-based) of a ``total``-update run: the rate a run
-    warm-started after ``step`` updates continues from is ``o.lr * schedule_factor(o, total, step)``."""
-    if o.cooldown_from and step >= o.cooldown_from:
-        reached = schedule_factor(dataclasses.replace(o, cooldown_from=0), total, o.cooldown_from)
-        return reached * max(0.0, (total - step) / max(1, total - o.cooldown_from))
-    warmup = max(0, o.warmup_steps)
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if o.schedule == "linear":
-        return max(0.0, (total - step) / max(1, total - warmup))
-    if o.schedule == "cosine":
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    if o.schedule == "inverse_sqrt":
-        return math.sqrt(max(1, warmup) / max(1, step + 1))
-    return 1.0
 
 
 def check_task_batching(cfg: RunConfig, family: TaskFamily, algorithm: Any) -> str:
@@ -691,20 +672,6 @@ class MetaTrainer:
         for group, base, factor in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
             group["lr"] = base * factor(sched.last_epoch)
         sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # what get_last_lr() reports
-
-
-def read_history(output_dir: str | Path, kind: str) -> list[dict[str, Any]]:
-    """The ``history.jsonl`` records of one kind ("train" or "validation"), last one per step, by step."""
-    path = Path(output_dir) / HISTORY_FILE
-    if not path.is_file():
-        return []
-    by_step: dict[int, dict[str, Any]] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            record = json.loads(line)
-            if record.get("kind") == kind:
-                by_step[record["step"]] = record
-    return [by_step[k] for k in sorted(by_step)]
 
 
 _PEAK_RSS_SEEN_MB = 0.0

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Optional
 
 from ..engine.checkpoint import CONFIG_FILE, latest_trainer_state
-from ..engine.run import export_checkpoint
 from .folder import init_dir, inner_file, read_json, warm_dir
 from .spec import Study
 
@@ -49,6 +48,8 @@ def trained_to(out: Path, name: str) -> int:
 
 def export_warm_start(out: Path, name: str, update: int) -> Path:
     """``inits/NAME@UPDATE`` from the run's checkpoint at that update (written once)."""
+    from ..engine.run import export_checkpoint  # the trainer's imports only in the process that exports
+
     dest = warm_dir(out, name, update)
     if not (dest / "trainer_state.json").is_file():
         tmp = dest.with_name(".tmp-" + dest.name)  # a killed export leaves no half-written warm start

@@ -17,12 +17,12 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-from ..engine.trainer import read_history
+from ..engine.checkpoint import read_history
 from ..evaluation.compare import save_figure
 from ..files import atomic_write_text
 from .convergence import check as convergence_check
 from .convergence import FORECAST_HORIZON, fitted_curve, one_line
-from .folder import init_dir, inner_file, read_json, report_dir, rule_file
+from .folder import init_dir, read_json, report_dir, rule_file
 from .spec import Study
 
 

@@ -151,6 +151,16 @@ def _json_or_empty(path: Path) -> dict[str, Any]:
     return read_json(path) if path.is_file() else {}
 
 
+def done_keys(tasks: list[Task]) -> list[str]:
+    """The tasks that are done, in order, and so is everything they depend on: a report written before a
+    later phase's cells is not done, nor are an init's dependants after it was set back."""
+    done: list[str] = []
+    for task in tasks:  # in a valid order: a task's dependencies come before it
+        if all(d in done for d in task.deps) and task.done():
+            done.append(task.key)
+    return done
+
+
 def _report_current(study: Study, out: Path) -> bool:
     """The report holds every finished cell as it is now (a cell run again is a new cell to report)."""
     gathered = report_dir(out) / "cells"
@@ -160,24 +170,26 @@ def _report_current(study: Study, out: Path) -> bool:
 
 def run_task(study: Study, out: Path, key: str, device: str) -> None:
     """One task of :func:`tasks_of` that runs in the study's own code (``--task KEY``)."""
-    from .inner import choose_inner
-    from .report import write_study_report
-    from .rule import choose_rule
-
     keys = [t.key for t in tasks_of(study, out) if t.command is None]
     if key not in keys:
         raise UserError(f"--task {key!r}: not a task of this study that runs in its own code ({', '.join(keys)})")
-    if key.startswith("inner:"):
+    if key.startswith("inner:"):  # each task imports only what it runs (a process starts in seconds, not ten)
+        from .inner import choose_inner
+
         result = choose_inner(study, out, key[len("inner:"):])
         c = result["choice"]
         log.info("inner loop at %s: rate %g, %d steps, gain %+.4f nats (n = %d episodes)", result["warm_start"],
                  c["lr"], c["steps"], c["gain"], c["n"])
     elif key == "rule":
+        from .rule import choose_rule
+
         info = choose_rule(study, out)
         log.info("fine-tuning length: %s", info["choice"])
     elif key.startswith("cells:"):
         study_cells.run_language(study, out, key[len("cells:"):], device)
     elif key == "report":
+        from .report import write_study_report
+
         study_cells.report_cells(study, out, device)
         write_study_report(study, out)
 
@@ -195,6 +207,14 @@ def _planned_command(study: Study, out: Path, task: Task, argv_extra: list[str])
         return task.command()
     except FileNotFoundError:
         return None
+
+
+def _wait_for_an_end(procs: list[subprocess.Popen], seconds: float) -> None:
+    """Up to ``seconds``, less as soon as a process ends: the tasks that wait for it start at once (a
+    study of short tasks spent most of its time in fixed sleeps)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and all(proc.poll() is None for proc in procs):
+        time.sleep(min(0.1, seconds))
 
 
 def _start_child() -> None:  # pragma: no cover - runs in the child
@@ -235,7 +255,7 @@ class Progress:
         return last["seconds"] / max(1, last["step"]) if last else None
 
     def line(self, running: list[str]) -> str:
-        done = {t.key for t in self.tasks if t.done()}
+        done = set(done_keys(self.tasks))
         counts = " · ".join(f"{stage} {sum(t.key in done for t in self.tasks if t.stage == stage)}/"
                             f"{sum(t.stage == stage for t in self.tasks)}" for stage in STAGES
                             if any(t.stage == stage for t in self.tasks))
@@ -246,7 +266,7 @@ class Progress:
         """What each running task is at, and the time left of every unfinished task at the measured
         rates (what waits shares the ``jobs`` processes)."""
         study, out = self.study, self.out
-        done = {t.key for t in self.tasks if t.done()} if done is None else done
+        done = set(done_keys(self.tasks)) if done is None else done
         left, busy, unknown = 0.0, [], []  # seconds left of waiting tasks; of each running one
         rates = {n: r for n in study.inits if (r := self._train_rate(n))}
         mean_rate = sum(rates.values()) / len(rates) if rates else None
@@ -308,7 +328,8 @@ def run_study(study: Study, out: Path, jobs: Optional[int] = None, overwrite: bo
         raise UserError(f"--out {out}: lies in the data root {study.data_root}; write the study elsewhere")
     tasks = tasks_of(study, out)
     if dry_run:
-        return {"plan": [{"task": t.key, "after": t.deps, "done": t.done() if out.is_dir() else False,
+        done = done_keys(tasks) if out.is_dir() else []
+        return {"plan": [{"task": t.key, "after": t.deps, "done": t.key in done,
                           "command": _planned_command(study, out, t, argv_extra or [])} for t in tasks],
                 "cells": {lang: study_cells.planned_cells(study, lang) for lang in study.langs},
                 "time_left": Progress(study, out, tasks, jobs).estimate([])[1] if out.is_dir() else
@@ -353,10 +374,7 @@ def _run(study: Study, out: Path, tasks: list[Task], jobs: int, report_only: boo
         return {"ran": ["report"], "already": [], "report": str(report_dir(out) / "report.html")}
 
     by_key = {t.key: t for t in tasks}
-    already: list[str] = []  # done, and so is everything it depends on (a report made before a cell reran is not)
-    for task in tasks:
-        if all(d in already for d in task.deps) and task.done():
-            already.append(task.key)
+    already = done_keys(tasks)
     if len(already) == len(tasks):
         log.info("study %s: every task was already finished in %s (%s); nothing to do", study.name, out,
                  ", ".join(already))
@@ -407,7 +425,7 @@ def _run(study: Study, out: Path, tasks: list[Task], jobs: int, report_only: boo
                 if stuck:
                     raise UserError(f"study {study.name}: tasks {', '.join(stuck)} cannot start (their inputs are missing)")
                 break
-            time.sleep(POLL_SECONDS)
+            _wait_for_an_end([proc for proc, _ in running.values()], POLL_SECONDS)
             for key, (proc, logfile) in list(running.items()):
                 code = proc.poll()
                 if code is None:

@@ -269,7 +269,7 @@ def load_study(path: str | Path, data_root: Optional[str | Path] = None, langs: 
 
 def _rate_reached(source: Init, update: int) -> float:
     """The rate ``source``'s schedule gives its update ``update`` (0-based: the first after that many)."""
-    from ..engine.trainer import schedule_factor
+    from ..engine.schedule import schedule_factor
 
     return source.optim.lr * schedule_factor(source.optim, source.steps, update)
 
