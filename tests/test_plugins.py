@@ -10,6 +10,7 @@ import pytest
 from metanmt import registry
 from metanmt.cli import main
 from metanmt.config import load_config
+from metanmt.errors import ConfigError
 from metanmt.engine.trainer import MetaTrainer
 
 PLUGIN = '''
@@ -95,6 +96,19 @@ def test_builtins_are_entry_points_too():
 
     assert {"sinusoid", "omniglot", "translation"} <= {ep.name for ep in entry_points(group=registry.TASK_FAMILIES)}
     assert {"maml", "fomaml", "reptile", "multitask"} <= {ep.name for ep in entry_points(group=registry.ALGORITHMS)}
+
+
+def test_an_unknown_name_is_refused_before_any_plugin_is_imported(plugin_package):
+    """meta-train checks the names right after reading the config, before the trainer's imports: the
+    check lists what is installed and imports none of it."""
+    with pytest.raises(ConfigError, match=r"unknown algorithm 'mamll'; available: .*fomaml, maml, multitask, "
+                                          r"query_only, reptile"):
+        registry.check(registry.ALGORITHMS, "mamll")
+    with pytest.raises(ConfigError, match="unknown task family 'sinusiod'"):
+        registry.check(registry.TASK_FAMILIES, "sinusiod")
+    registry.check(registry.TASK_FAMILIES, "shifted_sine")
+    assert "my_plugin" not in sys.modules  # named, not loaded
+    assert registry.task_family("shifted_sine").__module__ == "my_plugin"
 
 
 def test_a_plugin_family_gets_token_counts_and_its_own_evaluate(plugin_package, tmp_path, capsys):
