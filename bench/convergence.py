@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from metanmt.engine.trainer import read_history
+from metanmt.engine.checkpoint import read_history
 from metanmt.study.convergence import check, fitted_curve, power_law
 
 

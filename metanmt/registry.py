@@ -33,18 +33,24 @@ def available(group: str) -> list[str]:
     return sorted({ep.name for ep in entry_points(group=group)} | set(_extra[group]))
 
 
+def _unknown(group: str, name: str) -> ConfigError:
+    kind = "task family" if group == TASK_FAMILIES else "algorithm"
+    return ConfigError(f"unknown {kind} {name!r}; available: {', '.join(available(group)) or '(none installed)'}")
+
+
 def check(group: str, name: str) -> None:
     """The error :func:`load` would raise for an unknown name, without importing the plugin."""
     if name not in available(group):
-        kind = "task family" if group == TASK_FAMILIES else "algorithm"
-        raise ConfigError(f"unknown {kind} {name!r}; available: {', '.join(available(group)) or '(none installed)'}")
+        raise _unknown(group, name)
 
 
 def load(group: str, name: str) -> Any:
     if name in _extra[group]:
         return _extra[group][name]
-    check(group, name)
-    return next(ep for ep in entry_points(group=group) if ep.name == name).load()
+    matches = [ep for ep in entry_points(group=group) if ep.name == name]
+    if not matches:
+        raise _unknown(group, name)
+    return matches[0].load()
 
 
 def task_family(name: str) -> Any:

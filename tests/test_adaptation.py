@@ -397,7 +397,7 @@ def test_show_examples_prints_zero_shot_and_fine_tuned_translations(corpus: Path
 
 
 def test_commands_take_a_device_and_bf16_and_load_with_fast_attention(run_dir: Path, corpus: Path, tmp_path: Path) -> None:
-    from metanmt.engine.trainer import read_history
+    from metanmt.engine.checkpoint import read_history
 
     # the default attention (eager) stays what a run trained with; under auto, a multi-task run (no
     # double backward) is fine-tuned and decoded with sdpa

@@ -88,7 +88,8 @@ def test_commands_run_on_cuda_with_bf16(run_dir: Path, corpus: Path, tmp_path: P
 
 
 def test_meta_training_on_cuda_reports_peak_device_memory_and_maml_uses_eager_attention(tmp_path):
-    from metanmt.engine.trainer import MetaTrainer, read_history
+    from metanmt.engine.checkpoint import read_history
+    from metanmt.engine.trainer import MetaTrainer
 
     for algo, attention in (("maml", "eager"), ("fomaml", "sdpa")):
         trainer = MetaTrainer(tiny(algo, "train.log_every=1", "model.attn_implementation=auto"), tmp_path / algo)

@@ -13,7 +13,8 @@ from metanmt.config import load_config
 from metanmt.engine.algorithms.fomaml import FOMAML
 from metanmt.engine.algorithms.maml import MAML
 from metanmt.engine.run import load_run
-from metanmt.engine.trainer import MetaTrainer, make_scheduler, read_history
+from metanmt.engine.checkpoint import read_history
+from metanmt.engine.trainer import MetaTrainer, make_scheduler
 from metanmt.errors import ConfigError
 from metanmt.tasks.sinusoid import SinusoidFamily
 

@@ -11,7 +11,8 @@ from metanmt.config import load_config
 from metanmt.engine import checkpoint as ckpt
 from metanmt.engine.inner import InnerLoop
 from metanmt.engine.sampler import TaskSampler, local_indices
-from metanmt.engine.trainer import MetaTrainer, read_history
+from metanmt.engine.checkpoint import read_history
+from metanmt.engine.trainer import MetaTrainer
 from metanmt.errors import NonFiniteError, UserError
 from metanmt.tasks.sinusoid import SinusoidFamily
 

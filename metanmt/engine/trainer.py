@@ -55,7 +55,7 @@ from ..config import RunConfig
 from ..errors import ConfigError, NonFiniteError, UserError
 from ..tasks.base import Episode, TaskFamily
 from . import checkpoint as ckpt
-from .checkpoint import HISTORY_FILE, read_history  # noqa: F401  (read_history: imported from here too)
+from .checkpoint import HISTORY_FILE
 from .schedule import schedule_factor
 from .algorithms.base import LOGGED_METRICS, TaskResult
 from .inner import InnerLoop, select_names, trainable_names
@@ -599,7 +599,7 @@ class MetaTrainer:
         """One JSON line per log/validation in ``{output_dir}/history.jsonl`` (main process only).
 
         A resumed run appends again from its checkpoint's step: readers keep the last line per
-        (kind, step) — see :func:`read_history`.
+        (kind, step) — see :func:`.checkpoint.read_history`.
         """
         if self.accelerator.is_main_process:
             with open(self.output_dir / HISTORY_FILE, "a", encoding="utf-8") as f:
