@@ -632,3 +632,39 @@ def test_a_study_may_add_budgets_on_resume_but_not_change_its_settings(study_set
     release_directory(out)
     with pytest.raises(UserError, match=r"other settings \(seeds: 2 -> 3"):
         claim(out, describe(load_study(study, extra=["budgets=[0, 100, 300]", "seeds=3"])), root, overwrite=False)
+
+
+def test_a_required_convergence_check_stops_the_study_before_any_test_cell(study_setup, finished, tmp_path, capsys):
+    """``convergence: required``: with the reference's dev NLL still falling, what does not wait for the
+    check runs (the length rule) and no cell starts; the error names the check. Once the reference's
+    validations are flat the check passes and only the cells and the report are left."""
+    study, _ = study_setup
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    for gone in ("cells", "report"):
+        shutil.rmtree(out / gone)
+    (out / "rule.json").unlink()
+    history = out / "inits" / "multi" / "history.jsonl"
+    records = [json.loads(line) for line in history.read_text().splitlines()]
+    first = next(r for r in records if r.get("kind") == "validation" and r["step"] == 2)
+
+    def validation_at_4(loss: float) -> None:  # the last line of a step counts (a resumed run logs it again)
+        history.write_text("".join(json.dumps(r) + "\n" for r in
+                                   [*records, {"kind": "validation", "step": 4, "dev_loss": loss}]))
+
+    validation_at_4(first["dev_loss"] - 0.5)  # 250 nats per 1,000 updates
+    capsys.readouterr()
+    assert run_cli("study", study, "--out", out, "--cpu", "--set", "convergence=required") == 2
+    err = capsys.readouterr().err
+    assert "the reference multi's dev NLL fell +250.0000 nats per 1,000 updates from 2 to 4" in err
+    assert "not flat" in err and "no test cell was run" in err and "tasks not run: cells:xb, cells:xc, report" in err
+    assert (out / "rule.json").is_file() and not (out / "cells").exists()
+
+    validation_at_4(first["dev_loss"] + 0.001)  # rising: flat by the criterion
+    assert run_cli("study", study, "--out", out, "--set", "convergence=required", "--dry-run") == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert [t["task"] for t in plan["plan"] if not t["done"]] == ["cells:xb", "cells:xc", "report"]
+    assert next(t for t in plan["plan"] if t["task"] == "converged")["command"] is None
+    # without the key the check is not a task; the key is not a setting a resumed study must match
+    assert run_cli("study", study, "--out", out, "--dry-run") == 0
+    assert "converged" not in [t["task"] for t in json.loads(capsys.readouterr().out)["plan"]]

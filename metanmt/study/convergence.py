@@ -97,12 +97,14 @@ def forecast(points: Sequence[tuple[int, float]]) -> Optional[dict[str, Any]]:
             "rms": rms, "flat_at": found}
 
 
-def check(points: Sequence[tuple[int, float]], cooldown_from: Optional[int] = None) -> Optional[dict[str, Any]]:
+def check(points: Sequence[tuple[int, float]], cooldown_from: Optional[int] = None,
+          with_forecast: bool = True) -> Optional[dict[str, Any]]:
     """The convergence check of a run's validation points, or None with fewer than 2.
 
     A run that cools down (``optim.cooldown_from``) is checked on its validations up to the cooldown: a
     rate falling to 0 flattens any curve, so a flat end there says nothing of convergence; the
-    cooldown's own fall is reported beside it. A run that is not flat carries the forecast."""
+    cooldown's own fall is reported beside it. A run that is not flat carries the forecast (unless
+    ``with_forecast`` is false: a fit costs scipy's import)."""
     points = list(points)
     annealed: dict[str, Any] = {}
     if cooldown_from and points and points[-1][0] > cooldown_from:
@@ -117,7 +119,7 @@ def check(points: Sequence[tuple[int, float]], cooldown_from: Optional[int] = No
         return None
     result["criterion"] = (f"dev NLL falls by less than {FLAT_NATS_PER_1000} nats per 1,000 updates over the last "
                            f"{WINDOW:,} updates of validation" + (" before its cooldown" if annealed else ""))
-    if not result["flat"]:
+    if not result["flat"] and with_forecast:
         result["forecast"] = forecast(points)
     return {**result, **annealed}
 

@@ -7,6 +7,8 @@ missing, and a killed study resumes at the task it was in):
     train:SRC@W    a warm-start source trained to update W, its model exported (inits/SRC@W)
     inner:NAME     a meta init's inner loop, chosen on the dev language at its warm start
     train:NAME     an init trained (or resumed) to its last update
+    converged      (``convergence: required``) the reference is flat on the dev language: a check the
+                   study makes in its own process (no task process); no cell starts before it passes
     rule           the fine-tuning length chosen on the dev language with the reference init
     cells:LANG     one test language's cells (fine-tune, decode, score; resumable cell by cell)
     report         every cell gathered; results.csv, results.md, the plots, report.html
@@ -44,7 +46,7 @@ from .threads import THREADS_FILE, ThreadLender, block_lending_signal
 
 log = logging.getLogger(__name__)
 
-STAGES = ("inits", "inner", "rule", "cells", "report")
+STAGES = ("inits", "inner", "converged", "rule", "cells", "report")
 POLL_SECONDS = 5.0
 PROGRESS_SECONDS = 60.0
 
@@ -59,6 +61,8 @@ class Task:
     # process once it succeeds
     command: Optional[Callable[[], list[str]]] = None
     after: Optional[Callable[[], None]] = None
+    # a check, not a process: when the task is ready and not done, why (its inputs are there but fail it)
+    refusal: Optional[Callable[[], str]] = None
     urgent: bool = False  # the fine-tuning-length choice waits for it (:func:`_priority_order`)
 
 
@@ -93,6 +97,11 @@ def tasks_of(study: Study, out: Path) -> list[Task]:
         tasks.append(Task("rule", "rule", rule_deps, done=lambda: "choice" in _json_or_empty(rule_file(out))))
         rule_deps = ["rule"]
     cell_deps = [*final.values(), *rule_deps]
+    if study.file.convergence == "required":  # no test cell scores a reference that is not converged
+        reference = study.file.reference
+        tasks.append(Task("converged", "converged", [final[reference]], done=lambda: reference_flat(study, out),
+                          refusal=lambda: not_converged(study, out)))
+        cell_deps.append("converged")
     for lang in study.langs:
         tasks.append(Task(f"cells:{lang}", "cells", cell_deps,
                           done=lambda lang=lang: study_cells.count_finished(out, lang) >= study_cells.planned_cells(study, lang)
@@ -161,6 +170,23 @@ def done_keys(tasks: list[Task]) -> list[str]:
     return done
 
 
+def reference_flat(study: Study, out: Path) -> bool:
+    """The reference's dev NLL is flat by the study's criterion (:mod:`.convergence`)."""
+    from .report import convergence
+
+    result = convergence(study, out, forecast=False)
+    return bool(result and result["flat"])
+
+
+def not_converged(study: Study, out: Path) -> str:
+    """Why no cell may start: the convergence check in words, and what to do."""
+    name = study.file.reference
+    return (f"study {study.name}: the reference {convergence_line(study, out)}, and the study file asks for a "
+            f"converged reference (convergence: required), so no test cell was run. Train {name} longer "
+            f"(inits.{name}.set: train.steps, its warm starts at the same fraction) in a new --out, or set "
+            "convergence: reported to score it as it is")
+
+
 def _report_current(study: Study, out: Path) -> bool:
     """The report holds every finished cell as it is now (a cell run again is a new cell to report)."""
     gathered = report_dir(out) / "cells"
@@ -170,7 +196,7 @@ def _report_current(study: Study, out: Path) -> bool:
 
 def run_task(study: Study, out: Path, key: str, device: str) -> None:
     """One task of :func:`tasks_of` that runs in the study's own code (``--task KEY``)."""
-    keys = [t.key for t in tasks_of(study, out) if t.command is None]
+    keys = [t.key for t in tasks_of(study, out) if t.command is None and t.refusal is None]
     if key not in keys:
         raise UserError(f"--task {key!r}: not a task of this study that runs in its own code ({', '.join(keys)})")
     if key.startswith("inner:"):  # each task imports only what it runs (a process starts in seconds, not ten)
@@ -200,7 +226,10 @@ def _task_command(study: Study, out: Path, key: str, argv_extra: list[str]) -> l
 
 
 def _planned_command(study: Study, out: Path, task: Task, argv_extra: list[str]) -> Optional[list[str]]:
-    """The command a task will run; None where it depends on a choice not made yet (the inner loop)."""
+    """The command a task will run; None where it depends on a choice not made yet (the inner loop), or
+    where the study checks it in its own process (the convergence check)."""
+    if task.refusal is not None:
+        return None
     if task.command is None:
         return _task_command(study, out, task.key, argv_extra)
     try:
@@ -304,7 +333,7 @@ class Progress:
                     where.append(f"{task.key} {n_done}/{planned} cells{' (at ' + ', '.join(at) + ')' if at else ''}")
             elif task.key in running:
                 where.append(task.key)
-            elif task.stage != "report":
+            elif task.stage not in ("report", "converged"):  # seconds, not minutes
                 unknown.append(task.key)
         # the running tasks go on side by side; what waits shares every process
         not_measured = f"{', '.join(unknown[:4])}{' ...' if len(unknown) > 4 else ''}"
@@ -384,11 +413,22 @@ def _run(study: Study, out: Path, tasks: list[Task], jobs: int, report_only: boo
     running: dict[str, tuple[subprocess.Popen, Any]] = {}
     lender = ThreadLender(jobs, out / "logs")
     ran: list[str] = []
+    refused: dict[str, str] = {}  # a check that failed: what waits for it never starts
     (out / "logs").mkdir(exist_ok=True)
     last_time = 0.0
     try:
         while len(finished) < len(tasks):
-            ready = [t for t in tasks if t.key not in finished and t.key not in running and all(d in finished for d in t.deps)]
+            for task in tasks:  # a check runs here, at once, when its inputs are there (tasks are in a valid order)
+                if task.refusal and task.key not in finished and task.key not in refused and \
+                        all(d in finished for d in task.deps):
+                    if task.done():
+                        finished.add(task.key)
+                        log.info("study %s: %s passed: the cells may start", study.name, task.key)
+                    else:  # what does not wait for it goes on (the meta inits, the length rule)
+                        refused[task.key] = task.refusal()
+                        log.warning("%s", refused[task.key])
+            ready = [t for t in tasks if t.key not in finished and t.key not in running and not t.refusal
+                     and all(d in finished for d in t.deps)]
             ready = _costliest_first(ready, study, out)
             started_or_ended = False
             starting = []
@@ -421,7 +461,9 @@ def _run(study: Study, out: Path, tasks: list[Task], jobs: int, report_only: boo
                 running[task.key] = (proc, logfile)
                 lender.started(task.key, proc, int(threads))
             if not running:
-                stuck = [t.key for t in tasks if t.key not in finished]
+                stuck = [t.key for t in tasks if t.key not in finished and t.key not in refused]
+                if refused:
+                    raise UserError(" ".join(refused.values()) + f" (tasks not run: {', '.join(stuck)})")
                 if stuck:
                     raise UserError(f"study {study.name}: tasks {', '.join(stuck)} cannot start (their inputs are missing)")
                 break

@@ -127,6 +127,9 @@ class StudyFile:
     # "updates": every init's updates, its warm start's included, equal the reference's, on episodes of
     # the same size (checked before anything trains); "none": not checked (the compute table still counts)
     equal_compute: Literal["updates", "none"] = "updates"
+    # "required": no test cell runs until the reference's dev NLL is flat by the study's criterion
+    # (study/convergence.py); "reported": the check is only reported
+    convergence: Literal["reported", "required"] = "reported"
     inner: Optional[InnerSearch] = None
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
     budgets: list[Any] = field(default_factory=lambda: ["0", "1k", "4k"])  # English words: 0 (zero-shot), 1k, 4000
@@ -406,6 +409,7 @@ def describe(study: Study) -> dict[str, Any]:
     sf = dataclasses.asdict(study.file)
     sf["data"] = {k: v for k, v in sf["data"].items() if k not in ("root", "langs")}
     sf.pop("jobs")  # how many processes run it changes nothing it computes
+    sf.pop("convergence")  # nor does a check that only stops it
     sf["langs"] = study.langs
     sf["inits"] = {name: {"config": init.config.read_text(encoding="utf-8"), "set": init.overrides,
                           "warm_start": dataclasses.asdict(init.warm_start) if init.warm_start else None,
