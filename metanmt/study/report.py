@@ -38,10 +38,10 @@ def offset_of(study: Study, name: str) -> int:
     return study.total_updates_at(warm) if warm else 0
 
 
-def convergence(study: Study, out: Path, forecast: bool = True) -> Optional[dict[str, Any]]:
+def convergence(study: Study, out: Path, with_forecast: bool = True) -> Optional[dict[str, Any]]:
     """The reference's convergence check (:func:`.convergence.check`), or None without validation."""
     points = [(r["step"], r["dev_loss"]) for r in history(out, study.file.reference, "validation") if "dev_loss" in r]
-    return convergence_check(points, study.inits[study.file.reference].optim.cooldown_from, forecast)
+    return convergence_check(points, study.inits[study.file.reference].optim.cooldown_from, with_forecast)
 
 
 def convergence_line(study: Study, out: Path) -> str:

@@ -174,7 +174,7 @@ def reference_flat(study: Study, out: Path) -> bool:
     """The reference's dev NLL is flat by the study's criterion (:mod:`.convergence`)."""
     from .report import convergence
 
-    result = convergence(study, out, forecast=False)
+    result = convergence(study, out, with_forecast=False)
     return bool(result and result["flat"])
 
 
