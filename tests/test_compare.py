@@ -151,6 +151,34 @@ def test_curve_seeds_limits_the_adaptation_curve_to_the_first_seeds(setup: tuple
         compare(out=out, curve_seeds=2, **kw)
 
 
+def test_a_cell_records_its_curve_on_its_own_fine_tune(setup: tuple[Path, Path, Path], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cell that runs from update 0 past the curve's last point scores the curve on its own
+    fine-tune: no second fine-tune, and the scores a separate curve run gives (a curve that reaches
+    past the cell's length runs one, for every point)."""
+    root, multi, _ = setup
+    runs: list[str] = []
+    original = Finetuner.run
+
+    def counted(self: Finetuner, resume: bool = False, overwrite: bool = False):
+        runs.append(self.output_dir.name)
+        return original(self, resume=resume, overwrite=overwrite)
+
+    monkeypatch.setattr(Finetuner, "run", counted)
+    kw = dict(inits=[("multi", str(multi))], data_root=root, langs=["xb"], budgets=["100"], seeds=1,
+              recipe=recipe(max_steps=3, dev_metric="loss"), scratch=False, num_beams=1, max_test_segments=4)
+    inside = compare(out=tmp_path / "inside", curve=[0, 1, 3], **kw)["rows"][0]
+    assert runs == ["multi__xb__100__s0"] and inside["steps"] == 3
+    runs.clear()
+    separate = compare(out=tmp_path / "separate", curve=[0, 1, 3, 5], **kw)["rows"][0]
+    assert runs == ["multi__xb__100__s0", "multi__xb__100__s0__curve"]
+    assert {k: separate["curve"][k] for k in ("0", "1", "3")} == inside["curve"]
+    assert inside["curve"]["1"] != inside["curve"]["3"]  # the points are scored on different weights
+    # the cell itself is the same either way, and its fine-tune's seconds leave the curve's scoring out
+    assert (inside["bleu"], inside["nll"]) == (separate["bleu"], separate["nll"])
+    assert inside["curve_seconds"] > 0
+
+
 def test_an_interrupted_cell_restarts_cleanly(setup: tuple[Path, Path, Path], tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     root, multi, _ = setup

@@ -359,7 +359,9 @@ class Finetuner:
                 s.seconds = time.perf_counter() - started
                 self.save_checkpoint()
             if self.after_update is not None:
+                hooked = time.perf_counter()
                 self.after_update(s.step)
+                started += time.perf_counter() - hooked  # the hook's time (a curve's scoring) is not the fine-tune's
         bar.close()
         if not self.dev_pairs:
             s.best_step = s.step

@@ -68,7 +68,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -296,20 +296,48 @@ def evaluate_model(family: Any, model: nn.Module, pairs: list, num_beams: int) -
             "translate_seconds": time.perf_counter() - started}
 
 
+class CurveRecorder:
+    """Scores the test set at the adaptation curve's points from a fine-tune's ``after_update`` hook.
+
+    The cell's own fine-tune is the curve's run for its first updates (the same recipe, seed, batches
+    and fixed rate; scoring does not move the dropout RNG), so a cell that runs from update 0 past the
+    last point records its curve on the way and needs no second fine-tune (:func:`adaptation_curve`
+    runs one only for the points it lacks: a resumed or early-stopped cell, a curve past its length).
+
+        recorder = CurveRecorder(family, [0, 10, 30, 60], test[:200], num_beams=1)
+        tuner.after_update = recorder.hook(tuner)
+    """
+
+    def __init__(self, family: Any, points: Sequence[int], test: list, num_beams: int):
+        self.family, self.points, self.test, self.num_beams = family, set(points), test, num_beams
+        self.scores: dict[str, dict[str, float]] = {}
+        self.seconds = 0.0
+
+    def record(self, step: int, model: nn.Module) -> None:
+        started = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):
+            ev = evaluate_model(self.family, model, self.test, self.num_beams)
+        self.scores[str(step)] = {"nll": ev["nll"], "chrf": ev["chrf"], "bleu": ev["bleu"]}
+        self.seconds += time.perf_counter() - started
+
+    def hook(self, tuner: Finetuner) -> Callable[[int], None]:
+        return lambda step: self.record(step, tuner.model) if step in self.points else None
+
+
 def adaptation_curve(base: LoadedModel, train: list, recipe: FinetuneRecipe, points: list[int], work: Path,
                      test: list, num_beams: int, device: str = "cpu",
-                     at_zero: Optional[dict[str, float]] = None, lang: Optional[str] = None) -> dict[str, dict[str, float]]:
+                     at_zero: Optional[dict[str, float]] = None, lang: Optional[str] = None,
+                     recorded: Optional[dict[str, dict[str, float]]] = None) -> dict[str, dict[str, float]]:
     """Test NLL, chrF and BLEU after each number of fine-tuning updates in ``points``: the project's
     fine-tuning loop (:class:`Finetuner`, the recipe with its seed) run for exactly ``max(points)``
     updates at the recipe's fixed learning rate, without a dev set (no early stopping), scored from
     its ``after_update`` callback. Scoring does not move the dropout RNG, so the weights at update k
-    are those of the early-stopped run at update k. ``at_zero`` reuses the init's own scores."""
-    out: dict[str, dict[str, float]] = {}
-
-    def record(step: int, model: nn.Module) -> None:
-        with torch.random.fork_rng(devices=[]):
-            ev = evaluate_model(base.family, model, test, num_beams)
-        out[str(step)] = {"nll": ev["nll"], "chrf": ev["chrf"], "bleu": ev["bleu"]}
+    are those of the early-stopped run at update k. ``at_zero`` reuses the init's own scores;
+    ``recorded``, the points a :class:`CurveRecorder` scored on the cell's own fine-tune: when it
+    has every positive point, no fine-tune is run."""
+    recorder = CurveRecorder(base.family, points, test, num_beams)
+    out = recorder.scores
+    record = recorder.record
 
     if 0 in points:
         if at_zero is None:
@@ -319,12 +347,13 @@ def adaptation_curve(base: LoadedModel, train: list, recipe: FinetuneRecipe, poi
         else:
             out["0"] = dict(at_zero)
     last = max(points)
-    if last > 0:
+    if recorded and all(str(k) in recorded for k in points if k > 0):
+        out.update({k: v for k, v in recorded.items() if int(k) in points and int(k) > 0})
+    elif last > 0:
         curve_recipe = dataclasses.replace(recipe, min_steps=last, max_steps=last, eval_every=last, patience=0)
         tuner = Finetuner(base.family, copy.deepcopy(base.model), train, curve_recipe, work, None, base.run_config,
                           {"adaptation_curve": points}, device, lang=lang)
-        wanted = set(points)
-        tuner.after_update = lambda step: record(step, tuner.model) if step in wanted else None
+        tuner.after_update = recorder.hook(tuner)
         tuner.run(overwrite=True)  # a killed curve is cheap: it restarts
         del tuner
     return {str(k): out[str(k)] for k in sorted(points)}
@@ -483,6 +512,10 @@ def compare(inits: list[tuple[str, str]], data_root: str | Path, langs: list[str
             base = get_init(init)
             base.family.set_source_language(lang)  # its code or task prefix, where the checkpoint needs one
             note = ""
+            test = test_pairs(lang)
+            curve_test = test[:curve_segments] if curve_segments else test
+            with_curve = bool(curve) and budget_words(budget) != 0 and (curve_seeds is None or seed < curve_seeds)
+            recorder = CurveRecorder(base.family, [k for k in curve if k > 0], curve_test, curve_beam) if with_curve else None
             if budget_words(budget) == 0:
                 tuned_info: dict[str, Any] = {}
                 model = base.model
@@ -498,6 +531,8 @@ def compare(inits: list[tuple[str, str]], data_root: str | Path, langs: list[str
                 cell_recipe = dataclasses.replace(recipe, seed=seed)
                 tuner = Finetuner(base.family, copy.deepcopy(base.model), train, cell_recipe, work, dev_pairs,
                                   base.run_config, {"cell": name, "init": settings["inits"][init]}, device, lang=lang)
+                if recorder is not None:  # the curve's points on the way (CurveRecorder)
+                    tuner.after_update = recorder.hook(tuner)
                 tuned_info = tuner.run(resume=True)
                 model = tuner.model
                 nominal = budget_words(budget)
@@ -506,21 +541,20 @@ def compare(inits: list[tuple[str, str]], data_root: str | Path, langs: list[str
                     note = f"only {tuned_info['words']} English words in the file"
                 if not note and (lang, budget) in plan.cuts:
                     note = f"first {nominal} English words of {plan.files[(lang, budget)].name}"
-            test = test_pairs(lang)
             evaluation = evaluate_model(base.family, model, test, num_beams)  # translate_seconds: decoding + test NLL
             # the fine-tune's seconds span every attempt of an interrupted cell; loading the init is not counted
             row = _cell_row(init, lang, budget, seed, evaluation, tuned_info, base.meta_training,
                             float(tuned_info.get("seconds", 0.0)) + evaluation["translate_seconds"], note)
             row.update(hyps=evaluation["hyps"], sentence_nll=evaluation["sentence_nll"],
                        sentence_tokens=evaluation["sentence_tokens"])
-            if curve and budget_words(budget) != 0 and (curve_seeds is None or seed < curve_seeds):
+            if recorder is not None:
                 del model
                 t_curve = time.perf_counter()
                 row["curve"] = adaptation_curve(base, train, cell_recipe, curve, work_dir / f"{name}__curve",
-                                                test[:curve_segments] if curve_segments else test, curve_beam,
-                                                device, curve_zero.get((init, lang)), lang)
+                                                curve_test, curve_beam, device, curve_zero.get((init, lang)), lang,
+                                                recorded=recorder.scores)
                 curve_zero.setdefault((init, lang), row["curve"].get("0"))  # the init scores the same in every cell
-                row["curve_seconds"] = time.perf_counter() - t_curve
+                row["curve_seconds"] = recorder.seconds + time.perf_counter() - t_curve
             atomic_write_text(cells_dir / f"{name}.json", json.dumps(row, indent=2, ensure_ascii=False))
             confirm_replacement(out)  # the first finished cell: the previous report is deleted only now
             if not keep_models:
