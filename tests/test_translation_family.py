@@ -123,6 +123,35 @@ def test_episode_order_tokens_sorts_by_subword_counts(tmp_path: Path, cache: Pat
     assert not rows(episode.support) & rows(episode.query)
 
 
+def test_token_counts_of_the_length_order_are_cached_per_tokenizer_and_text(tmp_path: Path, cache: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second process on the same pool reads the counts instead of encoding it; another tokenizer,
+    limit or text is another key; a damaged cache file is counted again."""
+    from metanmt.tasks.translation import batching
+
+    task = {**_short_and_long_suite(tmp_path), "episode_order": "tokens"}
+    first = TranslationFamily(task, TINY_MODEL, data_root=tmp_path)
+    order = first.length_order("train", "de").tolist()
+    files = sorted((cache / "lengths").glob("*.npz"))
+    assert len(files) == 1
+    encoded: list[int] = []
+    original = batching.encode
+    monkeypatch.setattr(batching, "encode", lambda tok, pairs, *a: encoded.append(len(pairs)) or original(tok, pairs, *a))
+    again = TranslationFamily(task, TINY_MODEL, data_root=tmp_path)
+    assert again.length_order("train", "de").tolist() == order and encoded == [4]  # the key's probe only
+    shorter = TranslationFamily({**task, "max_target_length": 4}, TINY_MODEL, data_root=tmp_path)
+    shorter.length_order("train", "de")
+    assert len(list((cache / "lengths").glob("*.npz"))) == 2
+    with shorter.source_language("de"):
+        truth = [(len(g), len(s)) for s, g in shorter.encode(shorter.pairs("train", "de"))]
+    assert [truth[i] for i in shorter.length_order("train", "de")] == sorted(truth)
+    files[0].write_bytes(b"damaged")
+    encoded.clear()
+    assert TranslationFamily(task, TINY_MODEL, data_root=tmp_path).length_order("train", "de").tolist() == order
+    assert encoded == [4, len(first.pairs("train", "de"))]
+    assert np.load(files[0])["source"].shape == (len(first.pairs("train", "de")),)
+
+
 def test_episode_start_by_length_trains_on_every_pair_equally(tmp_path: Path, cache: Path) -> None:
     """A uniform start puts a one-word pair in far more episodes than a long one (its chance is
     ~1/length); a start drawn in proportion to length makes the chances equal, as in an epoch."""

@@ -33,6 +33,9 @@ an earlier run), the ``pretrained`` checkpoint's own tokenizer, a tokenizer adop
 else one trained on the training languages (both sides) the first time it is needed and cached
 on disk by a hash of that text (``$METANMT_CACHE``, default ``~/.cache/metanmt``), so resuming a
 run or starting another on the same data gets the identical vocabulary without training again.
+The token counts that order each language's pairs for episodes are cached beside it, so a
+study's later training processes do not encode the whole pool again (``task.vocab_cache: false``
+turns both caches off).
 
 Adaptation patterns (fnmatch over ``model.named_parameters()`` names, and module roles
 ``@embeddings``, ``@encoder``, ``@decoder``, ``@lm_head`` found from the model's structure,

@@ -59,7 +59,7 @@ class TranslationTaskConfig:
     vocab_size: int = 8000
     vocab_max_sentences: int = 300000
     vocab: Optional[str] = None  # a folder with a saved tokenizer to reuse instead of training one
-    vocab_cache: bool = True
+    vocab_cache: bool = True  # and the token counts of the episodes' length order (batching.token_lengths)
     # -- validation during meta-training: fine-tune a copy on the dev language, then score its dev set
     dev_budget: str = "4k"  # fills {budget} in finetune_path
     dev_finetune_steps: int = 20

@@ -286,10 +286,10 @@ class TranslationFamily(TaskFamily):
             pairs = self.pairs(split, lang)
             ties = np.random.default_rng([zlib.crc32(lang.encode()), 5]).random(len(pairs))
             if t.episode_order == "tokens" or t.episode_start == "length":
-                with self.source_language(lang):
-                    encoded = self.encode(pairs)
-                source = np.array([len(s) for s, _ in encoded], dtype=np.int64)
-                target = np.array([len(g) for _, g in encoded], dtype=np.int64)
+                with self.source_language(lang):  # what encode() gives, counted once per machine (cached)
+                    applied = self.scheme.apply(self.tokenizer, pairs, self._source_lang)
+                    source, target = batching.token_lengths(self.tokenizer, applied, t.max_source_length,
+                                                            t.max_target_length, use_cache=t.vocab_cache)
             if t.episode_order == "tokens":
                 order = np.lexsort((ties, source, target))
             else:
