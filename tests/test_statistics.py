@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from metanmt.evaluation.few_shot import mean_ci95
-from metanmt.evaluation.statistics import holm, paired_mt_test, paired_nll_test, resamples_for, t_interval, t_quantile
+from metanmt.evaluation.statistics import (PairedComparison, holm, paired_mt_test, paired_nll_test, paired_tests,
+                                          resamples_for, t_interval, t_quantile)
 
 
 def test_t_quantiles_match_the_tables() -> None:
@@ -80,6 +81,21 @@ def test_a_few_fixed_errors_among_noise_are_not_significant() -> None:
     assert paired_nll_test([nll], [nll + signs * 1.5]) > 0.5
     p = paired_mt_test([base], [other], REFS, "ar")
     assert 0.0 < p["chrf"] <= 1.0 and 0.0 < p["bleu"] <= 1.0
+
+
+def test_paired_tests_in_worker_processes_give_the_serial_values() -> None:
+    """A report's comparisons in 2 processes: each one's p-values as computed alone, in order."""
+    rng = np.random.default_rng(3)
+    nll = rng.gamma(5.0, 4.0, size=len(REFS))
+    base = [broken(r) for r in REFS]
+    comparisons = [PairedComparison([base], [list(REFS)], REFS, [nll], [nll - 1.0]),
+                   PairedComparison([base], [[r if i % 2 else broken(broken(r)) for i, r in enumerate(REFS)]], REFS,
+                                    [nll], [nll + 0.1 * rng.standard_normal(len(REFS))]),
+                   PairedComparison([base], [list(base)], REFS, [nll], [nll.copy()])]
+    alone = [{**paired_mt_test(c.reference_hyps, c.system_hyps, REFS, "bs", 300),
+              "nll": paired_nll_test(c.reference_nll, c.system_nll)} for c in comparisons]
+    assert paired_tests(comparisons, "bs", 300, workers=2) == alone == paired_tests(comparisons, "bs", 300, workers=1)
+    assert alone[0]["bleu"] < 0.05 < alone[1]["nll"] and alone[2] == {"bleu": 1.0, "chrf": 1.0, "nll": 1.0}
 
 
 def test_one_seed_is_exactly_sacrebleus_paired_test() -> None:

@@ -85,7 +85,7 @@ from ..tasks.language_embeddings import set_language
 from ..tasks.translation.decoding import translate_batch
 from .few_shot import mean_ci95
 from .scoring import score
-from .statistics import (DEFAULT_SAMPLES, NLL_RESAMPLES, TESTS, holm, paired_mt_test, paired_nll_test,
+from .statistics import (DEFAULT_SAMPLES, NLL_RESAMPLES, TESTS, PairedComparison, holm, paired_tests,
                          resamples_for, t_interval)
 
 log = logging.getLogger(__name__)
@@ -686,15 +686,17 @@ def significance(rows: list[dict[str, Any]], reference: str, references: dict[st
     pairs = [(key, cells, stored[(reference, key[1], key[2])]) for key, cells in stored.items()
              if key[0] != reference and stored.get((reference, key[1], key[2]))]
     samples = paired_samples or resamples_for(paired_test, len(pairs), ALPHA)
-    tests: list[tuple[tuple[str, str, str], dict[str, float]]] = []
+    comparisons = []
     for (init, lang, budget), cells, base in pairs:
         refs = references[lang]
         if any(len(c["hyps"]) != len(refs) for c in (*cells, *base)):
             raise DataError(f"{lang} {budget}: the stored hypotheses do not match the {len(refs)} test segments; "
                             "were the cells made with another --max-test-segments?")
-        p = paired_mt_test([c["hyps"] for c in base], [c["hyps"] for c in cells], refs, paired_test, samples)
-        p["nll"] = paired_nll_test([c["sentence_nll"] for c in base], [c["sentence_nll"] for c in cells])
-        tests.append(((init, lang, budget), p))
+        comparisons.append(PairedComparison([c["hyps"] for c in base], [c["hyps"] for c in cells], refs,
+                                            [c["sentence_nll"] for c in base], [c["sentence_nll"] for c in cells]))
+    # one process per thread this report was given (the tests are a Python loop: threads do not help)
+    found = paired_tests(comparisons, paired_test, samples, workers=torch.get_num_threads())
+    tests = [(key, p) for (key, _, _), p in zip(pairs, found)]
     out: dict[tuple[str, str, str], dict[str, float]] = {key: {} for key, _ in tests}
     for metric in ("bleu", "chrf", "nll"):
         for (key, p), adjusted in zip(tests, holm([p[metric] for _, p in tests])):
