@@ -37,8 +37,8 @@ or more comparisons could mark no BLEU or chrF gap significant at 0.05, however 
 16k and 40k phases reach that). A report therefore draws :func:`resamples_for` its comparisons: the
 default, or more, so that this floor stays 10x below the corrected threshold.
 
-A report's comparisons are independent, and sacreBLEU's bootstrap is a Python loop (about 2.5 s
-per comparison of 500 sentences x 3 seeds at 2,000 resamples): :func:`paired_tests` runs them in
+A report's comparisons are independent, and sacreBLEU's bootstrap is a Python loop (about 2.7 s
+per comparison of 500 sentences x 3 seeds at 4,000 resamples): :func:`paired_tests` runs them in
 worker processes, each with its own fixed seed, so the p-values do not depend on the worker count.
 
 An observed gap of exactly 0 gets p = 1. sacreBLEU counts resamples whose gap is strictly larger
